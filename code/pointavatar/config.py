@@ -1,0 +1,636 @@
+"""HOCON configuration -> typed dataclass tree (spec §1).
+
+The original reads its HOCON files with `pyhocon` and `conf.get_*` calls scattered through the code. Here
+a conf file is parsed once, at the boundary, into a tree of dataclasses whose field names are the original
+HOCON keys and whose defaults are the original's values (the shipped `subject1.conf`, spec §1.2, and the
+code defaults of spec §1.3). Keys we added are marked "(ours)". Unknown keys and wrong types stop the
+program with a `ConfError` naming the file, the full key path and, for a typo, the closest valid key.
+
+Public API:
+    load_conf(path) -> Conf             parse and validate a HOCON file
+    parse_conf(text, source) -> Conf    the same from a string
+    override(conf, {"a.b.c": v}) -> Conf  a validated copy with dotted keys replaced (also `Conf.override`)
+    dump_conf(conf) -> str              HOCON text that `parse_conf` reads back to an equal Conf
+    save_conf(conf, path)               write `dump_conf(conf)` to a file (the run folder's runconf.conf)
+    conf_to_dict(conf) -> dict          plain nested dict of the HOCON keys (for loggers)
+
+Path values (exps_folder, data_folder, FLAME files) are relative to the current working directory, which
+is the repository root for our scripts (the original ran from `code/` and used `../data/...`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pointavatar.errors import PointAvatarError
+
+__all__ = [
+    "ConfError",
+    "Conf",
+    "TrainConf",
+    "LossConf",
+    "DatasetConf",
+    "SplitConf",
+    "SyntheticConf",
+    "ModelConf",
+    "GeometryNetworkConf",
+    "RenderingNetworkConf",
+    "DeformerNetworkConf",
+    "PointCloudConf",
+    "load_conf",
+    "parse_conf",
+    "override",
+    "dump_conf",
+    "save_conf",
+    "conf_to_dict",
+]
+
+
+class ConfError(PointAvatarError):
+    """A conf file (or an override) has an unknown key, a value of the wrong type, or cannot be read."""
+
+
+def _choices(*values: str) -> dict[str, Any]:
+    """Field metadata: the value must be one of `values`."""
+    return {"choices": values}
+
+
+# Field metadata marking a field that is not a HOCON key (never read from or written to a conf file).
+_INTERNAL = {"internal": True}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tree. Defaults = the original's values (spec §1.2 subject1.conf, spec §1.3 code defaults).
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConf:
+    """`train { }`: experiment folders, optimizers, schedules, checkpointing (spec §1.2, §2, §7)."""
+
+    exps_folder: str = "./data/experiments/"
+    """Root of the experiment outputs; run dir = exps_folder/subject_name/methodname/<train sub_dirs joined
+    by '+'>/ (spec §2.2). Relative to the working directory (the original: ../data/experiments/ from code/)."""
+    methodname: str = "pointavatar"
+    """Third path component of the experiment dir; also part of the logged run name."""
+    dataset_class: str = "datasets.real_dataset.FaceDataset"
+    """Informational only, kept so the original confs parse: the original resolved this dotted class path
+    dynamically; we always use pointavatar.data.FaceDataset."""
+    learning_rate: float = 1.0e-4
+    """Adam learning rate for all model parameters (networks and point positions) (spec §7)."""
+    learning_rate_cam: float = 5.0e-4
+    """SparseAdam learning rate for the per-frame expression, FLAME pose and camera translation; used in
+    training (from epoch 11) and in test-time tracking (spec §2.6, §2.9)."""
+    num_pixels: int = 2048
+    """Unused (a leftover of IMavatar's ray sampling): full images are always rendered."""
+    max_points_training: int = 819200
+    """Budget of frames x points per step: batch size = min(floor(max_points_training / N), max_batch),
+    recomputed at init, after each upsampling, at resume and in test (spec §2.7). Lower it if memory is
+    short."""
+    max_batch: int = 8
+    """Upper bound on the number of frames per batch."""
+    upsample_freq: int = 5
+    """Double the points (and shrink the radius) when epoch % upsample_freq == 0, epoch != 0, and
+    N <= point_cloud.max_points / 2 (spec §2.5)."""
+    plot_freq: int = 1
+    """Plot the test split at epochs where (e % plot_freq == 0 and e < 5) or e is even (spec §2.5)."""
+    sched_milestones: list[int] = field(default_factory=lambda: [40, 60])
+    """MultiStepLR milestones (epochs). A no-op in the original because Adam is re-created at every
+    prune/upsample (spec §10.1); see fix_lr_schedule."""
+    sched_factor: float = 0.5
+    """MultiStepLR gamma (same caveat as sched_milestones)."""
+    GT_lbs_milestones: list[int] = field(default_factory=lambda: [10, 20, 30, 40])
+    """At the start of these epochs loss.lbs_weight is multiplied by GT_lbs_factor (replayed on resume)."""
+    GT_lbs_factor: float = 0.5
+    """Decay factor of loss.lbs_weight at each GT_lbs_milestone."""
+    optimize_expression: bool = True
+    """Learn a per-training-frame expression (50-d embedding initialised from the JSON) (spec §2.6)."""
+    optimize_camera: bool = True
+    """Learn a per-frame FLAME pose (15-d) and camera translation (3-d); the rotation is never optimized."""
+    save_freq: int = 1
+    """Write `latest.pth` checkpoints every save_freq epochs (spec §1.3, code default of the original)."""
+    checkpoint_freq: int = 5
+    """(ours) Also write a numbered `<epoch>.pth` checkpoint every checkpoint_freq epochs (original:
+    hard-coded 5, spec §2.3)."""
+    log_freq: int = 50
+    """(ours) Print and log the averaged loss terms every log_freq iterations (original: hard-coded 50)."""
+    num_workers: int = 4
+    """(ours) DataLoader worker processes for the train and plot loaders (original: hard-coded 4); 0 loads
+    in the main process."""
+    keep_optimizer_state: bool = False
+    """(ours, quirk fix) True: keep the Adam moments across prune/upsample (resized with the points) and
+    restore the optimizer state on resume. False (original, spec §7, §10.2): a fresh Adam each time."""
+    fix_lr_schedule: bool = False
+    """(ours, quirk fix) True: the MultiStepLR decay (sched_milestones, sched_factor) really applies to the
+    model lr. False (original, spec §10.1): the effective lr stays constant at learning_rate."""
+    prune_on_resume: bool = False
+    """(ours, quirk fix) True: save the visibility flags with the checkpoint so a resumed run prunes at its
+    first epoch. False (original, spec §2.4, §10.12): no pruning at the resumed epoch."""
+    test_tracking: bool = True
+    """(ours) True (original, spec §2.9): before computing test metrics, fit per-frame expression, pose and
+    camera translation to the test images (tracking). False: render with the JSON parameters."""
+    tracking_steps: int = 20
+    """(ours) SparseAdam iterations per test batch in test-time tracking (original: hard-coded 20)."""
+
+
+@dataclass
+class LossConf:
+    """`loss { }`: weights of the loss terms (spec §6). Passed to `Loss` as keyword arguments."""
+
+    mask_weight: float = 1.0
+    """Weight of the mask L1 loss."""
+    lbs_weight: float = 10.0
+    """Global multiplier of the three FLAME-guided losses (skinning weights, pose correctives, expression
+    blendshapes); decayed at train.GT_lbs_milestones."""
+    eikonal_weight: float = 0.1
+    """Weight of the eikonal loss; must be > 0 when sdf_consistency_weight > 0."""
+    sdf_consistency_weight: float = 1.0
+    """Weight of mean(sdf(points)^2), which keeps the points on the SDF zero level set."""
+    vgg_feature_weight: float = 0.1
+    """Weight of the VGG16 perceptual loss; the VGG network (and its weight file) is needed only if > 0."""
+
+
+@dataclass
+class SplitConf:
+    """`dataset.train { }` / `dataset.test { }`: which videos of the subject and how to load them (spec
+    §3.4). Defaults are the train split of subject1; the test split's defaults differ in sub_dir and
+    subsample."""
+
+    sub_dir: list[str] = field(default_factory=lambda: ["MVI_1810", "MVI_1814"])
+    """Video folders of the subject, in order; their frames are concatenated. Numeric names are read as
+    strings (quote names with leading zeros, e.g. "007", or they lose the zeros in HOCON)."""
+    img_res: list[int] = field(default_factory=lambda: [512, 512])
+    """[H, W] images and masks are resized to; the rasterizer uses img_res[0] (square images assumed)."""
+    subsample: int | list[int] = 1
+    """Frame subsampling: int s > 1 keeps every s-th frame; [a, b] keeps frames a..b-1; any other list
+    keeps those frame indices (spec §3.4)."""
+    load_images: bool = True
+    """Preload every image and mask into RAM at startup (about 4 MB per frame at 512x512)."""
+    hard_mask: bool = False
+    """Binarise the mask used for compositing the GT onto the background (spec §3.7); subject3 sets it."""
+
+
+def _test_split_default() -> SplitConf:
+    """subject1's `dataset.test` block: one video, every 200th frame for the training-time plots."""
+    return SplitConf(sub_dir=["MVI_1812"], subsample=200)
+
+
+@dataclass
+class SyntheticConf:
+    """(ours) `dataset.synthetic { }`: the generated FLAME-format demo subject (data/synthetic)."""
+
+    generate: bool = False
+    """Generate the synthetic subject (FLAME-format model files and an IMavatar-format dataset under
+    data_folder/subject_name) if it is not there yet. False for real subjects."""
+    seed: int = 0
+    """Random seed of the generator; the same seed gives the same files."""
+    train_frames: int = 100
+    """Frames generated for each sub_dir of the train split."""
+    test_frames: int = 40
+    """Frames generated for each sub_dir of the test split."""
+
+
+@dataclass
+class DatasetConf:
+    """`dataset { }`: the IMavatar-format subject (spec §3)."""
+
+    data_folder: str = "./data/datasets"
+    """Dataset root; a subject lives in data_folder/subject_name/subject_name/<sub_dir>/ (spec §3.1).
+    Relative to the working directory (the original: ../data/datasets from code/)."""
+    subject_name: str = "subject1"
+    """Subject folder name (appears twice in the dataset path) and second experiment path component."""
+    json_name: str = "flame_params.json"
+    """Name of the per-video JSON with cameras and FLAME parameters (spec §3.3)."""
+    use_mean_expression: bool = True
+    """Canonical expression = mean of the training expressions (else zeros)."""
+    use_var_expression: bool = True
+    """Scale the expression-blendshape regulariser by the per-dimension variance of the training
+    expressions (less regularisation where expressions vary a lot) (spec §6)."""
+    canonical_pose: float = 0.2
+    """Jaw opening (rad, FLAME pose[6]) of the canonical FLAME state; the rest of the pose is zero. The
+    original's code default when the key is absent is 0.2; the shipped confs set 0.4."""
+    use_background: bool = False
+    """Learn a per-pixel background image instead of compositing on white (spec §1.3, §5.11)."""
+    train: SplitConf = field(default_factory=SplitConf)
+    """Training videos."""
+    test: SplitConf = field(default_factory=_test_split_default)
+    """Test videos (training-time plots and the test runner, which forces subsample 1, load_images False)."""
+    synthetic: SyntheticConf = field(default_factory=SyntheticConf)
+    """(ours) Synthetic demo subject generation."""
+
+
+@dataclass
+class GeometryNetworkConf:
+    """`model.geometry_network { }`: IDR-style SDF + albedo MLP on canonical points (spec §5.3)."""
+
+    d_in: int = 3
+    """Input dimensions (xyz)."""
+    d_out: int = 1
+    """SDF output channels."""
+    feature_vector_size: int = 3
+    """Extra output channels (albedo logits); the output width is d_out + feature_vector_size."""
+    dims: list[int] = field(default_factory=lambda: [256] * 9)
+    """Hidden layer widths."""
+    geometric_init: bool = True
+    """SAL/IDR initialisation so the initial SDF is a sphere of radius `bias`."""
+    bias: float = 0.6
+    """Radius of the initial SDF sphere (last-layer bias -bias)."""
+    skip_in: list[int] = field(default_factory=lambda: [4])
+    """Layers at which the (encoded) input is concatenated again."""
+    weight_norm: bool = True
+    """Weight normalisation on every linear layer."""
+    multires: int = 6
+    """Frequencies of the NeRF positional encoding of the input (0 = raw xyz); 6 gives 39-d input."""
+
+
+@dataclass
+class RenderingNetworkConf:
+    """`model.rendering_network { }`: shading MLP from the deformed normal to RGB shading (spec §5.5)."""
+
+    d_in: int = 3
+    """Input dimensions (the deformed normal)."""
+    feature_vector_size: int = 0
+    """Extra input features (none)."""
+    d_out: int = 3
+    """RGB shading channels."""
+    dims: list[int] = field(default_factory=lambda: [64, 64])
+    """Hidden layer widths."""
+    weight_norm: bool = True
+    """Weight normalisation on every linear layer."""
+    multires_view: int = 0
+    """Positional-encoding frequencies of the view direction (0 = none)."""
+    multires_pnts: int = 0
+    """Positional-encoding frequencies of the point position (0 = none)."""
+
+
+@dataclass
+class DeformerNetworkConf:
+    """`model.deformer_network { }`: per-point offset, blendshapes and skinning weights (spec §5.4)."""
+
+    d_in: int = 3
+    """Input dimensions (canonical xyz)."""
+    dims: list[int] = field(default_factory=lambda: [128] * 4)
+    """Hidden layer widths."""
+    weight_norm: bool = True
+    """Weight normalisation on the hidden layers and skinning_linear (not on the zero-initialised heads)."""
+    multires: int = 0
+    """Positional-encoding frequencies of the input (0 = raw xyz)."""
+    num_exp: int = 50
+    """Number of expression blendshapes predicted per point."""
+    ghostbone: bool = True
+    """Add a sixth bone with an identity transform (torso, shoulders)."""
+    deform_c: bool = True
+    """Predict a canonical offset o(x), x' = x + o(x)."""
+
+
+@dataclass
+class PointCloudConf:
+    """`model.point_cloud { }`: the canonical point cloud and its coarse-to-fine growth (spec §5.1, §5.14)."""
+
+    n_init_points: int = 400
+    """Initial number of points (on a sphere)."""
+    max_points: int = 409600
+    """Upsampling (doubling) is allowed only while N <= max_points / 2. Lower it if memory is short."""
+    init_radius: float = 0.5
+    """Radius of the initial point sphere (PointCloud constructor default; not settable in the original)."""
+    radius_factor: float = 0.3
+    """Initial rasterization radius (NDC) = radius_factor * 0.75 ** log2(N / 100) (spec §10.4)."""
+
+
+@dataclass
+class ModelConf:
+    """`model { }`: networks, point cloud, FLAME files, renderer (spec §5)."""
+
+    prune_thresh: float = 0.5
+    """A point counts as visible if its compositing weight exceeds this in some pixel (spec §5.12)."""
+    flame_model_path: str = "./code/flame/FLAME2020/generic_model.pkl"
+    """(ours) FLAME 2020 model file (generic_model.pkl, or .npz); original: hard-coded path (spec §2.1)."""
+    flame_landmark_path: str = "./code/flame/FLAME2020/landmark_embedding.npy"
+    """(ours) FLAME landmark embedding (for the landmark overlay in plots); original: hard-coded path."""
+    render_backend: str = field(default="auto", metadata=_choices("auto", "torch", "cuda"))
+    """(ours) Point rasterizer/compositor: "torch" (pure-PyTorch reference, any device), "cuda" (fast GPU
+    path), "auto" (cuda on a CUDA device when available, else torch)."""
+    geometry_network: GeometryNetworkConf = field(default_factory=GeometryNetworkConf)
+    """SDF + albedo network."""
+    rendering_network: RenderingNetworkConf = field(default_factory=RenderingNetworkConf)
+    """Shading network."""
+    deformer_network: DeformerNetworkConf = field(default_factory=DeformerNetworkConf)
+    """Deformation network."""
+    point_cloud: PointCloudConf = field(default_factory=PointCloudConf)
+    """Point cloud size limits and initial geometry."""
+
+
+@dataclass
+class Conf:
+    """The whole configuration: the four top-level HOCON blocks."""
+
+    train: TrainConf = field(default_factory=TrainConf)
+    """Training loop, optimizers, checkpoints."""
+    loss: LossConf = field(default_factory=LossConf)
+    """Loss weights."""
+    dataset: DatasetConf = field(default_factory=DatasetConf)
+    """Subject and splits."""
+    model: ModelConf = field(default_factory=ModelConf)
+    """Model architecture."""
+    source_path: str | None = field(default=None, compare=False, metadata=_INTERNAL)
+    """The file this conf was loaded from (None if built in code). Not a HOCON key: never dumped, and
+    ignored by ==."""
+
+    def override(self, updates: Mapping[str, Any]) -> Conf:
+        """A validated copy with dotted keys replaced; see `override`."""
+        return override(self, updates)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------
+
+
+def _hocon_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """The fields of dataclass `cls` that are HOCON keys, by name, in declaration order."""
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """Resolved type hints of `cls` (annotations are strings because of `from __future__`)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _type_name(tp: Any) -> str:
+    """Human-readable name of a field type for error messages."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is bool:
+        return "bool (True/False)"
+    if dataclasses.is_dataclass(tp):
+        return "an object { ... }"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _describe(value: Any) -> str:
+    """The found value and its type, for error messages."""
+    if value is None or type(value).__name__ == "NoneValue":
+        return "null"
+    if isinstance(value, Mapping):
+        return "an object { ... }"
+    if isinstance(value, list):
+        return f"{list(value)!r} (list)"
+    return f"{value!r} ({type(value).__name__})"
+
+
+class _Mismatch(Exception):
+    """Internal: a value does not match a type (turned into a ConfError by the caller)."""
+
+    def __init__(self, hint: str = ""):
+        super().__init__(hint)
+        self.hint = hint
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """Check `value` (as pyhocon parsed it, or as given to `override`) against field type `tp` and return
+    the canonical Python value. Raises _Mismatch."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg)
+            except _Mismatch:
+                continue
+        raise _Mismatch()
+    if origin is list:
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+            raise _Mismatch()
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return int(value)
+        raise _Mismatch()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # Finite only: dump_conf must be able to write it back as a HOCON number.
+            if not math.isfinite(value):
+                raise _Mismatch("the value must be finite")
+            return float(value)
+        raise _Mismatch()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        # Unquoted HOCON names that look like integers (subject or video names such as 1810) arrive as
+        # int; they are names, so keep them as strings.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        raise _Mismatch('quote the value ("...") to make it a string')
+    raise TypeError(f"unsupported conf field type {tp!r}")  # a bug in this module, not user input
+
+
+def _key_error(source: str, path: str, key: str, valid: list[str]) -> ConfError:
+    """ConfError for an unknown key, with the closest valid key (difflib) or the list of valid keys."""
+    full = f"{path}.{key}" if path else key
+    where = f"'{path}'" if path else "the top level"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        fix = f"did you mean '{path + '.' if path else ''}{close[0]}'?"
+    else:
+        fix = f"valid keys in {where}: {', '.join(valid)}"
+    return ConfError(f"{source}: unknown conf key '{full}' ({fix})")
+
+
+def _apply(base: Any, tree: Mapping[str, Any], path: str, source: str) -> Any:
+    """Return a copy of dataclass instance `base` with the keys of `tree` (nested mappings for nested
+    dataclasses) validated and replaced. Absent keys keep the values of `base` (the defaults when loading)."""
+    cls = type(base)
+    fields = _hocon_fields(cls)
+    hints = _field_types(cls)
+    updates: dict[str, Any] = {}
+    for key, value in tree.items():
+        key = str(key)
+        if key not in fields:
+            raise _key_error(source, path, key, list(fields))
+        full = f"{path}.{key}" if path else key
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfError(
+                    f"{source}: conf key '{full}' must be an object {{ ... }} of keys, found {_describe(value)}"
+                )
+            updates[key] = _apply(getattr(base, key), value, full, source)
+            continue
+        try:
+            converted = _convert(value, tp)
+        except _Mismatch as err:
+            hint = f"; {err.hint}" if err.hint else ""
+            raise ConfError(
+                f"{source}: conf key '{full}' expects {_type_name(tp)}, found {_describe(value)}{hint}"
+            ) from None
+        choices = fields[key].metadata.get("choices")
+        if choices is not None and converted not in choices:
+            raise ConfError(
+                f"{source}: conf key '{full}' must be one of {', '.join(map(repr, choices))}, "
+                f"found {converted!r}"
+            )
+        updates[key] = converted
+    return dataclasses.replace(base, **updates)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_conf(text: str, source: str = "<string>") -> Conf:
+    """Parse HOCON `text` into a validated Conf (source_path None). `source` names the text in errors."""
+    from pyhocon import ConfigFactory  # imported here so `import pointavatar` stays light
+
+    try:
+        tree = ConfigFactory.parse_string(text)
+    except Exception as err:  # pyparsing / pyhocon raise several unrelated exception types
+        raise ConfError(f"{source}: not valid HOCON: {err}") from None
+    if not isinstance(tree, Mapping):
+        raise ConfError(f"{source}: a conf file must be an object of keys (train {{ ... }}, ...)")
+    return _apply(Conf(), tree, "", source)
+
+
+def load_conf(path: str | os.PathLike) -> Conf:
+    """Read and validate the HOCON conf file at `path` (e.g. ./confs/subject1.conf).
+
+    Absent keys take the defaults of the dataclasses (the original's values). Raises ConfError for a missing
+    or unreadable file, HOCON syntax errors, unknown keys (with the closest valid key) and wrong types.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfError(f"conf file not found: '{path}' (working directory: {os.getcwd()})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfError(f"cannot read conf file '{path}': {err}") from None
+    conf = parse_conf(text, source=path)
+    conf.source_path = path
+    return conf
+
+
+def _nest(updates: Mapping[str, Any]) -> dict[str, Any]:
+    """{"a.b.c": v} -> {"a": {"b": {"c": v}}}; merges keys that share a prefix."""
+    out: dict[str, Any] = {}
+    for dotted, value in updates.items():
+        parts = str(dotted).split(".")
+        if any(not p for p in parts):
+            raise ConfError(f"override: malformed conf key '{dotted}'")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfError(f"override: conf key '{dotted}' conflicts with a value given for '{part}'")
+            node = child
+        last = parts[-1]
+        if isinstance(value, Mapping):
+            existing = node.setdefault(last, {})
+            if not isinstance(existing, dict):
+                raise ConfError(f"override: conf key '{dotted}' is given twice")
+            existing.update(_nest(value))
+        else:
+            if last in node:
+                raise ConfError(f"override: conf key '{dotted}' is given twice")
+            node[last] = value
+    return out
+
+
+def override(conf: Conf, updates: Mapping[str, Any], source: str = "override") -> Conf:
+    """A copy of `conf` with values replaced by dotted keys, validated like a conf file.
+
+    Example (the test runner, spec §2.9):
+        override(conf, {"dataset.test.subsample": 1, "dataset.test.load_images": False})
+    A value for an object key may be a mapping of its sub-keys ({"dataset.test": {"subsample": 1}}).
+    Unknown keys and wrong types raise ConfError; `conf` itself is not modified.
+    """
+    out = _apply(copy.deepcopy(conf), _nest(updates), "", source)
+    out.source_path = conf.source_path
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------
+
+
+def _format_value(value: Any) -> str:
+    """One value as HOCON text that pyhocon reads back to the same Python value."""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        # repr is the shortest text that round-trips (e.g. 0.0001, 1e-05), and pyhocon parses both forms
+        # as float; integral floats keep their ".0" so they stay floats.
+        return repr(value)
+    if isinstance(value, str):
+        # JSON string syntax is HOCON's quoted-string syntax; quoting keeps paths, names with spaces or
+        # '#', and numeric-looking names as strings.
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_format_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as HOCON")
+
+
+def _dump_node(node: Any, indent: int, lines: list[str]) -> None:
+    """Append the HOCON lines of dataclass instance `node` (its HOCON keys only) to `lines`."""
+    pad = "    " * indent
+    for name in _hocon_fields(type(node)):
+        value = getattr(node, name)
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{name} {{")
+            _dump_node(value, indent + 1, lines)
+            lines.append(f"{pad}}}")
+        else:
+            lines.append(f"{pad}{name} = {_format_value(value)}")
+
+
+def dump_conf(conf: Conf) -> str:
+    """The resolved conf as HOCON text: every key, defaults included (not `source_path`).
+
+    `parse_conf(dump_conf(conf)) == conf` for every valid conf (strings without control characters other
+    than tab and newline, which pyhocon does not unescape).
+    """
+    lines: list[str] = []
+    _dump_node(conf, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def save_conf(conf: Conf, path: str | os.PathLike) -> None:
+    """Write `dump_conf(conf)` to `path` (parent folders are created), e.g. the run's runconf.conf."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_conf(conf), encoding="utf-8")
+
+
+def conf_to_dict(conf: Any) -> dict[str, Any]:
+    """Nested plain dict of the HOCON keys of `conf` (or of a sub-tree), e.g. for a logger's hparams."""
+    out: dict[str, Any] = {}
+    for name in _hocon_fields(type(conf)):
+        value = getattr(conf, name)
+        out[name] = conf_to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
