@@ -118,6 +118,9 @@ class TrainConf:
     """Learn a per-training-frame expression (50-d embedding initialised from the JSON) (spec §2.6)."""
     optimize_camera: bool = True
     """Learn a per-frame FLAME pose (15-d) and camera translation (3-d); the rotation is never optimized."""
+    nepoch: int = 62
+    """(ours) Last training epoch, inclusive: epochs 0..nepoch, so 63 from scratch (spec §2.1). The
+    command-line --nepoch overrides it; the original had only the command-line flag, default 62."""
     save_freq: int = 1
     """Write `latest.pth` checkpoints every save_freq epochs (spec §1.3, code default of the original)."""
     checkpoint_freq: int = 5

@@ -1,0 +1,154 @@
+"""What training and evaluation share: experiment folders, datasets, model and loss construction.
+
+Folder layout (spec §2.2)::
+
+    <exps_folder>/<subject_name>/<methodname>/<train sub_dirs joined by '+'>/{train,eval}/
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import Conf
+from ..errors import PointAvatarError
+
+
+class Experiment:
+    """Paths and builders of one conf. ``load_path`` replaces the conf-derived train dir for loading."""
+
+    def __init__(self, conf: Conf, load_path: str = ""):
+        self.conf = conf
+        split = "+".join(str(s) for s in conf.dataset.train.sub_dir)
+        self.expdir = Path(conf.train.exps_folder) / conf.dataset.subject_name / conf.train.methodname
+        self.run_dir = self.expdir / split
+        self.train_dir = self.run_dir / "train"
+        self.eval_dir = self.run_dir / "eval"
+        self.load_dir = Path(load_path) if load_path else self.train_dir
+
+    # -------------------------------------------------------------------------------------- datasets
+    def ensure_data(self) -> None:
+        """Generate the synthetic subject when the conf asks for it and it is missing (demo)."""
+        ds = self.conf.dataset
+        if not ds.synthetic.generate:
+            return
+        from ..data.synthetic import ensure_synthetic_subject
+
+        ensure_synthetic_subject(
+            ds.data_folder,
+            ds.subject_name,
+            res=int(ds.train.img_res[0]),
+            train_frames=ds.synthetic.train_frames,
+            test_frames=ds.synthetic.test_frames,
+            seed=ds.synthetic.seed,
+        )
+
+    def _dataset(self, split_conf, **overrides):
+        from ..data import FaceDataset
+
+        self.ensure_data()
+        ds = self.conf.dataset
+        kwargs = dict(
+            data_folder=ds.data_folder,
+            subject_name=ds.subject_name,
+            json_name=ds.json_name,
+            sub_dir=list(split_conf.sub_dir),
+            img_res=list(split_conf.img_res),
+            subsample=split_conf.subsample,
+            hard_mask=split_conf.hard_mask,
+            use_background=ds.use_background,
+            load_images=split_conf.load_images,
+        )
+        kwargs.update(overrides)
+        return FaceDataset(**kwargs)
+
+    def train_dataset(self, only_json: bool = False):
+        ds = self.conf.dataset
+        return self._dataset(
+            ds.train,
+            only_json=only_json,
+            use_mean_expression=ds.use_mean_expression,
+            use_var_expression=ds.use_var_expression,
+            load_images=ds.train.load_images and not only_json,
+        )
+
+    def plot_dataset(self):
+        """The test split as the training-time plots use it (its own subsample, JSON inputs)."""
+        return self._dataset(self.conf.dataset.test)
+
+    def test_dataset(self, only_json: bool = False):
+        """All test frames, loaded lazily (spec §2.9 step 1)."""
+        return self._dataset(self.conf.dataset.test, subsample=1, load_images=False, only_json=only_json)
+
+    # ---------------------------------------------------------------------------------- model, loss
+    def build_loss(self, var_expression):
+        from .losses import Loss
+
+        return Loss(self.conf.loss, var_expression=var_expression)
+
+    def load_model_payload(self, model, payload: dict, path: Path, strict: bool) -> None:
+        """Load a ModelParameters dict (ours or the original's layout) into ``model``.
+
+        The point tensor is re-created at the stored size first, because N changes during training.
+        """
+        from ..model.compat import convert_original_state_dict
+
+        state = payload.get("model_state_dict")
+        if state is None:
+            raise PointAvatarError(f"{path} is not a ModelParameters checkpoint (no 'model_state_dict').")
+        state = convert_original_state_dict(state)
+        if "pc.points" not in state:
+            raise PointAvatarError(f"{path} has no 'pc.points' entry: not a PointAvatar checkpoint.")
+        device = next(model.buffers()).device
+        model.pc.init(state["pc.points"].shape[0])
+        model.pc.to(device)
+        try:
+            result = model.load_state_dict(state, strict=strict)
+        except RuntimeError as exc:
+            raise PointAvatarError(
+                f"{path} does not fit the model of this conf: {first_line(exc)}. It was probably written "
+                "with another conf (network sizes, num_exp, ghostbone, use_background) or another FLAME "
+                "model; use the conf it was trained with."
+            ) from exc
+        if not strict and result.missing_keys:
+            print(f"warning: keys missing from {path}: {', '.join(result.missing_keys[:8])}")
+        model.radius = float(payload.get("radius", model.radius))
+
+
+def build_model(conf: Conf, train_set, shape_params: torch.Tensor):
+    """PointAvatar with the subject's identity, the mean training expression and the canonical jaw."""
+    from ..model import PointAvatar
+
+    return PointAvatar(
+        conf.model,
+        shape_params=shape_params,
+        canonical_expression=train_set.mean_expression,
+        canonical_pose=conf.dataset.canonical_pose,
+        img_res=int(conf.dataset.train.img_res[0]),
+        use_background=conf.dataset.use_background,
+    )
+
+
+def lbs_weight_at(conf: Conf, start_epoch: int) -> float:
+    """loss.lbs_weight decayed for every milestone strictly before start_epoch (spec §2.4 step 7)."""
+    weight = conf.loss.lbs_weight
+    for milestone in conf.train.GT_lbs_milestones:
+        if milestone < start_epoch:
+            weight *= conf.train.GT_lbs_factor
+    return weight
+
+
+def move_to(batch, device):
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [move_to(v, device) for v in batch]
+    return batch
+
+
+def first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:3])

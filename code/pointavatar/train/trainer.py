@@ -1,0 +1,290 @@
+"""The training loop of spec §2.5: epochs, checkpoints, plots, pruning, upsampling, resume.
+
+The trainer knows the loop; the model knows the forward pass (pointavatar.model); the loss knows the
+loss (pointavatar.train.losses). Defaults reproduce the released code; the quirk fixes of spec §10 are
+the ``train.*`` keys documented in the README.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import Conf, save_conf
+from ..errors import PointAvatarError
+from . import checkpoints as ckpt
+from .experiment import Experiment, build_model, lbs_weight_at, move_to
+from .inputs import FrameInputs
+from .schedule import batch_size_for, make_optimizer, prune, rebuild_optimizer, upsample
+
+# The original starts optimizing the per-frame inputs after epoch 10 (spec §2.5, §10.3).
+INPUT_OPTIMIZATION_START = 11
+
+
+class Trainer:
+    """Trains one PointAvatar for the conf, resuming from a checkpoint when asked."""
+
+    def __init__(
+        self,
+        conf: Conf,
+        nepoch: int | None = None,
+        is_continue: bool = False,
+        checkpoint: str = "latest",
+        load_path: str = "",
+        device: torch.device | str | None = None,
+    ):
+        self.conf = conf
+        self.exp = Experiment(conf, load_path=load_path)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.nepoch = conf.train.nepoch if nepoch is None else nepoch
+        tc = conf.train
+
+        self.exp.train_dir.mkdir(parents=True, exist_ok=True)
+        self.exp.eval_dir.mkdir(parents=True, exist_ok=True)
+        save_conf(conf, self.exp.train_dir / "runconf.conf")
+        self._backup_code()
+
+        self.train_set = self.exp.train_dataset()
+        self.plot_set = self.exp.plot_dataset()
+        print("Canonical expression:", self.train_set.mean_expression)
+        if self.train_set.var_expression is not None:
+            print("Expression variance:", self.train_set.var_expression)
+
+        self.model = build_model(conf, self.train_set, self.train_set.shape_params).to(self.device)
+        self.loss = self.exp.build_loss(self.train_set.var_expression).to(self.device)
+        self.optimizer = make_optimizer(self.model, tc.learning_rate)
+        # Bound to the first Adam, as in the original: after the first resize it no longer drives the
+        # learning rate unless train.fix_lr_schedule is set (spec §10.1).
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, list(tc.sched_milestones), gamma=tc.sched_factor
+        )
+        self.inputs = FrameInputs(
+            self.train_set, conf.model.deformer_network.num_exp, tc.optimize_expression, tc.optimize_camera
+        ).to(self.device)
+        self.optimizer_cam = self.inputs.make_optimizer(tc.learning_rate_cam) if self.inputs.enabled else None
+
+        self.start_epoch = 0
+        self.resumed_visibility = False
+        self.ckpt = ckpt.Checkpoints(self.exp.train_dir)
+        if is_continue:
+            self._resume(checkpoint)
+        self.loss.lbs_weight = lbs_weight_at(conf, self.start_epoch)
+        self.batch_size = batch_size_for(self.model.pc.points.shape[0], tc.max_points_training, tc.max_batch)
+        self.writer = self._tensorboard()
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _backup_code(self) -> None:
+        """Copy the package's .py files into train/recording/ (spec §2.2)."""
+        src = Path(__file__).resolve().parents[1]
+        dst = self.exp.train_dir / "recording"
+        for path in src.rglob("*.py"):
+            target = dst / path.relative_to(src.parent)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency, but logging must never stop training
+            print("tensorboard is not installed: scalars are printed only")
+            return None
+        return SummaryWriter(str(self.exp.train_dir / "tensorboard"))
+
+    def _resume(self, checkpoint: str) -> None:
+        source = self.exp.load_dir
+        store = ckpt.Checkpoints(source)
+        if not store.exists(ckpt.MODEL, checkpoint):
+            found = store.available()
+            if not found:
+                print(f"--is_continue: nothing to resume in {source / 'checkpoints'}; starting a fresh run.")
+                return
+            raise PointAvatarError(
+                f"--is_continue: {store.path(ckpt.MODEL, checkpoint)} does not exist. Checkpoints there: "
+                f"{', '.join(found)}. Pass one of them with --checkpoint."
+            )
+        payload = store.load(ckpt.MODEL, checkpoint)
+        self.exp.load_model_payload(self.model, payload, store.path(ckpt.MODEL, checkpoint), strict=False)
+        self.start_epoch = int(payload["epoch"])
+        vis = payload.get("visible_points")
+        if self.conf.train.prune_on_resume and vis is not None and vis.shape[0] == self.model.pc.points.shape[0]:
+            self.model.visible_points = vis.to(self.device)
+            self.resumed_visibility = True
+        self.optimizer = make_optimizer(self.model, self.conf.train.learning_rate)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, list(self.conf.train.sched_milestones), gamma=self.conf.train.sched_factor
+        )
+        if store.exists(ckpt.SCHEDULER, checkpoint):
+            self.scheduler.load_state_dict(store.load(ckpt.SCHEDULER, checkpoint)["scheduler_state_dict"])
+        if self.conf.train.keep_optimizer_state and store.exists(ckpt.OPTIMIZER, checkpoint):
+            # Only with the fix: the original saves the Adam state but never loads it (spec §10.2).
+            try:
+                self.optimizer.load_state_dict(store.load(ckpt.OPTIMIZER, checkpoint)["optimizer_state_dict"])
+            except (ValueError, KeyError, RuntimeError) as exc:
+                print(f"Adam state not restored ({exc}); starting with fresh moments.")
+        if self.inputs.enabled:
+            try:
+                self.inputs.load_state(store.load(ckpt.INPUTS, checkpoint))
+                self.optimizer_cam.load_state_dict(
+                    store.load(ckpt.OPTIMIZER_INPUTS, checkpoint)["optimizer_cam_state_dict"]
+                )
+            except (PointAvatarError, ValueError, KeyError, RuntimeError) as exc:
+                # The original only prints such mismatches (spec §2.4 step 6).
+                print(f"per-frame inputs not restored: {exc}")
+        print(f"Resumed from {store.path(ckpt.MODEL, checkpoint)} at epoch {self.start_epoch} "
+              f"with {self.model.pc.points.shape[0]} points, radius {self.model.radius:.6f}")
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def save_checkpoints(self, epoch: int, numbered: bool) -> None:
+        model_payload = {"radius": float(self.model.radius), "model_state_dict": self.model.state_dict()}
+        if self.conf.train.prune_on_resume:
+            model_payload["visible_points"] = self.model.visible_points.detach().cpu().clone()
+        # The model file last: a reader that finds ModelParameters/latest.pth finds the rest as new.
+        self.ckpt.save(ckpt.OPTIMIZER, {"optimizer_state_dict": self.optimizer.state_dict()}, epoch, numbered)
+        self.ckpt.save(ckpt.SCHEDULER, {"scheduler_state_dict": self.scheduler.state_dict()}, epoch, numbered)
+        if self.inputs.enabled:
+            self.ckpt.save(
+                ckpt.OPTIMIZER_INPUTS, {"optimizer_cam_state_dict": self.optimizer_cam.state_dict()}, epoch, numbered
+            )
+            self.ckpt.save(ckpt.INPUTS, self.inputs.state(), epoch, numbered)
+        self.ckpt.save(ckpt.MODEL, model_payload, epoch, numbered)
+
+    # ---------------------------------------------------------------------------------------- epochs
+    def _loader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=self.train_set.collate_fn,
+            num_workers=self.conf.train.num_workers,
+        )
+
+    def _resize(self, op) -> None:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        rows = op(self.model)
+        if rows is None:
+            return
+        self.optimizer = rebuild_optimizer(
+            self.model, self.optimizer, self.conf.train.learning_rate,
+            self.conf.train.keep_optimizer_state, names, rows,
+        )
+        if self.conf.train.fix_lr_schedule:
+            self._apply_scheduled_lr()
+
+    def _apply_scheduled_lr(self) -> None:
+        lr = self.scheduler.get_last_lr()[0]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def run(self) -> None:
+        tc = self.conf.train
+        loader = self._loader()
+        for epoch in range(self.start_epoch, self.nepoch + 1):
+            if epoch in tc.GT_lbs_milestones:
+                self.loss.lbs_weight *= tc.GT_lbs_factor
+
+            numbered = epoch % tc.checkpoint_freq == 0 and epoch != self.start_epoch
+            if epoch % tc.save_freq == 0 and (numbered or epoch != self.start_epoch or self.start_epoch == 0):
+                self.save_checkpoints(epoch, numbered)
+
+            if (epoch % tc.plot_freq == 0 and epoch < 5) or epoch % (2 * tc.plot_freq) == 0:
+                self.plot(epoch)
+
+            may_prune = epoch != self.start_epoch or self.resumed_visibility
+            if may_prune:
+                self._resize(prune)
+            n = self.model.pc.points.shape[0]
+            if epoch % tc.upsample_freq == 0 and epoch != 0 and n <= self.conf.model.point_cloud.max_points / 2:
+                self._resize(upsample)
+                new_bs = batch_size_for(self.model.pc.points.shape[0], tc.max_points_training, tc.max_batch)
+                if new_bs != self.batch_size:
+                    self.batch_size = new_bs
+                    loader = self._loader()
+            self.model.visible_points = torch.zeros(
+                self.model.pc.points.shape[0], dtype=torch.bool, device=self.device
+            )
+            self.train_epoch(epoch, loader)
+            self.scheduler.step()
+            if tc.fix_lr_schedule:
+                self._apply_scheduled_lr()
+
+        self.save_checkpoints(self.nepoch + 1, numbered=True)
+        if self.writer is not None:
+            self.writer.close()
+
+    def train_epoch(self, epoch: int, loader: DataLoader) -> None:
+        tc = self.conf.train
+        self.model.train()
+        inputs_active = self.inputs.enabled and epoch >= INPUT_OPTIMIZATION_START
+        self.inputs.set_trainable(inputs_active)
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        count = 0
+        start = time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        for data_index, (_, model_input, ground_truth) in enumerate(bar):
+            model_input = move_to(model_input, self.device)
+            ground_truth = move_to(ground_truth, self.device)
+            if self.inputs.enabled:
+                model_input = self.inputs.apply(model_input)
+            outputs = self.model(model_input)
+            losses = self.loss(outputs, ground_truth)
+
+            self.optimizer.zero_grad(set_to_none=True)
+            if inputs_active:
+                self.optimizer_cam.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            self.optimizer.step()
+            if inputs_active:
+                self.optimizer_cam.step()
+
+            for k, v in losses.items():
+                sums[k] += v.detach()
+            count += 1
+            if data_index % tc.log_freq == 0:
+                # .item() only here, so the GPU is not synchronised at every step.
+                means = {k: float(v) / count for k, v in sums.items()}
+                means["visible_percentage"] = float(self.model.visible_points.float().mean())
+                self._log(epoch, data_index, means)
+                bar.set_postfix(loss=f"{means['loss']:.4f}", rgb=f"{means['rgb_loss']:.4f}")
+                sums.clear()
+                count = 0
+        bar.close()
+        elapsed = time.time() - start
+        print(f"epoch {epoch} done in {elapsed:.1f} s ({self.model.pc.points.shape[0]} points, "
+              f"radius {self.model.radius:.5f}, batch {self.batch_size})")
+        if self.writer is not None:
+            self.writer.add_scalar("train/timing_epoch_ms", elapsed * 1000, epoch)
+
+    def _log(self, epoch: int, data_index: int, means: dict) -> None:
+        text = ", ".join(f"{k} = {v:.6f}" for k, v in means.items())
+        tqdm.write(f"[{epoch}] {data_index * self.batch_size}/{len(self.train_set)}: {text}")
+        if self.writer is None:
+            return
+        step = epoch * len(self.train_set) + data_index * self.batch_size
+        for k, v in means.items():
+            self.writer.add_scalar(f"train/{k}", v, step)
+        self.writer.add_scalar("train/num_points", self.model.pc.points.shape[0], step)
+        self.writer.add_scalar("train/radius", self.model.radius, step)
+        self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
+        self.writer.add_scalar("train/lbs_weight", self.loss.lbs_weight, step)
+
+    # ------------------------------------------------------------------------------------------ plots
+    def plot(self, epoch: int) -> None:
+        """Render the plot split with its JSON inputs (no tracking) into grid images (spec §2.5 step 3)."""
+        from ..evaluate.runner import render_grids
+
+        self.model.eval()
+        start = time.time()
+        n = render_grids(self.model, self.plot_set, self.exp.eval_dir, epoch, self.batch_size, self.device)
+        if n:
+            print(f"Plot time per image: {(time.time() - start) / n:.3f} s")
+        self.model.train()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
