@@ -91,6 +91,9 @@ class _PickledState:
 
     _module = ""
     _name = ""
+    # Defaults for objects made by copyreg._reconstructor (protocol 0/1), which skips __new__.
+    args: tuple = ()
+    state: Any = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> _PickledState:
         obj = object.__new__(cls)
