@@ -27,16 +27,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--conf", required=True, help="HOCON conf file, e.g. ./confs/subject1.conf")
     p.add_argument("--is_eval", action="store_true", help="skip training; render and score the test split")
-    p.add_argument("--nepoch", type=int, default=None,
-                   help="last training epoch, inclusive (default: train.nepoch of the conf, 62)")
-    p.add_argument("--is_continue", action="store_true", help="resume from <train dir>/checkpoints/<checkpoint>")
-    p.add_argument("--only_json", action="store_true",
-                   help="test: build the test set from the JSON only (no images, no metrics); drives the avatar "
-                        "with another sequence's expressions and poses")
-    p.add_argument("--checkpoint", default="latest", help="checkpoint name: latest or an epoch number such as 60")
+    p.add_argument(
+        "--nepoch",
+        type=int,
+        default=None,
+        help="last training epoch, inclusive (default: train.nepoch of the conf, 62)",
+    )
+    p.add_argument(
+        "--is_continue", action="store_true", help="resume from <train dir>/checkpoints/<checkpoint>"
+    )
+    p.add_argument(
+        "--only_json",
+        action="store_true",
+        help="test: build the test set from the JSON only (no images, no metrics); drives the avatar "
+        "with another sequence's expressions and poses",
+    )
+    p.add_argument(
+        "--checkpoint", default="latest", help="checkpoint name: latest or an epoch number such as 60"
+    )
     p.add_argument("--load_path", default="", help="another train/ directory to load checkpoints from")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--wandb_workspace", default=None, help="accepted for compatibility; logging goes to TensorBoard")
+    p.add_argument(
+        "--wandb_workspace", default=None, help="accepted for compatibility; logging goes to TensorBoard"
+    )
     p.add_argument("--wandb_tags", nargs="*", default=[], help="accepted for compatibility; unused")
     return p.parse_args(argv)
 
@@ -73,7 +86,11 @@ def main(argv=None) -> int:
         args.checkpoint = "latest"
         args.load_path = ""
     evaluator = Evaluator(
-        conf, checkpoint=args.checkpoint, load_path=args.load_path, only_json=args.only_json, device=args.device
+        conf,
+        checkpoint=args.checkpoint,
+        load_path=args.load_path,
+        only_json=args.only_json,
+        device=args.device,
     )
     results = evaluator.run()
     if results:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
+import imageio.v2 as imageio
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -34,27 +36,58 @@ from . import export, plots
 PLY_FRAMES = (1,)
 
 
-def to_uint8(image: torch.Tensor, res: int) -> np.ndarray:
+def frame_image(image: torch.Tensor, res: int) -> np.ndarray:
     """[P, 3] in [0, 1] (row-major pixels) -> [H, W, 3] uint8, clipped."""
-    img = image.detach().reshape(res, res, -1)[..., :3].clamp(0, 1)
-    return (img.cpu().numpy() * 255).round().astype(np.uint8)
+    return plots.to_uint8(plots.lin2img(image[None, :, :3], res)[0].permute(1, 2, 0))
+
+
+def select_frames(outputs: dict, rows: list[int], batch_size: int) -> dict:
+    """The per-frame entries ([B, ...] tensors) of a forward's outputs for a subset of the frames."""
+    index = torch.as_tensor(rows, device=outputs["rgb_image"].device)
+    return {
+        k: v.index_select(0, index) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch_size else v
+        for k, v in outputs.items()
+    }
 
 
 def render_grids(model, dataset, eval_dir: Path, epoch: int, batch_size: int, device, inputs=None) -> int:
     """Render ``dataset`` and write one grid image per batch (spec §2.10). Returns the number of frames."""
-    loader = DataLoader(dataset, batch_size=min(2 * batch_size, 10), shuffle=False, collate_fn=dataset.collate_fn)
+    loader = DataLoader(
+        dataset, batch_size=min(2 * batch_size, 10), shuffle=False, collate_fn=dataset.collate_fn
+    )
     count = 0
     for _, model_input, ground_truth in loader:
         model_input = move_to(model_input, device)
         if inputs is not None:
             model_input = inputs.apply(model_input)
         outputs = model(model_input)
-        sub_dir = model_input["sub_dir"][0]
         first = int(model_input["img_name"][0, 0])
-        path = Path(eval_dir) / sub_dir / "rendering" / f"epoch_{epoch:04d}_{first}.png"
-        plots.save_grid(path, outputs, ground_truth.get("rgb"), dataset.img_res[0])
+        plots.plot_grid(
+            outputs,
+            ground_truth,
+            Path(eval_dir) / model_input["sub_dir"][0],
+            epoch,
+            first,
+            dataset.img_res[0],
+        )
         count += model_input["idx"].shape[0]
     return count
+
+
+class VideoFrames(Sequence):
+    """Prediction | ground-truth video frames, read from the written PNGs and the dataset on demand."""
+
+    def __init__(self, items: list[tuple[Path, int]], dataset, res: int):
+        self.items, self.dataset, self.res = items, dataset, res
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        path, index = self.items[i]
+        pred = imageio.imread(path)[..., :3]
+        gt = self.dataset[index][2].get("rgb")
+        return export.side_by_side(pred, frame_image(gt, self.res) if gt is not None else None)
 
 
 class Evaluator:
@@ -83,7 +116,9 @@ class Evaluator:
         path = self.store.path(ckpt.MODEL, checkpoint)
         if not path.is_file():
             found = self.store.available()
-            hint = f"Checkpoints there: {', '.join(found)}." if found else "Train first (run without --is_eval)."
+            hint = (
+                f"Checkpoints there: {', '.join(found)}." if found else "Train first (run without --is_eval)."
+            )
             raise PointAvatarError(f"--is_eval: no checkpoint {path}. {hint}")
         payload = ckpt.load_file(path)
         self.exp.load_model_payload(self.model, payload, path, strict=True)
@@ -96,11 +131,16 @@ class Evaluator:
         self.inputs = None
         if (tc.optimize_expression or tc.optimize_camera) and tc.test_tracking:
             self.inputs = FrameInputs(
-                self.test_set, self.conf.model.deformer_network.num_exp, tc.optimize_expression, tc.optimize_camera
+                self.test_set,
+                self.conf.model.deformer_network.num_exp,
+                tc.optimize_expression,
+                tc.optimize_camera,
             ).to(self.device)
 
     def _loader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.batch_size, shuffle=False, collate_fn=self.test_set.collate_fn)
+        return DataLoader(
+            self.test_set, batch_size=self.batch_size, shuffle=False, collate_fn=self.test_set.collate_fn
+        )
 
     # -------------------------------------------------------------------------------------- tracking
     def prepare_inputs(self) -> None:
@@ -120,8 +160,10 @@ class Evaluator:
             )
             self.inputs = None
             return
-        print("Tracking the test frames (expression, pose, camera translation; RGB loss only). "
-              "Slow, and only meant for the metrics.")
+        print(
+            "Tracking the test frames (expression, pose, camera translation; RGB loss only). "
+            "Slow, and only meant for the metrics."
+        )
         self.track()
         state = self.inputs.state()
         self.store.save(ckpt.TEST_INPUTS, state, self.epoch, numbered=True)
@@ -156,7 +198,7 @@ class Evaluator:
         self.model.eval()
         res = int(self.test_set.img_res[0])
         eval_dir = self.exp.eval_dir
-        frames: dict[str, list[np.ndarray]] = defaultdict(list)
+        frames: dict[str, list[tuple[Path, int]]] = defaultdict(list)
         epoch_dirs: dict[str, Path] = {}
         start = time.time()
         n_frames = 0
@@ -167,23 +209,26 @@ class Evaluator:
             if self.inputs is not None:
                 model_input = self.inputs.apply(model_input)
             outputs = self.model(model_input)
-            gt_rgb = ground_truth.get("rgb")
             sub_dirs = model_input["sub_dir"]
-            first = int(model_input["img_name"][0, 0])
-            plots.save_grid(
-                eval_dir / sub_dirs[0] / "rendering" / f"epoch_{self.epoch:04d}_{first}.png", outputs, gt_rgb, res
-            )
+            names = [int(v) for v in model_input["img_name"].reshape(-1).tolist()]
+            plots.plot_grid(outputs, ground_truth, eval_dir / sub_dirs[0], self.epoch, names[0], res)
+            batch = len(names)
+            for sub_dir in dict.fromkeys(sub_dirs):  # a batch may span two test videos
+                rows = [b for b in range(batch) if sub_dirs[b] == sub_dir]
+                epoch_dirs[sub_dir] = plots.write_frame_outputs(
+                    select_frames(outputs, rows, batch),
+                    [names[b] for b in rows],
+                    eval_dir / sub_dir,
+                    self.epoch,
+                    res,
+                )
             for b, sub_dir in enumerate(sub_dirs):
-                name = int(model_input["img_name"][b, 0])
-                out_dir = eval_dir / sub_dir / f"epoch_{self.epoch}"
-                epoch_dirs[sub_dir] = out_dir
-                rgb = to_uint8(outputs["rgb_image"][b], res)
-                normal = to_uint8(outputs["normal_image"][b], res)
-                plots.write_frame_outputs(out_dir, name, rgb, normal)
-                gt = to_uint8(gt_rgb[b], res) if gt_rgb is not None else None
-                frames[sub_dir].append(export.side_by_side(rgb, gt) if gt is not None else rgb)
-                if name in PLY_FRAMES:
-                    self._export_frame_ply(eval_dir / sub_dir, outputs, b, name)
+                # Frames are read back from disk when the video is written, so memory stays flat.
+                frames[sub_dir].append(
+                    (epoch_dirs[sub_dir] / "rgb" / f"{names[b]}.png", int(model_input["idx"][b, 0]))
+                )
+                if names[b] in PLY_FRAMES:
+                    self._export_frame_ply(eval_dir / sub_dir, outputs, b, names[b])
             if batch_index == 0:
                 self._export_canonical_ply(eval_dir / sub_dirs[0], outputs)
             n_frames += len(sub_dirs)
@@ -192,10 +237,15 @@ class Evaluator:
 
         results = {}
         for sub_dir, out_dir in epoch_dirs.items():
-            export.write_video(out_dir / "video.mp4", frames[sub_dir])
+            export.write_video(out_dir / "video.mp4", VideoFrames(frames[sub_dir], self.test_set, res))
             if self.only_json:
                 continue
-            gt_dir = Path(self.conf.dataset.data_folder) / self.conf.dataset.subject_name / self.conf.dataset.subject_name / sub_dir
+            gt_dir = (
+                Path(self.conf.dataset.data_folder)
+                / self.conf.dataset.subject_name
+                / self.conf.dataset.subject_name
+                / sub_dir
+            )
             lpips = self._lpips()
             for no_cloth in (False, True):
                 key = f"{sub_dir}{'_no_cloth' if no_cloth else ''}"
@@ -212,17 +262,30 @@ class Evaluator:
     def _metrics(self, out_dir, gt_dir, no_cloth, lpips, res):
         from .metrics import evaluate_folder
 
-        return evaluate_folder(out_dir, gt_dir, pred_file_name="rgb_erode_dilate", no_cloth=no_cloth, lpips=lpips, res=res)
+        return evaluate_folder(
+            out_dir, gt_dir, pred_file_name="rgb_erode_dilate", no_cloth=no_cloth, lpips=lpips, res=res
+        )
 
     # ------------------------------------------------------------------------------------------- PLY
     def _export_frame_ply(self, folder: Path, outputs: dict, b: int, name: int) -> None:
         points = outputs["deformed_points"][b]
         normals = outputs["pnts_normal_deformed"][b]
-        export.save_ply(folder / f"{self.epoch:04d}_deformed_color_{name}.ply", points, outputs["pnts_color_deformed"][b], normals)
-        export.save_ply(folder / f"{self.epoch:04d}_deformed_albedo_{name}.ply", points, outputs["pnts_albedo"], normals)
+        export.save_ply(
+            folder / f"{self.epoch:04d}_deformed_color_{name}.ply",
+            points,
+            outputs["pnts_color_deformed"][b],
+            normals,
+        )
+        export.save_ply(
+            folder / f"{self.epoch:04d}_deformed_albedo_{name}.ply", points, outputs["pnts_albedo"], normals
+        )
 
     def _export_canonical_ply(self, folder: Path, outputs: dict) -> None:
-        export.save_ply(folder / f"{self.epoch:04d}_canonical_points_albedo.ply", outputs["canonical_points"], outputs["pnts_albedo"])
+        export.save_ply(
+            folder / f"{self.epoch:04d}_canonical_points_albedo.ply",
+            outputs["canonical_points"],
+            outputs["pnts_albedo"],
+        )
         if "unconstrained_canonical_points" in outputs:
             export.save_ply(
                 folder / f"{self.epoch:04d}_unconstrained_canonical_points.ply",
@@ -239,5 +302,7 @@ def summary_line(results: dict[str, dict]) -> str:
     for key, r in results.items():
         lp = r.get("lpips", float("nan"))
         lp_text = "n/a" if lp is None or (isinstance(lp, float) and math.isnan(lp)) else f"{lp:.4f}"
-        parts.append(f"{key}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}, L1 {r['mae']:.4f}, LPIPS {lp_text}")
+        parts.append(
+            f"{key}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}, L1 {r['mae']:.4f}, LPIPS {lp_text}"
+        )
     return "; ".join(parts)

@@ -59,7 +59,9 @@ def load_file(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a truncated or foreign file
-        raise PointAvatarError(f"cannot read checkpoint {path}: {exc}. Delete it or pick another --checkpoint.") from exc
+        raise PointAvatarError(
+            f"cannot read checkpoint {path}: {exc}. Delete it or pick another --checkpoint."
+        ) from exc
 
 
 def inputs_state(expression, flame_pose, camera_pose) -> dict:

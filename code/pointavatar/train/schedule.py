@@ -108,4 +108,3 @@ def upsample(model, generator: torch.Generator | None = None) -> torch.Tensor:
     model.radius = model.radius * UPSAMPLE_RADIUS_FACTOR
     rows = torch.arange(n_old, device=points.device)
     return torch.cat([rows, torch.full_like(rows, -1)])
-

@@ -112,7 +112,11 @@ class Trainer:
         self.exp.load_model_payload(self.model, payload, store.path(ckpt.MODEL, checkpoint), strict=False)
         self.start_epoch = int(payload["epoch"])
         vis = payload.get("visible_points")
-        if self.conf.train.prune_on_resume and vis is not None and vis.shape[0] == self.model.pc.points.shape[0]:
+        if (
+            self.conf.train.prune_on_resume
+            and vis is not None
+            and vis.shape[0] == self.model.pc.points.shape[0]
+        ):
             self.model.visible_points = vis.to(self.device)
             self.resumed_visibility = True
         self.optimizer = make_optimizer(self.model, self.conf.train.learning_rate)
@@ -136,8 +140,10 @@ class Trainer:
             except (PointAvatarError, ValueError, KeyError, RuntimeError) as exc:
                 # The original only prints such mismatches (spec §2.4 step 6).
                 print(f"per-frame inputs not restored: {exc}")
-        print(f"Resumed from {store.path(ckpt.MODEL, checkpoint)} at epoch {self.start_epoch} "
-              f"with {self.model.pc.points.shape[0]} points, radius {self.model.radius:.6f}")
+        print(
+            f"Resumed from {store.path(ckpt.MODEL, checkpoint)} at epoch {self.start_epoch} "
+            f"with {self.model.pc.points.shape[0]} points, radius {self.model.radius:.6f}"
+        )
 
     # ----------------------------------------------------------------------------------- checkpoints
     def save_checkpoints(self, epoch: int, numbered: bool) -> None:
@@ -149,7 +155,10 @@ class Trainer:
         self.ckpt.save(ckpt.SCHEDULER, {"scheduler_state_dict": self.scheduler.state_dict()}, epoch, numbered)
         if self.inputs.enabled:
             self.ckpt.save(
-                ckpt.OPTIMIZER_INPUTS, {"optimizer_cam_state_dict": self.optimizer_cam.state_dict()}, epoch, numbered
+                ckpt.OPTIMIZER_INPUTS,
+                {"optimizer_cam_state_dict": self.optimizer_cam.state_dict()},
+                epoch,
+                numbered,
             )
             self.ckpt.save(ckpt.INPUTS, self.inputs.state(), epoch, numbered)
         self.ckpt.save(ckpt.MODEL, model_payload, epoch, numbered)
@@ -170,8 +179,12 @@ class Trainer:
         if rows is None:
             return
         self.optimizer = rebuild_optimizer(
-            self.model, self.optimizer, self.conf.train.learning_rate,
-            self.conf.train.keep_optimizer_state, names, rows,
+            self.model,
+            self.optimizer,
+            self.conf.train.learning_rate,
+            self.conf.train.keep_optimizer_state,
+            names,
+            rows,
         )
         if self.conf.train.fix_lr_schedule:
             self._apply_scheduled_lr()
@@ -199,7 +212,11 @@ class Trainer:
             if may_prune:
                 self._resize(prune)
             n = self.model.pc.points.shape[0]
-            if epoch % tc.upsample_freq == 0 and epoch != 0 and n <= self.conf.model.point_cloud.max_points / 2:
+            if (
+                epoch % tc.upsample_freq == 0
+                and epoch != 0
+                and n <= self.conf.model.point_cloud.max_points / 2
+            ):
                 self._resize(upsample)
                 new_bs = batch_size_for(self.model.pc.points.shape[0], tc.max_points_training, tc.max_batch)
                 if new_bs != self.batch_size:
@@ -255,8 +272,10 @@ class Trainer:
                 count = 0
         bar.close()
         elapsed = time.time() - start
-        print(f"epoch {epoch} done in {elapsed:.1f} s ({self.model.pc.points.shape[0]} points, "
-              f"radius {self.model.radius:.5f}, batch {self.batch_size})")
+        print(
+            f"epoch {epoch} done in {elapsed:.1f} s ({self.model.pc.points.shape[0]} points, "
+            f"radius {self.model.radius:.5f}, batch {self.batch_size})"
+        )
         if self.writer is not None:
             self.writer.add_scalar("train/timing_epoch_ms", elapsed * 1000, epoch)
 

@@ -1,0 +1,237 @@
+"""End-to-end training, resume and evaluation on a tiny synthetic subject (CPU).
+
+Every shipped conf is reduced to tiny sizes (32x32 images, 100 points, 2 frames per video) and
+trained for two epochs, then evaluated; resume, kill-and-resume, the original's checkpoint layout and
+the bad-input messages are checked on the same data.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pointavatar.config import load_conf
+from pointavatar.errors import PointAvatarError
+from pointavatar.evaluate.runner import Evaluator
+from pointavatar.train import checkpoints as ckpt
+from pointavatar.train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFS = sorted((ROOT / "confs").glob("*.conf"))
+RES = 32
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    from pointavatar.data.synthetic import make_synthetic_subject
+
+    data = tmp_path_factory.mktemp("data")
+    make_synthetic_subject(data, "synthetic", res=RES, train_frames=2, test_frames=2, seed=0)
+    return data
+
+
+def tiny(conf_path, subject, out, **extra):
+    """The conf with the synthetic subject and tiny sizes; everything else as shipped."""
+    conf = load_conf(conf_path)
+    flame_dir = Path(subject) / "synthetic" / "flame"
+    updates = {
+        "train.exps_folder": str(out),
+        "train.num_workers": 0,
+        "train.plot_freq": 1,
+        "train.max_points_training": 800,
+        "train.upsample_freq": 1,
+        "loss.vgg_feature_weight": 0.0,
+        "dataset.data_folder": str(subject),
+        "dataset.subject_name": "synthetic",
+        "dataset.synthetic.generate": False,
+        "dataset.train.sub_dir": ["train0", "train1"],
+        "dataset.train.img_res": [RES, RES],
+        "dataset.test.sub_dir": ["test"],
+        "dataset.test.img_res": [RES, RES],
+        "dataset.test.subsample": 1,
+        "model.flame_model_path": str(flame_dir / "generic_model.pkl"),
+        "model.flame_landmark_path": str(flame_dir / "landmark_embedding.npy"),
+        "model.point_cloud.n_init_points": 100,
+        "model.point_cloud.max_points": 400,
+        "model.render_backend": "torch",
+    }
+    updates.update(extra)
+    return conf.override(updates)
+
+
+def load_model_ckpt(train_dir, name="latest"):
+    return torch.load(Path(train_dir) / "checkpoints" / ckpt.MODEL / f"{name}.pth", map_location="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conf_path", CONFS, ids=[p.stem for p in CONFS])
+def test_every_conf_trains_and_evaluates(conf_path, subject, tmp_path):
+    conf = tiny(conf_path, subject, tmp_path)
+    trainer = Trainer(conf, nepoch=1, device="cpu")
+    trainer.run()
+    train_dir = trainer.exp.train_dir
+    for family in (ckpt.MODEL, ckpt.OPTIMIZER, ckpt.SCHEDULER):
+        assert (train_dir / "checkpoints" / family / "latest.pth").is_file()
+        assert (train_dir / "checkpoints" / family / "2.pth").is_file()  # nepoch + 1
+    assert (train_dir / "runconf.conf").is_file()
+    assert load_model_ckpt(train_dir)["epoch"] == 2
+    # Upsampled once at epoch 1 (upsample_freq 1): at most 2 x the pruned cloud, radius x 0.75.
+    state = load_model_ckpt(train_dir)
+    assert state["radius"] == pytest.approx(trainer.model.radius)
+    assert state["radius"] < 0.3 * 0.75 ** 0  # initial radius of 100 points is 0.3
+
+    results = Evaluator(conf, device="cpu").run()
+    sub = "test"
+    epoch_dir = trainer.exp.eval_dir / sub / "epoch_2"
+    for kind in ("rgb", "rgb_erode_dilate", "normal"):
+        assert sorted(p.name for p in (epoch_dir / kind).glob("*.png")) == ["1.png", "2.png"]
+    assert (epoch_dir / "results_rgb_erode_dilate.npz").is_file()
+    assert (epoch_dir / "results_no_cloth_rgb_erode_dilate.csv").is_file()
+    assert (epoch_dir / "video.mp4").stat().st_size > 0
+    assert list((trainer.exp.eval_dir / sub / "rendering").glob("epoch_0002_1.png"))
+    assert (trainer.exp.eval_dir / sub / "0002_canonical_verts.ply").is_file()
+    assert (trainer.exp.eval_dir / sub / "0002_deformed_color_1.ply").is_file()
+    assert np.isfinite(results[sub]["psnr"]) and results[sub]["psnr"] > 0
+    if conf.train.optimize_expression or conf.train.optimize_camera:
+        assert (train_dir / "checkpoints" / ckpt.TEST_INPUTS / "latest.pth").is_file()
+
+
+def test_resume_restores_state(subject, tmp_path):
+    conf = tiny(CONFS[0], subject, tmp_path)
+    first = Trainer(conf, nepoch=1, device="cpu")
+    first.run()
+    # Perturb the embeddings so that restoring them is visible.
+    saved_model = load_model_ckpt(first.exp.train_dir)
+    saved_inputs = torch.load(first.exp.train_dir / "checkpoints" / ckpt.INPUTS / "latest.pth")
+
+    resumed = Trainer(conf, nepoch=3, is_continue=True, device="cpu")
+    assert resumed.start_epoch == 2
+    assert torch.equal(resumed.model.pc.points.detach().cpu(), saved_model["model_state_dict"]["pc.points"])
+    assert resumed.model.radius == pytest.approx(saved_model["radius"])
+    assert torch.equal(resumed.inputs.expression.weight.detach().cpu(), saved_inputs["expression_state_dict"]["weight"])
+    assert torch.equal(resumed.inputs.camera_pose.weight.detach().cpu(), saved_inputs["camera_pose_state_dict"]["weight"])
+    # lbs_weight replays the decay of milestones strictly before the start epoch (none before 2 here).
+    assert resumed.loss.lbs_weight == pytest.approx(conf.loss.lbs_weight)
+    assert resumed.scheduler.last_epoch == 2
+    resumed.run()
+    assert load_model_ckpt(first.exp.train_dir)["epoch"] == 4
+
+
+def test_lbs_weight_replayed_on_resume(subject, tmp_path):
+    from pointavatar.train.experiment import lbs_weight_at
+
+    conf = tiny(CONFS[0], subject, tmp_path)
+    assert lbs_weight_at(conf, 0) == 10.0
+    assert lbs_weight_at(conf, 10) == 10.0  # the epoch-10 decay happens inside the loop
+    assert lbs_weight_at(conf, 11) == 5.0
+    assert lbs_weight_at(conf, 41) == 0.625
+
+
+def test_killed_mid_epoch_resumes_from_last_checkpoint(subject, tmp_path, monkeypatch):
+    conf = tiny(CONFS[0], subject, tmp_path, **{"train.max_points_training": 100})  # batch 1: 4 steps/epoch
+    trainer = Trainer(conf, nepoch=3, device="cpu")
+    calls = {"n": 0}
+    original = trainer.loss.forward
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # second step of epoch 1
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.loss, "forward", dying)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    state = load_model_ckpt(trainer.exp.train_dir)
+    assert state["epoch"] == 1  # written at the start of the interrupted epoch
+    leftovers = [p for p in (trainer.exp.train_dir / "checkpoints").rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers
+
+    resumed = Trainer(conf, nepoch=3, is_continue=True, device="cpu")
+    assert resumed.start_epoch == 1
+    assert resumed.model.pc.points.shape[0] == state["model_state_dict"]["pc.points"].shape[0]
+    resumed.run()
+    assert load_model_ckpt(trainer.exp.train_dir)["epoch"] == 4
+
+
+def test_is_continue_with_nothing_to_resume_starts_fresh(subject, tmp_path, capsys):
+    conf = tiny(CONFS[0], subject, tmp_path)
+    trainer = Trainer(conf, nepoch=0, is_continue=True, device="cpu")
+    assert trainer.start_epoch == 0
+    assert "nothing to resume" in capsys.readouterr().out
+
+
+def test_checkpoint_from_another_conf_is_refused(subject, tmp_path):
+    conf = tiny(CONFS[0], subject, tmp_path)
+    Trainer(conf, nepoch=0, device="cpu").run()
+    other = conf.override({"model.deformer_network.dims": [64, 64, 64, 64]})
+    with pytest.raises(PointAvatarError, match="does not fit the model of this conf"):
+        Evaluator(other, device="cpu")
+
+
+def test_original_checkpoint_layout_evaluates(subject, tmp_path):
+    """A ModelParameters file in the original's key layout (weight_g / weight_v) loads for --is_eval."""
+    conf = tiny(CONFS[0], subject, tmp_path, **{"train.test_tracking": False})
+    trainer = Trainer(conf, nepoch=0, device="cpu")
+    ours = trainer.model.state_dict()
+    original = {}
+    for key, value in ours.items():
+        key = key.replace("parametrizations.weight.original0", "weight_g")
+        key = key.replace("parametrizations.weight.original1", "weight_v")
+        original[key] = value.clone()
+    assert any(k.endswith("weight_g") for k in original)
+    path = trainer.exp.train_dir / "checkpoints" / ckpt.MODEL / "60.pth"
+    ckpt.atomic_save({"epoch": 60, "radius": 0.01, "model_state_dict": original}, path)
+    evaluator = Evaluator(conf, checkpoint="60", device="cpu")
+    assert evaluator.epoch == 60 and evaluator.model.radius == pytest.approx(0.01)
+    for key, value in ours.items():
+        assert torch.equal(evaluator.model.state_dict()[key].cpu(), value.cpu()), key
+    evaluator.run()
+    assert (trainer.exp.eval_dir / "test" / "epoch_60" / "rgb" / "1.png").is_file()
+
+
+def test_missing_dataset_and_flame_messages(subject, tmp_path):
+    conf = tiny(CONFS[0], subject, tmp_path, **{"dataset.data_folder": str(tmp_path / "nowhere")})
+    with pytest.raises(PointAvatarError, match="nowhere"):
+        Trainer(conf, nepoch=0, device="cpu")
+    conf = tiny(CONFS[0], subject, tmp_path, **{"model.flame_model_path": str(tmp_path / "generic_model.pkl")})
+    with pytest.raises(PointAvatarError, match="generic_model.pkl"):
+        Trainer(conf, nepoch=0, device="cpu")
+
+
+def test_missing_vgg_weights_stop_before_training(subject, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    conf = tiny(CONFS[0], subject, tmp_path, **{"loss.vgg_feature_weight": 0.1})
+    with pytest.raises(PointAvatarError, match="vgg_feature_weight = 0"):
+        Trainer(conf, nepoch=0, device="cpu")
+
+
+def test_empty_point_cloud_after_pruning_is_explained(subject, tmp_path):
+    conf = tiny(CONFS[0], subject, tmp_path)
+    trainer = Trainer(conf, nepoch=1, device="cpu")
+    # Cameras that look away from the head: nothing is visible during epoch 0.
+    trainer.train_set.data["world_mats"][:, 2, 3] = -100.0
+    with torch.no_grad():
+        trainer.inputs.camera_pose.weight[:, 2] = -100.0
+    with pytest.raises(PointAvatarError, match="wrong camera|masks"):
+        trainer.run()
+
+
+def test_exp_runner_cli_reports_errors(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.conf"
+    bad.write_text("train { learning_rat = 1.0 }\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "exp_runner.py"), "--conf", str(bad)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "code")},
+    )
+    assert proc.returncode == 1
+    assert "learning_rate" in proc.stderr and "Traceback" not in proc.stderr
