@@ -1,0 +1,207 @@
+"""Training losses (spec §6) and the RGB-only tracking loss (spec §2.9).
+
+Dimension letters: B frames, P = H*W pixels, N points, V FLAME vertices, J joints (5, or 6 with the
+ghost bone in column 0).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pointavatar.train.vgg import VGGPerceptualLoss
+
+LOSS_KEYS = (
+    "rgb_loss",
+    "mask_loss",
+    "vgg_loss",
+    "sdf_consistency",
+    "eikonal",
+    "lbs_loss",
+    "posedirs_loss",
+    "shapedirs_loss",
+)
+
+
+def _need(d: dict, key: str, where: str) -> torch.Tensor:
+    if key not in d:
+        raise KeyError(f"Loss: `{where}` has no entry '{key}', which an enabled loss term needs")
+    return d[key]
+
+
+def rgb_l1(rgb_pred: torch.Tensor, rgb_gt: torch.Tensor) -> torch.Tensor:
+    """Mean |pred - gt| over B*P*3; both [B, P, 3] already composited over the same background."""
+    return (rgb_pred.reshape(-1, 3) - rgb_gt.reshape(-1, 3)).abs().mean()
+
+
+def rgb_only_loss(outputs: dict, ground_truth: dict) -> torch.Tensor:
+    """Test-time tracking objective (spec §2.9): the RGB L1 alone, as a scalar tensor."""
+    return rgb_l1(_need(outputs, "rgb_image", "outputs"), _need(ground_truth, "rgb", "ground_truth"))
+
+
+def flame_prior_targets(
+    index_batch: torch.Tensor,
+    flame_lbs_weights: torch.Tensor,
+    flame_posedirs: torch.Tensor,
+    flame_shapedirs: torch.Tensor,
+    num_joints: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pseudo ground truth from each point's nearest canonical FLAME vertex (spec §6, §4.9).
+
+    index_batch [N] int64 vertex index; flame_lbs_weights [V, 5]; flame_posedirs [36, 3V] (FLAME's
+    layout: row k holds the 3V displacement of pose feature k, vertex-major xyz); flame_shapedirs
+    [V, 3, 150] (100 shape then 50 expression components). Returns W_gt [N, J] (a zero ghost-bone column
+    prepended when J = 6), P_gt [N, 36, 3] and E_gt [N, 3, 50] (the expression part).
+    """
+    w = flame_lbs_weights[index_batch]  # [N, 5]
+    if num_joints == flame_lbs_weights.shape[1] + 1:
+        # Ghost bone: its pseudo-GT weight is always 0 (spec §10.6).
+        w = torch.cat([w.new_zeros(w.shape[0], 1), w], dim=1)
+    n_pose = flame_posedirs.shape[0]
+    p = flame_posedirs.reshape(n_pose, -1, 3).permute(1, 0, 2)[index_batch]  # [N, 36, 3]
+    e = flame_shapedirs[index_batch, :, 100:150]  # [N, 3, 50]
+    return w, p, e
+
+
+class Loss(nn.Module):
+    """PointAvatar's training loss (spec §6).
+
+    total = rgb + mask_w*mask + vgg_w*vgg + sdf_w*sdf_consistency + eik_w*eikonal
+            + lbs_weight * (0.1*lbs + 10*posedirs + 10*shapedirs)
+
+    Args:
+        loss_conf: object with float fields mask_weight, lbs_weight, eikonal_weight,
+            sdf_consistency_weight, vgg_feature_weight (pointavatar.config.LossConf).
+        var_expression: [1, 50] per-expression variance over the training frames, or None (then the
+            expression-blendshape prior is a plain MSE of the x10 values).
+        vgg: a module `(pred [B,3,H,W], gt [B,3,H,W]) -> scalar` to use as the perceptual loss (tests
+            inject one); by default VGGPerceptualLoss is built from the weight file, only when
+            vgg_feature_weight > 0.
+        vgg_path: explicit path of `vgg16-397923af.pth` (otherwise searched in the torch hub folder).
+
+    `lbs_weight` is a plain mutable attribute: the trainer halves it at the GT_lbs_milestones.
+    Terms whose weight is 0 are not computed (their logged value is 0); SDF consistency and eikonal are
+    each gated on their own weight.
+    """
+
+    def __init__(
+        self,
+        loss_conf: Any,
+        var_expression: torch.Tensor | None = None,
+        vgg: nn.Module | None = None,
+        vgg_path: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.mask_weight = float(loss_conf.mask_weight)
+        self.lbs_weight = float(loss_conf.lbs_weight)
+        self.eikonal_weight = float(loss_conf.eikonal_weight)
+        self.sdf_consistency_weight = float(loss_conf.sdf_consistency_weight)
+        self.vgg_feature_weight = float(loss_conf.vgg_feature_weight)
+        if var_expression is not None:
+            var_expression = torch.as_tensor(var_expression).reshape(1, -1).detach().clone()
+        # Not a buffer: it belongs to the dataset, not to any checkpoint.
+        self.var_expression = var_expression
+        self.vgg: nn.Module | None = None
+        if self.vgg_feature_weight > 0:
+            self.vgg = vgg if vgg is not None else VGGPerceptualLoss(weight_path=vgg_path)
+
+    # -- individual terms ----------------------------------------------------------------------------
+
+    @staticmethod
+    def mask_loss(predicted_mask: torch.Tensor, object_mask: torch.Tensor) -> torch.Tensor:
+        """Mean |M_pred - M_gt| over B*P (M_gt is the soft alpha)."""
+        return (predicted_mask.reshape(-1).to(object_mask.dtype) - object_mask.reshape(-1)).abs().mean()
+
+    @staticmethod
+    def sdf_consistency_loss(sdf_values: torch.Tensor) -> torch.Tensor:
+        """mean f(x_i)^2 over the N points."""
+        return (sdf_values * sdf_values).mean()
+
+    @staticmethod
+    def eikonal_loss(grad_thetas: torch.Tensor) -> torch.Tensor:
+        """mean (||grad f|| - 1)^2 over the 2N samples; grad_thetas [2N, 3]."""
+        if grad_thetas.dim() != 2 or grad_thetas.shape[1] != 3:
+            raise ValueError(f"grad_thetas must be [2N, 3], got {tuple(grad_thetas.shape)}")
+        return ((grad_thetas.norm(dim=1) - 1.0) ** 2).mean()
+
+    def vgg_loss(self, outputs: dict, ground_truth: dict) -> torch.Tensor:
+        assert self.vgg is not None
+        rgb = _need(outputs, "rgb_image", "outputs")
+        res = _need(outputs, "img_res", "outputs")
+        if isinstance(res, list | tuple) or (torch.is_tensor(res) and res.numel() == 2):
+            h, w = int(res[0]), int(res[1])
+        else:  # one int: square images
+            h = w = int(res)
+        pred = rgb.reshape(-1, h, w, 3).permute(0, 3, 1, 2)  # [B, 3, H, W]
+        gt = _need(ground_truth, "rgb", "ground_truth").reshape(-1, h, w, 3).permute(0, 3, 1, 2)
+        return self.vgg(pred, gt)
+
+    def flame_prior_losses(self, outputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(lbs_loss, posedirs_loss, shapedirs_loss), unweighted (spec §6)."""
+        lbs = _need(outputs, "lbs_weights", "outputs")  # [N, J]
+        posedirs = _need(outputs, "posedirs", "outputs")  # [N, 36, 3]
+        shapedirs = _need(outputs, "shapedirs", "outputs")  # [N, 3, 50]
+        n = lbs.shape[0]
+        w_gt, p_gt, e_gt = flame_prior_targets(
+            _need(outputs, "index_batch", "outputs"),
+            _need(outputs, "flame_lbs_weights", "outputs"),
+            _need(outputs, "flame_posedirs", "outputs"),
+            _need(outputs, "flame_shapedirs", "outputs"),
+            num_joints=lbs.shape[1],
+        )
+        lbs_loss = ((lbs - w_gt) ** 2).mean()
+        # The x10 inside the square is the original's (spec §10.4): it scales the prior by 100.
+        posedirs_loss = ((posedirs.reshape(n, -1) * 10 - p_gt.reshape(n, -1) * 10) ** 2).mean()
+        e = shapedirs.reshape(n, 3, -1)[:, :, :50]
+        sq = (e * 10 - e_gt * 10) ** 2  # [N, 3, 50]
+        if self.var_expression is not None:
+            var = self.var_expression.to(sq).reshape(1, 1, -1)  # [1, 1, 50], broadcast over xyz
+            sq = sq / var / 50
+        shapedirs_loss = sq.mean()
+        return lbs_loss, posedirs_loss, shapedirs_loss
+
+    # -- total ---------------------------------------------------------------------------------------
+
+    def forward(self, outputs: dict, ground_truth: dict) -> dict[str, torch.Tensor]:
+        """Loss terms for one batch.
+
+        outputs: rgb_image [B, P, 3], predicted_mask [B, P] (or [B*P, 1]), img_res (int or (H, W)),
+            sdf_values [N], grad_thetas [2N, 3], lbs_weights [N, J], posedirs [N, 36, 3],
+            shapedirs [N, 3, 50], index_batch [N], flame_lbs_weights [V, 5], flame_posedirs [36, 3V],
+            flame_shapedirs [V, 3, 150]. Only the entries of enabled terms are read.
+        ground_truth: rgb [B, P, 3] over white, object_mask [B, P] soft alpha.
+        Returns the unweighted terms (LOSS_KEYS) and the weighted total under 'loss'.
+        """
+        rgb = _need(outputs, "rgb_image", "outputs")
+        zero = rgb.new_zeros(())
+        out = dict.fromkeys(LOSS_KEYS, zero)
+        out["rgb_loss"] = rgb_l1(rgb, _need(ground_truth, "rgb", "ground_truth"))
+        total = out["rgb_loss"]
+        if self.mask_weight != 0:
+            out["mask_loss"] = self.mask_loss(
+                _need(outputs, "predicted_mask", "outputs"),
+                _need(ground_truth, "object_mask", "ground_truth"),
+            )
+            total = total + self.mask_weight * out["mask_loss"]
+        if self.vgg is not None and self.vgg_feature_weight > 0:
+            out["vgg_loss"] = self.vgg_loss(outputs, ground_truth)
+            total = total + self.vgg_feature_weight * out["vgg_loss"]
+        if self.sdf_consistency_weight != 0:
+            out["sdf_consistency"] = self.sdf_consistency_loss(_need(outputs, "sdf_values", "outputs"))
+            total = total + self.sdf_consistency_weight * out["sdf_consistency"]
+        if self.eikonal_weight != 0:
+            out["eikonal"] = self.eikonal_loss(_need(outputs, "grad_thetas", "outputs"))
+            total = total + self.eikonal_weight * out["eikonal"]
+        if self.lbs_weight != 0:
+            lbs_loss, posedirs_loss, shapedirs_loss = self.flame_prior_losses(outputs)
+            out["lbs_loss"], out["posedirs_loss"], out["shapedirs_loss"] = (
+                lbs_loss,
+                posedirs_loss,
+                shapedirs_loss,
+            )
+            total = total + self.lbs_weight * (0.1 * lbs_loss + 10.0 * posedirs_loss + 10.0 * shapedirs_loss)
+        out["loss"] = total
+        return out

@@ -1,0 +1,277 @@
+"""Loss terms (spec §6) against hand computations, and the VGG16 perceptual loss module."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from pointavatar.errors import PointAvatarError
+from pointavatar.train import vgg as vgg_mod
+from pointavatar.train.losses import LOSS_KEYS, Loss, flame_prior_targets, rgb_only_loss
+from pointavatar.train.vgg import VGG16_FILE, VGGPerceptualLoss, load_features_state, make_vgg16_features
+from torch import nn
+
+# float64 inputs: every comparison below is exact up to summation order, hence the 1e-12 tolerances.
+TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+def conf(mask=1.0, lbs=10.0, eik=0.1, sdf=1.0, vgg=0.0):
+    return types.SimpleNamespace(
+        mask_weight=mask,
+        lbs_weight=lbs,
+        eikonal_weight=eik,
+        sdf_consistency_weight=sdf,
+        vgg_feature_weight=vgg,
+    )
+
+
+def make_batch(j=6, b=2, res=4, n=5, v=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.rand(*shape, generator=g, dtype=torch.float64)
+
+    p = res * res
+    outputs = {
+        "rgb_image": r(b, p, 3),
+        "predicted_mask": r(b, p),
+        "img_res": res,
+        "sdf_values": r(n) - 0.5,
+        "grad_thetas": r(2 * n, 3) * 2 - 1,
+        "lbs_weights": r(n, j),
+        "posedirs": r(n, 36, 3) * 0.1,
+        "shapedirs": r(n, 3, 50) * 0.1,
+        "index_batch": torch.randint(0, v, (n,), generator=g),
+        "flame_lbs_weights": r(v, 5),
+        "flame_posedirs": r(36, 3 * v) * 0.1,
+        "flame_shapedirs": r(v, 3, 150) * 0.1,
+    }
+    gt = {"rgb": r(b, p, 3), "object_mask": r(b, p)}
+    return outputs, gt
+
+
+def test_flame_prior_targets_by_hand():
+    outputs, _ = make_batch(j=6)
+    idx = outputs["index_batch"]
+    w, p, e = flame_prior_targets(
+        idx, outputs["flame_lbs_weights"], outputs["flame_posedirs"], outputs["flame_shapedirs"], 6
+    )
+    for i, vi in enumerate(idx.tolist()):
+        assert w[i, 0] == 0  # ghost bone column
+        torch.testing.assert_close(w[i, 1:], outputs["flame_lbs_weights"][vi], **TOL)
+        for k in range(36):
+            for c in range(3):
+                # FLAME layout: posedirs row k holds (vertex, xyz) flattened vertex-major.
+                assert p[i, k, c] == outputs["flame_posedirs"][k, 3 * vi + c]
+        torch.testing.assert_close(e[i], outputs["flame_shapedirs"][vi, :, 100:150], **TOL)
+    w5, _, _ = flame_prior_targets(
+        idx, outputs["flame_lbs_weights"], outputs["flame_posedirs"], outputs["flame_shapedirs"], 5
+    )
+    torch.testing.assert_close(w5, outputs["flame_lbs_weights"][idx], **TOL)
+
+
+@pytest.mark.parametrize("ghost", [True, False])
+@pytest.mark.parametrize("use_var", [True, False])
+def test_each_term_and_total_by_hand(ghost, use_var):
+    j = 6 if ghost else 5
+    outputs, gt = make_batch(j=j)
+    var = torch.rand(1, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5
+    c = conf(mask=0.7, lbs=3.0, eik=0.2, sdf=1.5)
+    loss = Loss(c, var_expression=var if use_var else None)
+    out = loss(outputs, gt)
+
+    rgb = (outputs["rgb_image"] - gt["rgb"]).abs().sum() / outputs["rgb_image"].numel()
+    mask = (outputs["predicted_mask"] - gt["object_mask"]).abs().sum() / gt["object_mask"].numel()
+    sdf = (outputs["sdf_values"] ** 2).sum() / outputs["sdf_values"].numel()
+    norms = torch.sqrt((outputs["grad_thetas"] ** 2).sum(dim=1))
+    eik = ((norms - 1) ** 2).sum() / norms.numel()
+
+    idx = outputs["index_batch"]
+    n = idx.shape[0]
+    lbs_sum = pp_sum = e_sum = 0.0
+    for i in range(n):
+        vi = int(idx[i])
+        w_gt = outputs["flame_lbs_weights"][vi]
+        if ghost:
+            w_gt = torch.cat([torch.zeros(1, dtype=torch.float64), w_gt])
+        lbs_sum += ((outputs["lbs_weights"][i] - w_gt) ** 2).sum()
+        for k in range(36):
+            for cc in range(3):
+                d = 10 * outputs["posedirs"][i, k, cc] - 10 * outputs["flame_posedirs"][k, 3 * vi + cc]
+                pp_sum += d**2
+        for cc in range(3):
+            for k in range(50):
+                d = 10 * outputs["shapedirs"][i, cc, k] - 10 * outputs["flame_shapedirs"][vi, cc, 100 + k]
+                e_sum += d**2 / (50 * var[0, k]) if use_var else d**2
+    lbs = lbs_sum / (n * j)
+    pp = pp_sum / (n * 108)
+    ee = e_sum / (n * 150)
+
+    torch.testing.assert_close(out["rgb_loss"], rgb, **TOL)
+    torch.testing.assert_close(out["mask_loss"], mask, **TOL)
+    torch.testing.assert_close(out["sdf_consistency"], sdf, **TOL)
+    torch.testing.assert_close(out["eikonal"], eik, **TOL)
+    torch.testing.assert_close(out["lbs_loss"], lbs, **TOL)
+    torch.testing.assert_close(out["posedirs_loss"], pp, **TOL)
+    torch.testing.assert_close(out["shapedirs_loss"], ee, **TOL)
+    assert float(out["vgg_loss"]) == 0.0  # disabled (weight 0)
+    total = rgb + 0.7 * mask + 1.5 * sdf + 0.2 * eik + 3.0 * (0.1 * lbs + 10 * pp + 10 * ee)
+    torch.testing.assert_close(out["loss"], total, **TOL)
+    assert set(out) == set(LOSS_KEYS) | {"loss"}
+
+
+def test_lbs_weight_is_mutable_and_used():
+    outputs, gt = make_batch()
+    loss = Loss(conf(lbs=10.0))
+    a = loss(outputs, gt)
+    loss.lbs_weight *= 0.5  # what the trainer does at a milestone
+    b = loss(outputs, gt)
+    prior = 0.1 * a["lbs_loss"] + 10 * a["posedirs_loss"] + 10 * a["shapedirs_loss"]
+    torch.testing.assert_close(a["loss"] - b["loss"], 5.0 * prior, rtol=1e-10, atol=1e-12)
+    loss.lbs_weight = 0.0
+    c = loss(outputs, gt)
+    assert float(c["lbs_loss"]) == 0.0
+    torch.testing.assert_close(c["loss"], a["loss"] - 10.0 * prior, rtol=1e-10, atol=1e-12)
+
+
+def test_gradients_flow_and_rgb_only_loss():
+    outputs, gt = make_batch()
+    outputs["rgb_image"].requires_grad_(True)
+    outputs["lbs_weights"].requires_grad_(True)
+    out = Loss(conf())(outputs, gt)
+    out["loss"].backward()
+    assert outputs["rgb_image"].grad is not None and outputs["lbs_weights"].grad is not None
+    r = rgb_only_loss(outputs, gt)
+    torch.testing.assert_close(r, (outputs["rgb_image"] - gt["rgb"]).abs().mean(), **TOL)
+
+
+class _MeanAbs(nn.Module):
+    def forward(self, x, y):
+        self.last_shapes = (tuple(x.shape), tuple(y.shape))
+        return (x - y).abs().mean()
+
+
+def test_vgg_term_injected_module_and_weighting():
+    outputs, gt = make_batch(res=4, b=2)
+    fake = _MeanAbs()
+    loss = Loss(conf(vgg=0.1, lbs=0.0, sdf=0.0, eik=0.0, mask=0.0), vgg=fake)
+    out = loss(outputs, gt)
+    assert fake.last_shapes == ((2, 3, 4, 4), (2, 3, 4, 4))
+    torch.testing.assert_close(out["vgg_loss"], out["rgb_loss"], **TOL)  # same pixels, same mean
+    torch.testing.assert_close(out["loss"], out["rgb_loss"] * 1.1, **TOL)
+
+
+def random_torchvision_vgg16_state(seed=0):
+    """A state dict with the key names and shapes of torchvision's vgg16-397923af.pth."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256),
+           (14, 256, 256), (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512), (26, 512, 512),
+           (28, 512, 512)]  # fmt: skip
+    state = {}
+    for i, cin, cout in cfg:
+        state[f"features.{i}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * (2.0 / (9 * cin)) ** 0.5
+        state[f"features.{i}.bias"] = torch.zeros(cout)
+    # The classifier head is in the real file; we ignore it. Small stand-ins keep the test light.
+    state["classifier.0.weight"] = torch.zeros(2, 2)
+    state["classifier.0.bias"] = torch.zeros(2)
+    return state
+
+
+def test_vgg_loads_torchvision_state_dict_and_behaves(tmp_path):
+    torch.manual_seed(0)
+    state = random_torchvision_vgg16_state()
+    path = tmp_path / VGG16_FILE
+    torch.save(state, path)
+    feats = vgg_mod.load_vgg16_features(path)
+    torch.testing.assert_close(feats[28].weight, state["features.28.weight"], rtol=0, atol=0)
+    assert [i for i, m in enumerate(feats) if isinstance(m, nn.Conv2d)] == [
+        0,
+        2,
+        5,
+        7,
+        10,
+        12,
+        14,
+        17,
+        19,
+        21,
+        24,
+        26,
+        28,
+    ]
+
+    ploss = VGGPerceptualLoss(features=feats)
+    ploss.train()
+    assert not ploss.training  # frozen extractor stays in eval mode
+    assert all(not p.requires_grad for p in ploss.parameters())
+    x = torch.rand(1, 3, 32, 32)
+    y = torch.rand(1, 3, 32, 32)
+    assert float(ploss(x, x.clone())) == 0.0
+    xg = x.clone().requires_grad_(True)
+    d = ploss(xg, y)
+    assert float(d.detach()) > 0
+    d.backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def test_vgg_slices_match_manual_forward():
+    torch.manual_seed(1)
+    feats = make_vgg16_features()
+    load_features_state(feats, random_torchvision_vgg16_state(1))
+    ploss = VGGPerceptualLoss(features=feats)
+    x, y = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    a = nn.functional.interpolate((x - mean) / std, size=(224, 224), mode="bilinear", align_corners=False)
+    b = nn.functional.interpolate((y - mean) / std, size=(224, 224), mode="bilinear", align_corners=False)
+    expected = 0.0
+    for lo, hi in ((0, 4), (4, 9), (9, 16), (16, 23)):
+        for k in range(lo, hi):
+            a, b = feats[k](a), feats[k](b)
+        expected = expected + (a - b).abs().mean()
+    # float32 conv stacks evaluated in the same order: only summation-order noise.
+    torch.testing.assert_close(ploss(x, y), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_missing_vgg_file_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    with pytest.raises(PointAvatarError) as err:
+        Loss(conf(vgg=0.1))
+    msg = str(err.value)
+    assert VGG16_FILE in msg
+    assert "loss.vgg_feature_weight = 0" in msg
+    assert "download_data.bash" in msg and "https://download.pytorch.org/models/vgg16-397923af.pth" in msg
+    assert str(tmp_path / "hub" / "checkpoints") in msg and str(tmp_path / "th" / "checkpoints") in msg
+    # Weight 0: no file needed.
+    assert Loss(conf(vgg=0.0)).vgg is None
+
+
+def test_vgg_file_found_in_hub_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.delenv("TORCH_HOME", raising=False)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(random_torchvision_vgg16_state(), tmp_path / "hub" / "checkpoints" / VGG16_FILE)
+    loss = Loss(conf(vgg=0.1))
+    assert isinstance(loss.vgg, VGGPerceptualLoss)
+    outputs, gt = make_batch(res=8, b=1)
+    outputs32 = {
+        k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in outputs.items()
+    }
+    out = loss(outputs32, {k: v.float() for k, v in gt.items()})
+    assert float(out["vgg_loss"]) > 0
+
+
+def test_accepts_the_config_dataclass():
+    from pointavatar.config import LossConf
+
+    loss = Loss(LossConf(vgg_feature_weight=0.0))
+    assert (loss.mask_weight, loss.lbs_weight, loss.eikonal_weight, loss.sdf_consistency_weight) == (
+        1.0,
+        10.0,
+        0.1,
+        1.0,
+    )
+    outputs, gt = make_batch()
+    assert torch.isfinite(loss(outputs, gt)["loss"])
