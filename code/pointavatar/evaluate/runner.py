@@ -237,7 +237,10 @@ class Evaluator:
 
         results = {}
         for sub_dir, out_dir in epoch_dirs.items():
-            export.write_video(out_dir / "video.mp4", VideoFrames(frames[sub_dir], self.test_set, res))
+            try:
+                export.write_video(out_dir / "video.mp4", VideoFrames(frames[sub_dir], self.test_set, res))
+            except PointAvatarError as exc:  # the video is a convenience: the frames are on disk already
+                print(f"warning: video not written: {exc}")
             if self.only_json:
                 continue
             gt_dir = (
