@@ -1,0 +1,40 @@
+"""NeRF-style positional encoding (spec §5.2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PositionalEncoding(nn.Module):
+    """[x, sin(2^0 x), cos(2^0 x), ..., sin(2^(L-1) x), cos(2^(L-1) x)] along the last axis.
+
+    Each block has the width of x (sin of all coordinates, then cos of all coordinates); there is no
+    pi factor, as in the original. With ``multires = 0`` the encoding is the identity.
+    The module has no parameters or buffers, so it adds nothing to a state dict.
+    """
+
+    def __init__(self, multires: int, d_in: int = 3):
+        super().__init__()
+        if multires < 0:
+            raise ValueError(f"multires must be >= 0, got {multires}")
+        self.multires = int(multires)
+        self.d_in = int(d_in)
+        self.out_dim = self.d_in * (1 + 2 * self.multires)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_in] -> [..., d_in * (1 + 2 L)]."""
+        if self.multires == 0:
+            return x
+        parts = [x]
+        for i in range(self.multires):
+            freq = float(2.0**i)
+            parts.append(torch.sin(freq * x))
+            parts.append(torch.cos(freq * x))
+        return torch.cat(parts, dim=-1)
+
+
+def get_embedder(multires: int, d_in: int = 3) -> tuple[PositionalEncoding, int]:
+    """(encoder, output width); the original's helper name."""
+    enc = PositionalEncoding(multires, d_in)
+    return enc, enc.out_dim

@@ -1,0 +1,385 @@
+"""The PointAvatar module: canonical points -> deformed, shaded, splatted images (spec §5.6-§5.13).
+
+Frames and conventions: canonical points live in the free x_c space; x' = x + o(x) is in FLAME
+canonical space; deformed points x_d and normals n_d are in world space (the FLAME frame scaled by 4,
+spec §3.5). Images are row-major from the top row, P = H * W pixels, channels last.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pointavatar import render
+from pointavatar.flame import FLAME
+from pointavatar.model.deformer import ForwardDeformer
+from pointavatar.model.geometry import GeometryNetwork
+from pointavatar.model.knn import nearest_neighbor
+from pointavatar.model.point_cloud import PointCloud
+from pointavatar.model.shading import RenderingNetwork
+
+POINTS_PER_PIXEL = 10  # K of the point rasterizer (spec §5.10)
+EIKONAL_JITTER = 0.5  # second half of the eikonal samples: x + (U[0,1) - 0.5) * 0.5 (spec §5.6)
+ALBEDO_SCALE = 10.0  # albedo = sigmoid(10 * logits) (spec §5.6)
+BACKGROUND_SCALE = 100.0  # learned background = sigmoid(100 * beta) (spec §5.11)
+LANDMARK_RADIUS = 0.007  # NDC radius of the debug landmark dots (spec §5.10)
+N_LANDMARKS = 68
+
+_INPUT_KEYS = ("intrinsics", "expression", "flame_pose", "cam_pose")
+
+
+def deformed_normals(cols: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+    """normalize(J^{-T} n) from the Jacobian's columns (spec §5.8).
+
+    cols [3, ..., 3]: cols[k] = d x_d / d x_k (column k of J); normals [..., 3] (broadcast) -> [..., 3].
+
+    With columns j0, j1, j2, J^{-1} has rows (j1 x j2, j2 x j0, j0 x j1) / det J, so
+    J^{-T} n = (n0 j1 x j2 + n1 j2 x j0 + n2 j0 x j1) / det J. Only the sign of det J survives the
+    normalisation, so it is applied as a sign: no 3x3 inverse, and a singular J gives a zero normal
+    instead of inf/nan.
+    """
+    j0, j1, j2 = cols.unbind(0)
+    c12 = torch.linalg.cross(j1, j2, dim=-1)
+    c20 = torch.linalg.cross(j2, j0, dim=-1)
+    c01 = torch.linalg.cross(j0, j1, dim=-1)
+    n0, n1, n2 = normals.unbind(-1)
+    v = n0.unsqueeze(-1) * c12 + n1.unsqueeze(-1) * c20 + n2.unsqueeze(-1) * c01
+    det = (j0 * c12).sum(dim=-1, keepdim=True)
+    return F.normalize(v * torch.sign(det).detach(), dim=-1)
+
+
+class PointAvatar(nn.Module):
+    """Deformable point-based head avatar (spec §5).
+
+    Args:
+        model_conf: the ``model`` block (`pointavatar.config.ModelConf` or any object with the same
+            attributes).
+        shape_params: [1, 100] subject FLAME identity, baked into the template.
+        canonical_expression: [1, 50] canonical FLAME expression (mean training expression or zeros).
+        canonical_pose: canonical jaw opening (radians, spec §4.6).
+        img_res: square image size H = W in pixels (an int, or [H, W] with H = W).
+        use_background: learn a per-pixel background colour instead of white.
+
+    Submodules, registered in the order of spec Appendix A: ``FLAMEServer``, ``geometry_network``,
+    ``deformer_network`` (holding ``FLAMEServer`` again), ``rendering_network``, ``pc`` and, with
+    ``use_background``, the Parameter ``background`` [H*W, 3].
+
+    Attributes the trainer uses:
+        radius: current raster radius (float, NDC); saved beside the state dict in checkpoints.
+        visible_points: bool [N] OR-accumulated visibility flags (training forwards only, spec §5.12);
+            not in the state dict. Reset with :meth:`reset_visibility` (done automatically when the
+            point count changes).
+        pc: the PointCloud (``pc.points``, ``pc.prune(mask)``, ``pc.upsample_points(new)``,
+            ``pc.init(n)``).
+    """
+
+    def __init__(
+        self,
+        model_conf: Any,
+        shape_params: torch.Tensor,
+        canonical_expression: torch.Tensor,
+        canonical_pose: float,
+        img_res: int | list[int] | tuple[int, int],
+        use_background: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(img_res, int):
+            res = [int(r) for r in img_res]
+            if len(res) != 2 or res[0] != res[1]:
+                raise ValueError(f"PointAvatar renders square images; img_res {list(img_res)} is not [S, S]")
+            img_res = res[0]
+        self.img_res = int(img_res)
+        self.prune_thresh = float(model_conf.prune_thresh)
+        self.render_backend = str(getattr(model_conf, "render_backend", "auto"))
+        self.use_background = bool(use_background)
+
+        gconf = model_conf.geometry_network
+        dconf = model_conf.deformer_network
+        rconf = model_conf.rendering_network
+        pconf = model_conf.point_cloud
+        lmk_path = getattr(model_conf, "flame_landmark_path", None) or None
+
+        self.FLAMEServer = FLAME(
+            model_conf.flame_model_path,
+            lmk_path,
+            n_shape=100,
+            n_exp=50,
+            shape_params=shape_params,
+            canonical_expression=canonical_expression,
+            canonical_pose=canonical_pose,
+            ghostbone=dconf.ghostbone,
+        )
+        self.geometry_network = GeometryNetwork(
+            feature_vector_size=gconf.feature_vector_size,
+            d_in=gconf.d_in,
+            d_out=gconf.d_out,
+            dims=gconf.dims,
+            geometric_init=gconf.geometric_init,
+            bias=gconf.bias,
+            skip_in=gconf.skip_in,
+            weight_norm=gconf.weight_norm,
+            multires=gconf.multires,
+        )
+        self.deformer_network = ForwardDeformer(
+            self.FLAMEServer,
+            d_in=dconf.d_in,
+            dims=dconf.dims,
+            multires=dconf.multires,
+            num_exp=dconf.num_exp,
+            deform_c=dconf.deform_c,
+            weight_norm=dconf.weight_norm,
+            ghostbone=dconf.ghostbone,
+        )
+        self.rendering_network = RenderingNetwork(
+            feature_vector_size=rconf.feature_vector_size,
+            d_in=rconf.d_in,
+            d_out=rconf.d_out,
+            dims=rconf.dims,
+            weight_norm=rconf.weight_norm,
+            multires_view=rconf.multires_view,
+            multires_pnts=rconf.multires_pnts,
+        )
+        self.pc = PointCloud(
+            n_init_points=pconf.n_init_points,
+            max_points=pconf.max_points,
+            init_radius=pconf.init_radius,
+            radius_factor=pconf.radius_factor,
+        )
+        if self.use_background:
+            self.background = nn.Parameter(torch.zeros(self.img_res * self.img_res, 3))
+        self.radius = self.pc.initial_radius()
+        self.visible_points = torch.zeros(self.pc.n_points, dtype=torch.bool)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def reset_visibility(self) -> None:
+        """visible_points := all False, sized and placed like ``pc.points``."""
+        p = self.pc.points
+        self.visible_points = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+
+    def _update_visibility(self, idx: torch.Tensor, weights: torch.Tensor, n_points: int) -> None:
+        """OR in the front-most point of every pixel and every point with weight > prune_thresh.
+
+        idx [B, H, W, K] packed b * N + p (-1 empty); weights [B, H, W, K].
+        """
+        vis = self.visible_points
+        if vis is None or vis.shape != (n_points,) or vis.device != idx.device:
+            self.reset_visibility()
+            vis = self.visible_points
+        front = idx[..., 0]
+        front = front[front >= 0]
+        heavy = idx[(weights > self.prune_thresh) & (idx >= 0)]
+        vis[torch.remainder(torch.cat([front, heavy]), n_points)] = True
+
+    # ------------------------------------------------------------------ pieces of the forward pass
+
+    def canonical_geometry(
+        self, points: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Canonical normals, sdf and albedo (spec §5.6). Points receive no gradient from these.
+
+        points [N, 3] -> (normals n_c [N, 3] unit, sdf [N], albedo [N, 3] in (0, 1),
+        grad_thetas [2N, 3]: sdf gradients at x and at x jittered by U(-0.25, 0.25) per axis).
+
+        The sdf and albedo at x come from the same pass as the gradients (the original runs a
+        second forward at x; the values and their gradients w.r.t. the weights are identical).
+        In eval mode all four are detached.
+        """
+        x = points.detach()
+        n = x.shape[0]
+        y = torch.cat([x, x + (torch.rand_like(x) - 0.5) * EIKONAL_JITTER], dim=0)  # [2N, 3]
+        # The second-order graph only serves training (eikonal, normals -> geometry weights); eval
+        # (incl. test-time tracking, which optimises the inputs only) skips it to save memory.
+        create_graph = self.training and torch.is_grad_enabled()
+        out, grad = self.geometry_network.forward_with_gradient(y, create_graph=create_graph)
+        normals = F.normalize(grad[:n], dim=-1)
+        sdf = out[:n, 0]
+        albedo = torch.sigmoid(ALBEDO_SCALE * out[:n, 1:4])
+        return normals, sdf, albedo, grad
+
+    def _deform_fn(self, betas: torch.Tensor, transformations: torch.Tensor, pose_feature: torch.Tensor):
+        """x [N, 3] -> x_d [B, N, 3]: deformer query, x' = x + o, then FLAME's forward_pts (§5.7)."""
+
+        def deform(x: torch.Tensor) -> torch.Tensor:
+            shapedirs, posedirs, lbs_weights, x_flame = self.deformer_network.query_weights(x)
+            return self.FLAMEServer.forward_pts(
+                x_flame, betas, transformations, pose_feature, shapedirs, posedirs, lbs_weights
+            )
+
+        return deform
+
+    def deform_with_jacobian(
+        self,
+        points: torch.Tensor,
+        betas: torch.Tensor,
+        transformations: torch.Tensor,
+        pose_feature: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deformed points and the columns of J = d x_d / d x (spec §5.7-5.8).
+
+        points [N, 3] (x_c), betas [B, E], transformations [B, J, 4, 4], pose_feature [B, 36] ->
+        (x_d [B, N, 3], cols [3, B, N, 3] with cols[k] = d x_d / d x_k).
+
+        Points are independent, so column k of every point's J is one forward-mode JVP of the whole
+        point set with the tangent e_k at every point; the three JVPs are vmapped, so the deformer
+        MLP runs once for the primal and once (batched over 3) for the tangents, and x_d comes from
+        the same pass. Forward-mode AD works under ``torch.no_grad``; with grad enabled both outputs
+        stay differentiable (points, deformer weights, FLAME inputs).
+        """
+        deform = self._deform_fn(betas, transformations, pose_feature)
+        eye = torch.eye(3, dtype=points.dtype, device=points.device)
+        tangents = eye[:, None, :].expand(3, points.shape[0], 3)  # [3, N, 3]
+
+        def jvp(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.func.jvp(deform, (points,), (t,))
+
+        with warnings.catch_warnings():
+            # PyTorch's own forward-AD set-up scripts decompositions with torch.jit on first use and
+            # warns about it; nothing a user can act on.
+            warnings.filterwarnings(
+                "ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning
+            )
+            x_d, cols = torch.func.vmap(jvp, in_dims=0, out_dims=(None, 0))(tangents)
+        return x_d, cols
+
+    def _composite(
+        self, points_world: torch.Tensor, features: torch.Tensor, input: dict, radius: float, k: int
+    ) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Project, rasterize and composite: -> (images [B, H, W, C], fragments, weights)."""
+        ndc = render.project_points(points_world, input["intrinsics"], input["cam_pose"])
+        fragments = render.rasterize_points(
+            ndc, self.img_res, radius, points_per_pixel=k, backend=self.render_backend
+        )
+        images, weights = render.alpha_composite(fragments, features, radius, backend=self.render_backend)
+        return images, fragments, weights
+
+    def background_rgb(self) -> torch.Tensor | float:
+        """[P, 3] learned background in (0, 1), or 1.0 (white)."""
+        if self.use_background:
+            return torch.sigmoid(BACKGROUND_SCALE * self.background)
+        return 1.0
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, input: dict) -> dict:
+        """Render B frames.
+
+        input: intrinsics [B, 4, 4], cam_pose [B, 3, 4] (converted cameras, spec §3.5),
+        expression [B, >=num_exp], flame_pose [B, 15] (other keys are ignored).
+
+        Returns (P = H * W, row-major from the top row):
+            img_res (int), batch_size (int),
+            rgb_image [B, P, 3] over the background, predicted_mask [B, P] accumulated opacity,
+            canonical_points [N, 3] x' of the detached points, index_batch [N] nearest canonical
+            FLAME vertex of x', posedirs [N, 36, 3], shapedirs [N, 3, num_exp], lbs_weights [N, J]
+            (detached-point query), flame_posedirs [36, 3V], flame_shapedirs [V, 3, 150],
+            flame_lbs_weights [V, 5], sdf_values [N], grad_thetas [2N, 3].
+        In eval mode also:
+            normal_image ((n_d + 1) / 2), shading_image, albedo_image [B, P, 3] over white,
+            pnts_color_deformed [B, N, 3], pnts_normal_deformed [B, N, 3], deformed_points [B, N, 3],
+            canonical_verts [V, 3], deformed_verts [B, V, 3], unconstrained_canonical_points [N, 3]
+            (raw x), pnts_albedo [N, 3]; and, when the FLAME landmark file was given,
+            rendered_landmarks [B, P, 3] (landmark alpha in every channel) and
+            rendered_landmarks_alpha [B, P] (blend: img * (1 - alpha) + alpha * red).
+        """
+        missing = [k for k in _INPUT_KEYS if k not in input]
+        if missing:
+            raise KeyError(f"PointAvatar.forward: input dict lacks {missing}")
+        flame = self.FLAMEServer
+        expression = input["expression"]
+        flame_pose = input["flame_pose"]
+        b = expression.shape[0]
+        num_exp = self.deformer_network.num_exp
+        betas = expression[:, :num_exp]
+
+        verts, pose_feature, transformations = flame(expression, flame_pose)
+
+        points = self.pc.points  # [N, 3], not detached: positions get gradients via x_d and n_d
+        n = points.shape[0]
+        normals_c, sdf, albedo, grad_thetas = self.canonical_geometry(points)
+
+        x_d, cols = self.deform_with_jacobian(points, betas, transformations, pose_feature)
+        normals_d = deformed_normals(cols, normals_c)  # [B, N, 3]
+        del cols
+        shading = self.rendering_network(normals_d.reshape(-1, 3)).reshape(b, n, 3)
+        color = torch.clamp(2.0 * shading * albedo, 0.0, 1.0)  # [B, N, 3]
+
+        ones = torch.ones_like(color[..., :1])
+        if self.training:
+            features = torch.cat([color, ones], dim=-1)  # [B, N, 4]
+        else:
+            features = torch.cat(
+                [color, ones, (normals_d + 1.0) / 2.0, shading, albedo.expand(b, -1, -1)], dim=-1
+            )  # [B, N, 13]
+        images, fragments, weights = self._composite(x_d, features, input, self.radius, POINTS_PER_PIXEL)
+        if self.training:
+            with torch.no_grad():
+                self._update_visibility(fragments.idx, weights, n)
+        del fragments, weights
+        images = images.reshape(b, -1, features.shape[-1])  # [B, P, C]
+        mask = images[..., 3]
+        white_weight = (1.0 - mask).unsqueeze(-1)
+        bg = self.background_rgb()
+        rgb = images[..., :3] + white_weight * bg
+
+        # Second deformer query on detached points: the FLAME prior trains the deformer only (§5.13).
+        shapedirs, posedirs, lbs_weights, canonical_points = self.deformer_network.query_weights(
+            points.detach()
+        )
+        index_batch, _ = nearest_neighbor(canonical_points.detach(), flame.canonical_verts)
+
+        out = {
+            "img_res": self.img_res,
+            "batch_size": b,
+            "rgb_image": rgb,
+            "predicted_mask": mask,
+            "canonical_points": canonical_points,
+            "index_batch": index_batch,
+            "posedirs": posedirs,
+            "shapedirs": shapedirs,
+            "lbs_weights": lbs_weights,
+            "flame_posedirs": flame.posedirs,
+            "flame_shapedirs": flame.shapedirs,
+            "flame_lbs_weights": flame.lbs_weights,
+            "sdf_values": sdf,
+            "grad_thetas": grad_thetas,
+        }
+        if not self.training:
+            out.update(
+                {
+                    "normal_image": images[..., 4:7] + white_weight,
+                    "shading_image": images[..., 7:10] + white_weight,
+                    "albedo_image": images[..., 10:13] + white_weight,
+                    "pnts_color_deformed": color,
+                    "pnts_normal_deformed": normals_d,
+                    "deformed_points": x_d,
+                    "canonical_verts": flame.canonical_verts,
+                    "deformed_verts": verts,
+                    "unconstrained_canonical_points": points,
+                    "pnts_albedo": albedo,
+                }
+            )
+            if getattr(self.FLAMEServer, "has_landmarks", False):
+                out.update(self._render_landmarks(verts, flame_pose, input))
+        return out
+
+    def _render_landmarks(self, verts: torch.Tensor, flame_pose: torch.Tensor, input: dict) -> dict:
+        """The 68 FLAME landmarks as dots (radius 0.007, K = 1; debug overlay, spec §2.10).
+
+        Returns rendered_landmarks [B, P, 3]: the dots' coverage alpha (white dots on black, the same
+        value in each channel) and rendered_landmarks_alpha [B, P]; plots blend
+        img * (1 - alpha) + alpha * red.
+        """
+        with torch.no_grad():
+            lmks = self.FLAMEServer.find_landmarks(verts, flame_pose)  # [B, 68, 3]
+            ones = torch.ones_like(lmks[..., :1])  # [B, 68, 1]
+            images, _, _ = self._composite(lmks, ones, input, LANDMARK_RADIUS, 1)
+        alpha = images.reshape(lmks.shape[0], -1)  # [B, P]
+        return {
+            "rendered_landmarks": alpha.unsqueeze(-1).expand(-1, -1, 3),
+            "rendered_landmarks_alpha": alpha,
+        }
