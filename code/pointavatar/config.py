@@ -131,6 +131,9 @@ class TrainConf:
     num_workers: int = 4
     """(ours) DataLoader worker processes for the train and plot loaders (original: hard-coded 4); 0 loads
     in the main process."""
+    input_optimization_start: int = 11
+    """(ours) First epoch at which the per-frame inputs are optimized (original: hard-coded `epoch > 10`,
+    spec §2.5); before it they receive no gradient at all (spec §10.3)."""
     keep_optimizer_state: bool = False
     """(ours, quirk fix) True: keep the Adam moments across prune/upsample (resized with the points) and
     restore the optimizer state on resume. False (original, spec §7, §10.2): a fresh Adam each time."""

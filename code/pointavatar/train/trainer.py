@@ -23,9 +23,6 @@ from .experiment import Experiment, build_model, lbs_weight_at, move_to
 from .inputs import FrameInputs
 from .schedule import batch_size_for, make_optimizer, prune, rebuild_optimizer, upsample
 
-# The original starts optimizing the per-frame inputs after epoch 10 (spec §2.5, §10.3).
-INPUT_OPTIMIZATION_START = 11
-
 
 class Trainer:
     """Trains one PointAvatar for the conf, resuming from a checkpoint when asked."""
@@ -52,9 +49,9 @@ class Trainer:
 
         self.train_set = self.exp.train_dataset()
         self.plot_set = self.exp.plot_dataset()
-        print("Canonical expression:", self.train_set.mean_expression)
+        print("Canonical expression:", fmt_vector(self.train_set.mean_expression))
         if self.train_set.var_expression is not None:
-            print("Expression variance:", self.train_set.var_expression)
+            print("Expression variance:", fmt_vector(self.train_set.var_expression))
 
         self.model = build_model(conf, self.train_set, self.train_set.shape_params).to(self.device)
         self.loss = self.exp.build_loss(self.train_set.var_expression).to(self.device)
@@ -237,7 +234,7 @@ class Trainer:
     def train_epoch(self, epoch: int, loader: DataLoader) -> None:
         tc = self.conf.train
         self.model.train()
-        inputs_active = self.inputs.enabled and epoch >= INPUT_OPTIMIZATION_START
+        inputs_active = self.inputs.enabled and epoch >= tc.input_optimization_start
         self.inputs.set_trainable(inputs_active)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         count = 0
@@ -303,6 +300,12 @@ class Trainer:
         if n:
             print(f"Plot time per image: {(time.time() - start) / n:.3f} s")
         self.model.train()
+
+
+def fmt_vector(t: torch.Tensor, n: int = 8) -> str:
+    """The first n entries of a [1, D] tensor on one line."""
+    values = ", ".join(f"{v:.3f}" for v in t.reshape(-1)[:n].tolist())
+    return f"[{values}{', ...' if t.numel() > n else ''}] ({t.numel()} values)"
 
 
 def default_device() -> torch.device:

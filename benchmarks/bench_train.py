@@ -1,0 +1,168 @@
+"""Training-step time and peak memory of the full PointAvatar at fixed point counts (and render time).
+
+One training iteration = forward (canonical SDF/normals with the second-order graph, deformation with
+the Jacobian normals, rasterization and compositing of B full images), the loss of spec §6 (VGG off,
+as in the reference figures of the original), backward, and the Adam step. B follows the original's rule
+B = min(floor(819200 / N), 8) and the radius the original would have at N (0.3 * 0.75^log2(N/100)).
+
+    python benchmarks/bench_train.py --res 512 --points 6400 25600 102400 409600 --out bench_train.json
+
+On CUDA the times are CUDA-event medians after warm-up; TF32 is off, like the reference figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
+
+from pointavatar.config import load_conf  # noqa: E402
+from pointavatar.train.experiment import move_to  # noqa: E402
+from pointavatar.train.schedule import batch_size_for, make_optimizer  # noqa: E402
+from pointavatar.train.trainer import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic_conf(data: Path, out: Path, res: int, backend: str):
+    from pointavatar.data.synthetic import ensure_synthetic_subject
+
+    ensure_synthetic_subject(data, "synthetic", res=res, train_frames=8, test_frames=4, seed=0)
+    flame = data / "synthetic" / "flame"
+    return load_conf(ROOT / "confs" / "subject1.conf").override(
+        {
+            "train.exps_folder": str(out),
+            "train.num_workers": 0,
+            "loss.vgg_feature_weight": 0.0,
+            "dataset.data_folder": str(data),
+            "dataset.subject_name": "synthetic",
+            "dataset.train.sub_dir": ["train0", "train1"],
+            "dataset.train.img_res": [res, res],
+            "dataset.test.sub_dir": ["test"],
+            "dataset.test.img_res": [res, res],
+            "model.flame_model_path": str(flame / "generic_model.pkl"),
+            "model.flame_landmark_path": str(flame / "landmark_embedding.npy"),
+            "model.render_backend": backend,
+        }
+    )
+
+
+def timed(fn, device, warmup: int, repeat: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--res", type=int, default=512)
+    p.add_argument("--points", type=int, nargs="+", default=[6400, 25600, 102400, 409600])
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--data", default=None, help="folder for the synthetic subject (default: a temp dir)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args()
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tmp = Path(tempfile.mkdtemp())
+    data = Path(args.data) if args.data else tmp / "data"
+    conf = synthetic_conf(data, tmp / "exp", args.res, args.backend)
+    trainer = Trainer(conf, nepoch=0, device=device)
+    model, loss_fn = trainer.model, trainer.loss
+    batch_iter = None
+    rows = []
+    for n in args.points:
+        torch.manual_seed(0)
+        model.pc.init(n)
+        model.radius = 0.3 * 0.75 ** math.log2(n / 100)
+        bs = batch_size_for(n, conf.train.max_points_training, conf.train.max_batch)
+        trainer.batch_size = bs
+        loader = trainer._loader()
+        batch_iter = iter(loader)
+        _, model_input, ground_truth = next(batch_iter)
+        while model_input["idx"].shape[0] < bs:  # fewer frames than B: repeat them
+            model_input = {
+                k: torch.cat([v, v]) if torch.is_tensor(v) else v + v for k, v in model_input.items()
+            }
+            ground_truth = {k: torch.cat([v, v]) for k, v in ground_truth.items()}
+        model_input = {k: v[:bs] for k, v in model_input.items()}
+        ground_truth = {k: v[:bs] for k, v in ground_truth.items()}
+        model_input = move_to(model_input, device)
+        ground_truth = move_to(ground_truth, device)
+        optimizer = make_optimizer(model, conf.train.learning_rate)
+        model.train()
+
+        def step(model_input=model_input, ground_truth=ground_truth, optimizer=optimizer):
+            out = model(model_input)
+            losses = loss_fn(out, ground_truth)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = timed(step, device, args.warmup, args.repeat)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+        model.eval()
+
+        def render(model_input=model_input):
+            model(model_input)
+
+        render_times = timed(render, device, 1, max(3, args.repeat // 3))
+        model.train()
+        row = {
+            "points": n,
+            "batch": bs,
+            "radius": model.radius,
+            "train_step_ms": statistics.median(times),
+            "peak_gib": peak,
+            "render_ms_per_frame": statistics.median(render_times) / bs,
+        }
+        rows.append(row)
+        print(
+            f"N={n:>7} B={bs} r={model.radius:.4f}: step {row['train_step_ms']:.1f} ms, peak {peak:.2f} GiB, "
+            f"render {row['render_ms_per_frame']:.1f} ms/frame",
+            flush=True,
+        )
+        optimizer = step = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    info = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "res": args.res,
+        "rows": rows,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()
