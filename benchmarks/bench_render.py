@@ -1,0 +1,230 @@
+"""Point renderer speed and memory: rasterize + composite, forward and backward, per backend.
+
+    PYTHONPATH=code python benchmarks/bench_render.py [--backends torch cuda] [--reps 50] [--md out.md]
+
+Setting (issue 3): a head-sized cloud (unit directions from a seeded normal distribution, radius
+1 + 0.05 * normal noise, scaled by the semi-axes (0.38, 0.48, 0.4); x, y are NDC and z = 4 + the third
+coordinate), features = random RGB plus a ones channel (C = 4, the training features), 512 x 512, K = 10,
+the radius the original uses at that N (spec §5.14), both backends, B in {2, 8}, N in {10k, 100k, 409,600}.
+
+Timing: CUDA events around forward + backward (the backward of (images * fixed cotangent).sum() w.r.t.
+points and features), after warm-up (which also compiles the Triton kernels), median over --reps runs.
+Memory: peak allocated during one forward + backward minus what was allocated before it (inputs).
+`--sweep` also times the Triton kernel's tile / chunk / warp settings at B = 2, N = 409,600.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
+
+from pointavatar.render import alpha_composite, rasterize_points  # noqa: E402
+
+SIZE, K = 512, 10
+
+
+def head_cloud(B: int, N: int, seed: int = 0, device="cuda") -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, N, 3] NDC points on a noisy head-sized ellipsoid in front of the camera, and [B, N, 4] features."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(B, N, 3, generator=g)
+    d = d / d.norm(dim=-1, keepdim=True)
+    r = 1.0 + 0.05 * torch.randn(B, N, 1, generator=g)
+    pts = d * r * torch.tensor([0.38, 0.48, 0.4])
+    pts[..., 2] += 4.0
+    feats = torch.cat([torch.rand(B, N, 3, generator=g), torch.ones(B, N, 1)], dim=-1)
+    return pts.to(device), feats.to(device)
+
+
+def radius_for(N: int) -> float:
+    """The original's radius at this point count (spec §5.14): 0.0095 at 409,600, 0.0169 at ~100k."""
+    if N >= 400_000:
+        return 0.0095
+    if N >= 90_000:
+        return 0.0169
+    return 0.3 * 0.75 ** math.log2(N / 100)
+
+
+def run_once(points, feats, cot, radius, backend):
+    frags = rasterize_points(points, SIZE, radius, K, backend=backend)
+    images, _ = alpha_composite(frags, feats, radius, backend=backend)
+    images.backward(cot)
+    return frags
+
+
+def measure(B: int, N: int, backend: str, reps: int, warmup: int = 3) -> dict:
+    pts, feats = head_cloud(B, N)
+    radius = radius_for(N)
+    points = pts.clone().requires_grad_()
+    features = feats.clone().requires_grad_()
+    cot = torch.randn(B, SIZE, SIZE, 4, generator=torch.Generator().manual_seed(1)).cuda()
+
+    for _ in range(warmup):
+        points.grad = features.grad = None
+        run_once(points, features, cot, radius, backend)
+    torch.cuda.synchronize()
+
+    points.grad = features.grad = None
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    frags = run_once(points, features, cot, radius, backend)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    filled = (frags.idx >= 0).float().mean().item()
+    del frags
+
+    def timed(fn):
+        times = []
+        for _ in range(reps):
+            points.grad = features.grad = None
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    def forward():
+        with torch.no_grad():
+            frags = rasterize_points(points, SIZE, radius, K, backend=backend)
+            alpha_composite(frags, features, radius, backend=backend)
+
+    t_fwd = timed(forward)
+    t_all = timed(lambda: run_once(points, features, cot, radius, backend))
+    return dict(
+        B=B, N=N, radius=radius, backend=backend, fwd=t_fwd, fwdbwd=t_all, peak_mb=peak / 2**20, filled=filled
+    )
+
+
+def sweep(reps: int) -> tuple[int, int, int]:
+    """Time tile / chunk / warp settings of the Triton rasterizer (forward), check each against the
+    default's idx, and return the fastest correct (tile, chunk, warps)."""
+    from pointavatar.render import _triton_impl as tri
+
+    B, N = 2, 409_600
+    pts, _ = head_cloud(B, N)
+    radius = radius_for(N)
+    best, best_ms = (tri.TILE, tri.CHUNK, tri._NUM_WARPS_RASTER), float("inf")
+    ref = rasterize_points(pts, SIZE, radius, K, backend="cuda")
+    print("sweep (B=2, N=409600, rasterize forward only): tile chunk warps -> ms, idx equal")
+    for tile in (8, 16):
+        for chunk in (8, 16, 32):
+            for warps in (1, 2, 4) if tile == 8 else (4, 8):
+                tri.TILE, tri.CHUNK, tri._NUM_WARPS_RASTER = tile, chunk, warps
+                try:
+                    out = rasterize_points(pts, SIZE, radius, K, backend="cuda")
+                    same = torch.equal(out.idx, ref.idx) and torch.equal(out.dists, ref.dists)
+                    times = []
+                    for _ in range(reps):
+                        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        s.record()
+                        rasterize_points(pts, SIZE, radius, K, backend="cuda")
+                        e.record()
+                        torch.cuda.synchronize()
+                        times.append(s.elapsed_time(e))
+                    ms = statistics.median(times)
+                    print(f"  {tile:3d} {chunk:3d} {warps:2d} -> {ms:7.3f} ms  {same}", flush=True)
+                    if same and ms < best_ms:
+                        best, best_ms = (tile, chunk, warps), ms
+                except Exception as exc:  # a setting the compiler rejects (e.g. out of registers)
+                    print(
+                        f"  {tile:3d} {chunk:3d} {warps:2d} -> failed: {type(exc).__name__}: {exc}",
+                        flush=True,
+                    )
+    tri.TILE, tri.CHUNK, tri._NUM_WARPS_RASTER = best
+    print(f"sweep: using tile {best[0]}, chunk {best[1]}, warps {best[2]}", flush=True)
+    return best
+
+
+def profile() -> None:
+    """Per-kernel CUDA times of one "cuda" forward + backward at B = 2, N = 409,600 (torch.profiler)."""
+    B, N = 2, 409_600
+    pts, feats = head_cloud(B, N)
+    points, features = pts.requires_grad_(), feats.requires_grad_()
+    cot = torch.randn(B, SIZE, SIZE, 4, device="cuda")
+    for _ in range(3):
+        run_once(points, features, cot, radius_for(N), "cuda")
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(5):
+            run_once(points, features, cot, radius_for(N), "cuda")
+        torch.cuda.synchronize()
+    print("profile: 5 x cuda fwd+bwd, B=2, N=409600")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backends", nargs="+", default=["torch", "cuda"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[2, 8])
+    ap.add_argument("--points", nargs="+", type=int, default=[10_000, 100_000, 409_600])
+    ap.add_argument(
+        "--reps", type=int, default=50, help="timed runs per case (torch uses a fifth, at least 5)"
+    )
+    ap.add_argument("--sweep", action="store_true", help="also time the Triton kernel settings")
+    ap.add_argument("--profile", action="store_true", help="also print per-kernel times (torch.profiler)")
+    ap.add_argument("--md", type=Path, help="write the markdown table here too")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_render.py needs a CUDA device.")
+
+    import triton
+
+    device = torch.cuda.get_device_name()
+    header = (
+        f"date {datetime.date.today()}, device {device}, torch {torch.__version__}, triton {triton.__version__}\n"
+        f"command: {' '.join(sys.argv)}"
+    )
+    print(header, flush=True)
+    if args.sweep:
+        best = sweep(max(10, args.reps // 2))
+        header += (
+            f"\nTriton rasterizer settings from --sweep: tile {best[0]}, chunk {best[1]}, warps {best[2]}"
+        )
+    if args.profile:
+        profile()
+
+    rows = []
+    for B in args.batches:
+        for N in args.points:
+            for backend in args.backends:
+                reps = args.reps if backend == "cuda" else max(5, args.reps // 5)
+                r = measure(B, N, backend, reps)
+                rows.append(r)
+                print(
+                    f"  B={B} N={N} {backend:5s}: fwd {r['fwd']:8.3f} ms  fwd+bwd {r['fwdbwd']:8.3f} ms  "
+                    f"peak +{r['peak_mb']:7.1f} MB  (slots filled {r['filled']:.3f})",
+                    flush=True,
+                )
+                torch.cuda.empty_cache()
+
+    lines = [
+        "| B | N | radius | backend | forward (ms) | forward + backward (ms) | peak extra memory (MB) | speed-up fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        torch_row = next(
+            (t for t in rows if t["B"] == r["B"] and t["N"] == r["N"] and t["backend"] == "torch"), None
+        )
+        speed = f"{torch_row['fwdbwd'] / r['fwdbwd']:.1f}x" if torch_row and r["backend"] == "cuda" else ""
+        lines.append(
+            f"| {r['B']} | {r['N']:,} | {r['radius']:.4f} | {r['backend']} | {r['fwd']:.2f} | {r['fwdbwd']:.2f} "
+            f"| {r['peak_mb']:.0f} | {speed} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.md:
+        args.md.write_text(header + "\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
