@@ -234,6 +234,19 @@ def test_knn_exact_matches_brute_force():
     assert not nearest_neighbor(q, r)[1].requires_grad
 
 
+def test_knn_ties_pick_lowest_index():
+    # A lattice with duplicated reference points: many exact ties in distance.
+    g = torch.Generator().manual_seed(1)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(6.0)] * 3, indexing="ij"), -1).reshape(-1, 3) * 0.1
+    r = torch.cat([grid, grid[torch.randperm(grid.shape[0], generator=g)]])  # every point twice
+    q = grid + 0.05  # equidistant from 8 lattice points (16 with duplicates)
+    d = ((q[:, None] - r[None]) ** 2).sum(-1)
+    best = d.min(dim=1, keepdim=True).values
+    expected = torch.where(d == best, torch.arange(r.shape[0]), r.shape[0]).min(dim=1).values
+    idx, _ = nearest_neighbor(q, r, candidates=32)
+    assert torch.equal(idx, expected)
+
+
 # ------------------------------------------------------------------------------ model structure
 
 
