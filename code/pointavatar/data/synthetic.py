@@ -26,6 +26,7 @@ write the same bytes.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ CAPTURE_INTRINSICS = (1539.67, 1508.93, 261.44, 253.23)
 _REF_RES = 512
 _FLAME_SCALE = 4.0  # the FLAME layer scales the model by 4 (spec §4.3)
 _MANIFEST = "synthetic_manifest.json"
-_FORMAT_VERSION = 1  # bump when the generated data changes, so ensure_synthetic_subject regenerates
+_FORMAT_VERSION = 2  # bump when the generated data changes, so ensure_synthetic_subject regenerates
 
 # BiSeNet / CelebAMask-HQ label ids (spec §3.2 step 6).
 BG, SKIN, L_BROW, R_BROW, L_EYE, R_EYE = 0, 1, 2, 3, 4, 5
@@ -889,6 +890,22 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
 
+_WORKER_SCENE = None  # the scene of the running generation, shared with forked workers
+
+
+def _write_frame(job: tuple) -> None:
+    """Render one posed frame and write its image, mask and semantic PNGs (runs in a worker)."""
+    verts, t, res, supersample, video, n = job
+    rgb, mask, labels = render_frame(_WORKER_SCENE, verts, t, res, supersample)
+    iio.imwrite(video / "image" / f"{n}.png", _to_uint8(rgb))
+    iio.imwrite(video / "mask" / f"{n}.png", np.repeat(_to_uint8(mask)[..., None], 3, axis=2))
+    iio.imwrite(video / "semantic" / f"{n}.png", labels)
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def make_synthetic_subject(
     data_folder: str | os.PathLike,
     subject_name: str = "synthetic",
@@ -896,8 +913,12 @@ def make_synthetic_subject(
     train_frames: int = 100,
     test_frames: int = 40,
     seed: int = 0,
+    workers: int | None = None,
 ) -> Path:
     """Generate the synthetic subject in IMavatar format (spec §3.1, §3.3) and return its root.
+
+    Frames are rendered by ``workers`` forked processes (default: the CPU count, at most 8); the files
+    do not depend on it.
 
     Writes data_folder/<subject>/flame/{generic_model.pkl, landmark_embedding.npy} and the videos
     data_folder/<subject>/<subject>/{train0, train1, test}/ (image/, mask/, semantic/ as 1-based PNGs
@@ -923,6 +944,11 @@ def make_synthetic_subject(
     intrinsics = [-CAPTURE_INTRINSICS[0] / _REF_RES, CAPTURE_INTRINSICS[1] / _REF_RES]
     intrinsics += [CAPTURE_INTRINSICS[2] / _REF_RES, CAPTURE_INTRINSICS[3] / _REF_RES]
     counts = {"train0": train_frames, "train1": train_frames, "test": test_frames}
+    global _WORKER_SCENE
+    _WORKER_SCENE = scene
+    workers = default_workers() if workers is None else max(1, int(workers))
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    jobs = []
     bar = tqdm(total=sum(counts.values()), desc=f"synthetic subject {subject_name} ({res}px)", unit="frame")
     for v_idx, (name, kind, cam_t) in enumerate(_VIDEOS):
         n_frames = counts[name]
@@ -945,10 +971,7 @@ def make_synthetic_subject(
             kp3 = np.concatenate([lmk.numpy(), iris], axis=1)  # [B, 70, 3]
             for b in range(verts_np.shape[0]):
                 n = start + b + 1
-                rgb, mask, labels = render_frame(scene, verts_np[b], t, res, supersample)
-                iio.imwrite(video / "image" / f"{n}.png", _to_uint8(rgb))
-                iio.imwrite(video / "mask" / f"{n}.png", np.repeat(_to_uint8(mask)[..., None], 3, axis=2))
-                iio.imwrite(video / "semantic" / f"{n}.png", labels)
+                jobs.append((verts_np[b], t, res, supersample, video, n))
                 uvd = mesh_render.project_opengl(kp3[b], fx, fy, cx, cy, t)
                 kp = np.stack([2.0 * uvd[:, 0] / res - 1.0, 2.0 * uvd[:, 1] / res - 1.0], 1)
                 bbox = [*kp[:68].min(0), *kp[:68].max(0)]
@@ -962,9 +985,17 @@ def make_synthetic_subject(
                         "flame_keypoints": [[float(a), float(c)] for a, c in kp],
                     }
                 )
-                bar.update(1)
         params = {"intrinsics": intrinsics, "shape_params": [float(x) for x in shape], "frames": frames}
         (video / "flame_params.json").write_text(json.dumps(params, indent=1))
+    try:
+        results = pool.imap_unordered(_write_frame, jobs) if pool is not None else map(_write_frame, jobs)
+        for _ in results:
+            bar.update(1)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        _WORKER_SCENE = None
     bar.close()
     manifest = _manifest_dict(subject_name, res, train_frames, test_frames, seed)
     (root / _MANIFEST).write_text(json.dumps(manifest, indent=1))
