@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+
 from pointavatar.config import (
     Conf,
     ConfError,
@@ -43,20 +44,21 @@ def test_shipped_conf_common_values(name: str) -> None:
     assert t.exps_folder == "./data/experiments/"  # trailing comment stripped
     assert t.methodname == "pointavatar"
     assert t.dataset_class == "datasets.real_dataset.FaceDataset"
-    assert t.learning_rate == 1.0e-4 and isinstance(t.learning_rate, float)
     assert t.learning_rate_cam == 5.0e-4
     assert t.num_pixels == 2048
     assert t.max_batch == 8
-    assert t.upsample_freq == 5
     assert t.plot_freq == 1
-    assert t.sched_milestones == [40, 60]
     assert t.sched_factor == 0.5
-    assert t.GT_lbs_milestones == [10, 20, 30, 40]
     assert t.GT_lbs_factor == 0.5
     assert t.optimize_expression is True and t.optimize_camera is True
     assert t.save_freq == 1 and t.checkpoint_freq == 5 and t.log_freq == 50
-    assert t.keep_optimizer_state is False and t.fix_lr_schedule is False and t.prune_on_resume is False
+    assert t.keep_optimizer_state is False and t.prune_on_resume is False
     assert t.test_tracking is True and t.tracking_steps == 20
+    if name != "demo":  # the demo compresses the schedule (test_demo_conf)
+        assert t.learning_rate == 1.0e-4 and isinstance(t.learning_rate, float)
+        assert t.upsample_freq == 5 and t.nepoch == 62 and t.input_optimization_start == 11
+        assert t.sched_milestones == [40, 60] and t.fix_lr_schedule is False
+        assert t.GT_lbs_milestones == [10, 20, 30, 40]
 
     lo = c.loss
     assert (lo.mask_weight, lo.lbs_weight, lo.eikonal_weight, lo.sdf_consistency_weight) == (
@@ -136,10 +138,16 @@ def test_demo_conf() -> None:
     assert c.model.flame_landmark_path == "./data/datasets/synthetic/flame/landmark_embedding.npy"
     assert c.loss.vgg_feature_weight == 0.0 and isinstance(c.loss.vgg_feature_weight, float)
     assert c.train.num_workers == 0
-    assert c.model.point_cloud.max_points == 12800
+    assert c.model.point_cloud.max_points == 6400
     assert c.train.max_points_training == 102400
     # Batch stays at max_batch up to the largest point cloud.
-    assert c.train.max_points_training // c.model.point_cloud.max_points == c.train.max_batch
+    assert c.train.max_points_training // c.model.point_cloud.max_points >= c.train.max_batch
+    # The compressed schedule: 40 epochs, points doubled every 4, lr 1e-3 with the decay applied.
+    t = c.train
+    assert (t.nepoch, t.upsample_freq, t.learning_rate, t.fix_lr_schedule) == (39, 4, 1.0e-3, True)
+    assert t.sched_milestones == [28, 34] and t.GT_lbs_milestones == [8, 16, 24, 32]
+    assert t.input_optimization_start == 17
+    assert (c.dataset.synthetic.train_frames, c.dataset.synthetic.test_frames) == (100, 20)
 
 
 def test_subject1_equals_defaults() -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from pointavatar.data import FaceDataset, collate_fn
 from pointavatar.errors import PointAvatarError
 

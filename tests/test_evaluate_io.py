@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+
 from pointavatar.evaluate.export import (
     PAIRED_COLORS,
     save_ply,

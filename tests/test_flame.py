@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from pointavatar.errors import PointAvatarError
 from pointavatar.flame import (
     FLAME,

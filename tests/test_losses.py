@@ -6,11 +6,12 @@ import types
 
 import pytest
 import torch
+from torch import nn
+
 from pointavatar.errors import PointAvatarError
 from pointavatar.train import vgg as vgg_mod
 from pointavatar.train.losses import LOSS_KEYS, Loss, flame_prior_targets, rgb_only_loss
 from pointavatar.train.vgg import VGG16_FILE, VGGPerceptualLoss, load_features_state, make_vgg16_features
-from torch import nn
 
 # float64 inputs: every comparison below is exact up to summation order, hence the 1e-12 tolerances.
 TOL = dict(rtol=1e-12, atol=1e-12)

@@ -11,9 +11,10 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from scipy.signal import convolve2d
+
 from pointavatar.evaluate import lpips as lp
 from pointavatar.evaluate.metrics import RESULT_KEYS, compute_metrics, evaluate_folder, ssim
-from scipy.signal import convolve2d
 
 
 def ssim_reference(a: np.ndarray, b: np.ndarray) -> float:

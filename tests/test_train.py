@@ -22,6 +22,7 @@ from pointavatar.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFS = sorted((ROOT / "confs").glob("*.conf"))
+SUBJECT1 = ROOT / "confs" / "subject1.conf"
 RES = 32
 
 
@@ -82,7 +83,7 @@ def test_every_conf_trains_and_evaluates(conf_path, subject, tmp_path):
     # Upsampled once at epoch 1 (upsample_freq 1): at most 2 x the pruned cloud, radius x 0.75.
     state = load_model_ckpt(train_dir)
     assert state["radius"] == pytest.approx(trainer.model.radius)
-    assert state["radius"] < 0.3 * 0.75 ** 0  # initial radius of 100 points is 0.3
+    assert state["radius"] < 0.3 * 0.75**0  # initial radius of 100 points is 0.3
 
     results = Evaluator(conf, device="cpu").run()
     sub = "test"
@@ -101,7 +102,7 @@ def test_every_conf_trains_and_evaluates(conf_path, subject, tmp_path):
 
 
 def test_resume_restores_state(subject, tmp_path):
-    conf = tiny(CONFS[0], subject, tmp_path)
+    conf = tiny(SUBJECT1, subject, tmp_path)
     first = Trainer(conf, nepoch=1, device="cpu")
     first.run()
     # Perturb the embeddings so that restoring them is visible.
@@ -112,8 +113,12 @@ def test_resume_restores_state(subject, tmp_path):
     assert resumed.start_epoch == 2
     assert torch.equal(resumed.model.pc.points.detach().cpu(), saved_model["model_state_dict"]["pc.points"])
     assert resumed.model.radius == pytest.approx(saved_model["radius"])
-    assert torch.equal(resumed.inputs.expression.weight.detach().cpu(), saved_inputs["expression_state_dict"]["weight"])
-    assert torch.equal(resumed.inputs.camera_pose.weight.detach().cpu(), saved_inputs["camera_pose_state_dict"]["weight"])
+    assert torch.equal(
+        resumed.inputs.expression.weight.detach().cpu(), saved_inputs["expression_state_dict"]["weight"]
+    )
+    assert torch.equal(
+        resumed.inputs.camera_pose.weight.detach().cpu(), saved_inputs["camera_pose_state_dict"]["weight"]
+    )
     # lbs_weight replays the decay of milestones strictly before the start epoch (none before 2 here).
     assert resumed.loss.lbs_weight == pytest.approx(conf.loss.lbs_weight)
     assert resumed.scheduler.last_epoch == 2
@@ -124,7 +129,7 @@ def test_resume_restores_state(subject, tmp_path):
 def test_lbs_weight_replayed_on_resume(subject, tmp_path):
     from pointavatar.train.experiment import lbs_weight_at
 
-    conf = tiny(CONFS[0], subject, tmp_path)
+    conf = tiny(SUBJECT1, subject, tmp_path)
     assert lbs_weight_at(conf, 0) == 10.0
     assert lbs_weight_at(conf, 10) == 10.0  # the epoch-10 decay happens inside the loop
     assert lbs_weight_at(conf, 11) == 5.0
@@ -132,7 +137,7 @@ def test_lbs_weight_replayed_on_resume(subject, tmp_path):
 
 
 def test_killed_mid_epoch_resumes_from_last_checkpoint(subject, tmp_path, monkeypatch):
-    conf = tiny(CONFS[0], subject, tmp_path, **{"train.max_points_training": 100})  # batch 1: 4 steps/epoch
+    conf = tiny(SUBJECT1, subject, tmp_path, **{"train.max_points_training": 100})  # batch 1: 4 steps/epoch
     trainer = Trainer(conf, nepoch=3, device="cpu")
     calls = {"n": 0}
     original = trainer.loss.forward
@@ -159,14 +164,14 @@ def test_killed_mid_epoch_resumes_from_last_checkpoint(subject, tmp_path, monkey
 
 
 def test_is_continue_with_nothing_to_resume_starts_fresh(subject, tmp_path, capsys):
-    conf = tiny(CONFS[0], subject, tmp_path)
+    conf = tiny(SUBJECT1, subject, tmp_path)
     trainer = Trainer(conf, nepoch=0, is_continue=True, device="cpu")
     assert trainer.start_epoch == 0
     assert "nothing to resume" in capsys.readouterr().out
 
 
 def test_checkpoint_from_another_conf_is_refused(subject, tmp_path):
-    conf = tiny(CONFS[0], subject, tmp_path)
+    conf = tiny(SUBJECT1, subject, tmp_path)
     Trainer(conf, nepoch=0, device="cpu").run()
     other = conf.override({"model.deformer_network.dims": [64, 64, 64, 64]})
     with pytest.raises(PointAvatarError, match="does not fit the model of this conf"):
@@ -175,7 +180,7 @@ def test_checkpoint_from_another_conf_is_refused(subject, tmp_path):
 
 def test_original_checkpoint_layout_evaluates(subject, tmp_path):
     """A ModelParameters file in the original's key layout (weight_g / weight_v) loads for --is_eval."""
-    conf = tiny(CONFS[0], subject, tmp_path, **{"train.test_tracking": False})
+    conf = tiny(SUBJECT1, subject, tmp_path, **{"train.test_tracking": False})
     trainer = Trainer(conf, nepoch=0, device="cpu")
     ours = trainer.model.state_dict()
     original = {}
@@ -195,23 +200,25 @@ def test_original_checkpoint_layout_evaluates(subject, tmp_path):
 
 
 def test_missing_dataset_and_flame_messages(subject, tmp_path):
-    conf = tiny(CONFS[0], subject, tmp_path, **{"dataset.data_folder": str(tmp_path / "nowhere")})
+    conf = tiny(SUBJECT1, subject, tmp_path, **{"dataset.data_folder": str(tmp_path / "nowhere")})
     with pytest.raises(PointAvatarError, match="nowhere"):
         Trainer(conf, nepoch=0, device="cpu")
-    conf = tiny(CONFS[0], subject, tmp_path, **{"model.flame_model_path": str(tmp_path / "generic_model.pkl")})
+    conf = tiny(
+        SUBJECT1, subject, tmp_path, **{"model.flame_model_path": str(tmp_path / "generic_model.pkl")}
+    )
     with pytest.raises(PointAvatarError, match="generic_model.pkl"):
         Trainer(conf, nepoch=0, device="cpu")
 
 
 def test_missing_vgg_weights_stop_before_training(subject, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    conf = tiny(CONFS[0], subject, tmp_path, **{"loss.vgg_feature_weight": 0.1})
+    conf = tiny(SUBJECT1, subject, tmp_path, **{"loss.vgg_feature_weight": 0.1})
     with pytest.raises(PointAvatarError, match="vgg_feature_weight = 0"):
         Trainer(conf, nepoch=0, device="cpu")
 
 
 def test_empty_point_cloud_after_pruning_is_explained(subject, tmp_path):
-    conf = tiny(CONFS[0], subject, tmp_path)
+    conf = tiny(SUBJECT1, subject, tmp_path)
     trainer = Trainer(conf, nepoch=1, device="cpu")
     # Cameras that look away from the head: nothing is visible during epoch 0.
     trainer.train_set.data["world_mats"][:, 2, 3] = -100.0

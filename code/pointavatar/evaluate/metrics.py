@@ -284,7 +284,7 @@ def evaluate_folder(
             mask[np.isin(sem, CLOTH_LABELS)] = 0.0
             mask_t = to_tensor(mask)[:, :1]
         r = compute_metrics(to_tensor(pred), to_tensor(gt), mask=mask_t, lpips=lpips_net)
-        per_frame["subfolders"].append("")
+        per_frame["subfolders"].append(gt_dir.name)  # the test video
         per_frame["filenames"].append(name)
         per_frame["mse_l"].append(r["mse"])
         per_frame["rmse_l"].append(r["rmse"])
