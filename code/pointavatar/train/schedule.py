@@ -40,9 +40,9 @@ def rebuild_optimizer(
     ``point_rows`` gives, for each row of the new point tensor, the row of the old one it came from
     (-1 for a new point). Used only with ``keep_state``.
     """
+    # A fresh Adam at the base lr, as the original (spec §2.5); the trainer applies the decayed lr on
+    # top when train.fix_lr_schedule is set.
     new = make_optimizer(model, lr)
-    for group in new.param_groups:
-        group["lr"] = old.param_groups[0]["lr"]
     if not keep_state:
         return new
     by_name = {old_names[id(p)]: old.state[p] for p in old.state if id(p) in old_names}
