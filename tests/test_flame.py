@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from appendix_a import flame_state_shapes
 
 from pointavatar.errors import PointAvatarError
 from pointavatar.flame import (
@@ -266,24 +267,7 @@ def test_forward_pts_gradcheck_float64(flame64):
 def test_state_dict_names_and_shapes(flame, files):
     model, _, _ = files
     sd = flame.state_dict()
-    expected = {
-        "eye_pose": (1, 6),
-        "neck_pose": (1, 3),
-        "parents": (5,),
-        "lmk_faces_idx": (51,),
-        "lmk_bary_coords": (51, 3),
-        "dynamic_lmk_faces_idx": (79, 17),
-        "dynamic_lmk_bary_coords": (79, 17, 3),
-        "full_lmk_faces_idx": (1, 68),
-        "full_lmk_bary_coords": (1, 68, 3),
-        "neck_kin_chain": (2,),
-        "faces_tensor": (N_FACES, 3),
-        "v_template": (V, 3),
-        "shapedirs": (V, 3, 150),
-        "posedirs": (36, 3 * V),
-        "J_regressor": (5, V),
-        "lbs_weights": (V, 5),
-    }
+    expected = flame_state_shapes(V, N_FACES)
     assert list(sd) == list(expected)  # spec Appendix A order
     for key, shape in expected.items():
         assert tuple(sd[key].shape) == shape, key

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from appendix_a import flame_state_shapes
 
 import pointavatar.render as render
 from pointavatar.config import ModelConf
@@ -253,24 +254,7 @@ def test_knn_ties_pick_lowest_index():
 def expected_state_dict_shapes(model: PointAvatar) -> dict[str, tuple[int, ...]]:
     """Spec Appendix A with parametrization names, for the default conf and our tiny FLAME."""
     n = model.pc.points.shape[0]
-    flame = {
-        "eye_pose": (1, 6),
-        "neck_pose": (1, 3),
-        "parents": (5,),
-        "lmk_faces_idx": (51,),
-        "lmk_bary_coords": (51, 3),
-        "dynamic_lmk_faces_idx": (79, 17),
-        "dynamic_lmk_bary_coords": (79, 17, 3),
-        "full_lmk_faces_idx": (1, 68),
-        "full_lmk_bary_coords": (1, 68, 3),
-        "neck_kin_chain": (2,),
-        "faces_tensor": (N_FACES, 3),
-        "v_template": (V, 3),
-        "shapedirs": (V, 3, 150),
-        "posedirs": (36, 3 * V),
-        "J_regressor": (5, V),
-        "lbs_weights": (V, 5),
-    }
+    flame = flame_state_shapes(V, N_FACES)
     shapes: dict[str, tuple[int, ...]] = {}
 
     def wn(prefix: str, out: int, inp: int) -> None:
