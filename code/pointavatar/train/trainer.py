@@ -168,6 +168,9 @@ class Trainer:
             shuffle=True,
             collate_fn=self.train_set.collate_fn,
             num_workers=self.conf.train.num_workers,
+            # Workers live across epochs (the loader is rebuilt only when the batch size changes).
+            persistent_workers=self.conf.train.num_workers > 0,
+            pin_memory=self.device.type == "cuda",
         )
 
     def _resize(self, op) -> None:
