@@ -274,7 +274,7 @@ class PointAvatar(nn.Module):
         Returns (P = H * W, row-major from the top row):
             img_res (int), batch_size (int),
             rgb_image [B, P, 3] over the background, predicted_mask [B, P] accumulated opacity,
-            canonical_points [N, 3] x' of the detached points, index_batch [N] nearest canonical
+            canonical_points [N, 3] x' of the detached points, index_batch [N] (training only) nearest canonical
             FLAME vertex of x', posedirs [N, 36, 3], shapedirs [N, 3, num_exp], lbs_weights [N, J]
             (detached-point query), flame_posedirs [36, 3V], flame_shapedirs [V, 3, 150],
             flame_lbs_weights [V, 5], sdf_values [N], grad_thetas [2N, 3].
@@ -330,7 +330,11 @@ class PointAvatar(nn.Module):
         shapedirs, posedirs, lbs_weights, canonical_points = self.deformer_network.query_weights(
             points.detach()
         )
-        index_batch, _ = nearest_neighbor(canonical_points.detach(), flame.canonical_verts)
+        # The 1-NN only feeds the FLAME prior of the training loss; at N = 409,600 it costs as much as
+        # rendering, so eval (renders, test-time tracking) skips it.
+        index_batch = (
+            nearest_neighbor(canonical_points.detach(), flame.canonical_verts)[0] if self.training else None
+        )
 
         out = {
             "img_res": self.img_res,
@@ -338,7 +342,7 @@ class PointAvatar(nn.Module):
             "rgb_image": rgb,
             "predicted_mask": mask,
             "canonical_points": canonical_points,
-            "index_batch": index_batch,
+            **({"index_batch": index_batch} if index_batch is not None else {}),
             "posedirs": posedirs,
             "shapedirs": shapedirs,
             "lbs_weights": lbs_weights,
