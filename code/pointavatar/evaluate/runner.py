@@ -50,17 +50,14 @@ def select_frames(outputs: dict, rows: list[int], batch_size: int) -> dict:
     }
 
 
-def render_grids(model, dataset, eval_dir: Path, epoch: int, batch_size: int, device, inputs=None) -> int:
+def render_grids(model, dataset, eval_dir: Path, epoch: int, batch_size: int, device) -> int:
     """Render ``dataset`` and write one grid image per batch (spec §2.10). Returns the number of frames."""
     loader = DataLoader(
         dataset, batch_size=min(2 * batch_size, 10), shuffle=False, collate_fn=dataset.collate_fn
     )
     count = 0
     for _, model_input, ground_truth in loader:
-        model_input = move_to(model_input, device)
-        if inputs is not None:
-            model_input = inputs.apply(model_input)
-        outputs = model(model_input)
+        outputs = model(move_to(model_input, device))
         first = int(model_input["img_name"][0, 0])
         plots.plot_grid(
             outputs,
