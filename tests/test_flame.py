@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from appendix_a import flame_state_shapes
+from flame_fixtures import flame_state_shapes, make_landmarks
 
 from pointavatar.errors import PointAvatarError
 from pointavatar.flame import (
@@ -63,29 +63,12 @@ def make_model(seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def make_landmarks(seed: int = 1) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-
-    def bary(*shape: int) -> np.ndarray:
-        b = rng.uniform(0.1, 1.0, size=(*shape, 3))
-        return b / b.sum(-1, keepdims=True)
-
-    return {
-        "static_lmk_faces_idx": rng.integers(0, N_FACES, size=51),
-        "static_lmk_bary_coords": bary(51),
-        "dynamic_lmk_faces_idx": rng.integers(0, N_FACES, size=(79, 17)),
-        "dynamic_lmk_bary_coords": bary(79, 17).astype(np.float32),
-        "full_lmk_faces_idx": rng.integers(0, N_FACES, size=(1, 68)),
-        "full_lmk_bary_coords": bary(1, 68).astype(np.float32),
-    }
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("flame")
     model = make_model()
     write_flame_pickle(root / "generic_model.pkl", model)
-    write_landmark_embedding(root / "landmark_embedding.npy", make_landmarks())
+    write_landmark_embedding(root / "landmark_embedding.npy", make_landmarks(N_FACES))
     return model, root / "generic_model.pkl", root / "landmark_embedding.npy"
 
 
@@ -208,7 +191,7 @@ def test_missing_model_file_says_where_and_how(tmp_path):
 
 def test_landmark_embedding_round_trip(files):
     _, _, lmk = files
-    expected = make_landmarks()
+    expected = make_landmarks(N_FACES)
     loaded = read_landmark_embedding(lmk)
     for key, value in expected.items():
         np.testing.assert_allclose(loaded[key], value, rtol=0, atol=1e-7, err_msg=key)  # float32 storage

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from appendix_a import flame_state_shapes
+from flame_fixtures import flame_state_shapes, make_landmarks
 
 import pointavatar.render as render
 from pointavatar.config import ModelConf
@@ -53,28 +53,11 @@ def make_flame_arrays(seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def make_landmarks(seed: int = 1) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-
-    def bary(*shape: int) -> np.ndarray:
-        b = rng.uniform(0.1, 1.0, size=(*shape, 3))
-        return b / b.sum(-1, keepdims=True)
-
-    return {
-        "static_lmk_faces_idx": rng.integers(0, N_FACES, size=51),
-        "static_lmk_bary_coords": bary(51),
-        "dynamic_lmk_faces_idx": rng.integers(0, N_FACES, size=(79, 17)),
-        "dynamic_lmk_bary_coords": bary(79, 17),
-        "full_lmk_faces_idx": rng.integers(0, N_FACES, size=(1, 68)),
-        "full_lmk_bary_coords": bary(1, 68),
-    }
-
-
 @pytest.fixture(scope="module")
 def flame_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("flame")
     write_flame_pickle(root / "generic_model.pkl", make_flame_arrays())
-    write_landmark_embedding(root / "landmark_embedding.npy", make_landmarks())
+    write_landmark_embedding(root / "landmark_embedding.npy", make_landmarks(N_FACES))
     return str(root / "generic_model.pkl"), str(root / "landmark_embedding.npy")
 
 

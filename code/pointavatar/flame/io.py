@@ -136,12 +136,18 @@ class _FlameUnpickler(pickle.Unpickler):
         super().__init__(file, encoding="latin1")
         self._path = path
 
-    def find_class(self, module: str, name: str) -> Any:
-        module = _PY2_MODULES.get(module, module)
+    @staticmethod
+    def _common_global(module: str, name: str) -> Any:
+        """numpy array rebuilding and the harmless builtins both file kinds may use, else None."""
         if (module, name) in _NUMPY_NAMES:
             return _numpy_global(module, name)
-        if (module, name) in _SAFE_BUILTINS:
-            return _SAFE_BUILTINS[(module, name)]
+        return _SAFE_BUILTINS.get((module, name))
+
+    def find_class(self, module: str, name: str) -> Any:
+        module = _PY2_MODULES.get(module, module)
+        found = self._common_global(module, name)
+        if found is not None:
+            return found
         if (module == "scipy.sparse" or module.startswith("scipy.sparse.")) and name in _SPARSE_NAMES:
             return _SparseStub.named(module, name)
         if module == "chumpy" or module.startswith("chumpy."):
@@ -336,10 +342,9 @@ class _LandmarkUnpickler(_FlameUnpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         module = _PY2_MODULES.get(module, module)
-        if (module, name) in _NUMPY_NAMES:
-            return _numpy_global(module, name)
-        if (module, name) in _SAFE_BUILTINS:
-            return _SAFE_BUILTINS[(module, name)]
+        found = self._common_global(module, name)
+        if found is not None:
+            return found
         if (module, name) == ("collections", "OrderedDict"):
             import collections
 
