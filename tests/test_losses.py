@@ -276,3 +276,16 @@ def test_accepts_the_config_dataclass():
     )
     outputs, gt = make_batch()
     assert torch.isfinite(loss(outputs, gt)["loss"])
+
+
+def test_constant_expression_dimension_keeps_the_prior_finite():
+    outputs, gt = make_batch()
+    var = torch.rand(1, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5
+    var[0, 4] = 0.0  # e.g. a blink that never happens in the training frames
+    with pytest.warns(UserWarning, match=r"\[4\].*use_var_expression = False"):
+        loss = Loss(conf(), var_expression=var)
+    out = loss(outputs, gt)
+    assert torch.isfinite(out["shapedirs_loss"]) and torch.isfinite(out["loss"])
+    # The constant dimension is weighted like the least-varying of the others.
+    assert float(loss.var_expression[0, 4]) == pytest.approx(float(var[0, torch.arange(50) != 4].min()))
+    assert torch.equal(loss.var_expression[0, 5:], var[0, 5:])

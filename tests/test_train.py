@@ -228,6 +228,25 @@ def test_empty_point_cloud_after_pruning_is_explained(subject, tmp_path):
         trainer.run()
 
 
+def test_non_finite_loss_stops_before_the_update(subject, tmp_path):
+    conf = tiny(SUBJECT1, subject, tmp_path)
+    trainer = Trainer(conf, nepoch=1, device="cpu")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    real_forward = trainer.loss.forward
+
+    def nan_loss(outputs, ground_truth):
+        out = real_forward(outputs, ground_truth)
+        out["mask_loss"] = out["mask_loss"] * float("nan")
+        out["loss"] = out["loss"] + out["mask_loss"]
+        return out
+
+    trainer.loss.forward = nan_loss
+    with pytest.raises(PointAvatarError, match=r"not finite at epoch 0, step 0 \(terms: mask_loss, loss\)"):
+        trainer.run()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_exp_runner_cli_reports_errors(tmp_path):
     import subprocess
     import sys

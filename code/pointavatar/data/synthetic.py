@@ -15,8 +15,9 @@ both:
 - `make_synthetic_subject` poses that model with our own `pointavatar.flame.FLAME` layer (so the data
   and the layer agree, scale x4, spec §4.3), adds a static torso that is not part of FLAME (the ghost
   bone's job, spec §4.4), and renders RGB, soft masks and BiSeNet-style label maps with the small mesh
-  renderer of `mesh_render.py` for two training videos and one test video whose (expression, pose)
-  combinations are not seen in training.
+  renderer of `mesh_render.py` for two training videos and one test video, all three drawn from
+  one "talking head" motion distribution (expressions, jaw, neck and gaze move together, as in a
+  real capture), so the test frames are new combinations from the distribution training saw.
 
 Frames: metres in the model file; world units = 4 x metres (the FLAME layer's scale). y up, the face
 looks toward +z, +x is the subject's left (image right). Deterministic for a seed: the same arguments
@@ -53,7 +54,7 @@ CAPTURE_INTRINSICS = (1539.67, 1508.93, 261.44, 253.23)
 _REF_RES = 512
 _FLAME_SCALE = 4.0  # the FLAME layer scales the model by 4 (spec §4.3)
 _MANIFEST = "synthetic_manifest.json"
-_FORMAT_VERSION = 2  # bump when the generated data changes, so ensure_synthetic_subject regenerates
+_FORMAT_VERSION = 5  # bump when the generated data changes, so ensure_synthetic_subject regenerates
 
 # BiSeNet / CelebAMask-HQ label ids (spec §3.2 step 6).
 BG, SKIN, L_BROW, R_BROW, L_EYE, R_EYE = 0, 1, 2, 3, 4, 5
@@ -831,10 +832,10 @@ def make_synthetic_flame(out_dir: str | os.PathLike, seed: int = 0) -> tuple[Pat
 # ----------------------------------------------------------------------------------------- videos
 
 _VIDEOS = (
-    # name, kind, camera translation t of world_mat = [I | t] (OpenGL convention, spec §3.3)
-    ("train0", "expression", (0.0, 0.10, -4.0)),
-    ("train1", "head", (0.025, 0.09, -4.06)),
-    ("test", "combined", (-0.02, 0.11, -3.95)),
+    # name, camera translation t of world_mat = [I | t] (OpenGL convention, spec §3.3)
+    ("train0", (0.0, 0.10, -4.0)),
+    ("train1", (0.025, 0.09, -4.06)),
+    ("test", (-0.02, 0.11, -3.95)),
 )
 
 
@@ -847,16 +848,19 @@ def _smooth_signals(rng: np.random.Generator, n_frames: int, n: int, cycles: flo
     return (amp * np.sin(2.0 * np.pi * freq * t + phase)).sum(-1) / amp.sum(-1)
 
 
-def _trajectory(kind: str, n_frames: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Expressions [F, 50] and poses [F, 15] of one video.
+def _trajectory(n_frames: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Expressions [F, 50] and poses [F, 15] of one video: a "talking head".
 
-    Training varies expressions (train0: jaw up to 0.25 rad, neck rotation below 0.06 rad) and head
-    rotations (train1: neck up to 0.35 rad, jaw below 0.05 rad) separately. The test video combines
-    train0's expressions and jaw (0.07 to 0.25 rad) with train1-like head rotations (0.12 rad or more),
-    so none of its (expression, pose) combinations occurs in training, while each factor stays inside
-    the range training has seen - like a held-out video of the same person.
+    As in a real capture, every video moves everything at once: designed expressions and blinks,
+    the jaw (0 to 0.25 rad), the neck (pitch up to 0.2, yaw up to 0.35, roll up to 0.08 rad) and the
+    gaze, each a smooth random signal of up to 16 cycles per video. The few hundred frames stand for
+    a subsampled real capture of thousands, whose many distinct expressions determine every
+    blendshape direction (with up to 2 cycles per video, most of the 50 expression directions were
+    barely sampled). The videos differ only in their random draws (and camera), so the test video's
+    frames are new (expression, pose) combinations from the same motion distribution as training,
+    like a held-out video of the same person.
     """
-    sig = _smooth_signals(rng, n_frames, 64)
+    sig = _smooth_signals(rng, n_frames, 64, cycles=16.0)
     expr = np.zeros((n_frames, 50))
     designed = 0.45 + 0.75 * sig[:, :10]  # designed actions in about [-0.3, 1.2]
     designed[:, 4] = 0.9 * np.clip(sig[:, 4], 0.0, None) ** 3  # eye closing: occasional blinks
@@ -866,23 +870,10 @@ def _trajectory(kind: str, n_frames: int, rng: np.random.Generator) -> tuple[np.
     gaze = 0.12 * sig[:, 50:52]
     pose[:, 9:11] = gaze  # both eyes look the same way
     pose[:, 12:14] = gaze
-    pos = 0.5 * (sig[:, 52:56] + 1.0)  # in [0, 1]
-    if kind == "expression":
-        pose[:, 6] = 0.25 * pos[:, 0]
-        pose[:, 3:6] = 0.035 * sig[:, 56:59]
-    elif kind == "head":
-        expr *= 0.25
-        pose[:, 6] = 0.05 * pos[:, 0]
-        pose[:, 3] = 0.20 * sig[:, 56]  # pitch
-        pose[:, 4] = 0.35 * sig[:, 57]  # yaw
-        pose[:, 5] = 0.08 * sig[:, 58]  # roll
-    else:
-        pose[:, 6] = 0.07 + 0.18 * pos[:, 0]
-        turns = rng.uniform(0.8, 1.5)
-        ang = 2.0 * np.pi * turns * np.arange(n_frames) / max(n_frames, 1) + rng.uniform(0.0, 2.0 * np.pi)
-        pose[:, 3] = 0.12 * np.sin(ang)
-        pose[:, 4] = 0.22 * np.cos(ang)
-        pose[:, 5] = 0.05 * sig[:, 58]
+    pose[:, 6] = 0.25 * 0.5 * (sig[:, 52] + 1.0)  # jaw opening in [0, 0.25]
+    pose[:, 3] = 0.20 * sig[:, 56]  # neck pitch
+    pose[:, 4] = 0.35 * sig[:, 57]  # yaw
+    pose[:, 5] = 0.08 * sig[:, 58]  # roll
     return expr, pose
 
 
@@ -903,7 +894,7 @@ def _write_frame(job: tuple) -> None:
 
 
 def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    return max(1, min(16, os.cpu_count() or 1))
 
 
 def make_synthetic_subject(
@@ -917,7 +908,7 @@ def make_synthetic_subject(
 ) -> Path:
     """Generate the synthetic subject in IMavatar format (spec §3.1, §3.3) and return its root.
 
-    Frames are rendered by ``workers`` forked processes (default: the CPU count, at most 8); the files
+    Frames are rendered by ``workers`` forked processes (default: the CPU count, at most 16); the files
     do not depend on it.
 
     Writes data_folder/<subject>/flame/{generic_model.pkl, landmark_embedding.npy} and the videos
@@ -950,14 +941,14 @@ def make_synthetic_subject(
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     jobs = []
     bar = tqdm(total=sum(counts.values()), desc=f"synthetic subject {subject_name} ({res}px)", unit="frame")
-    for v_idx, (name, kind, cam_t) in enumerate(_VIDEOS):
+    for v_idx, (name, cam_t) in enumerate(_VIDEOS):
         n_frames = counts[name]
         video = root / subject_name / name
         if video.exists():
             shutil.rmtree(video)  # stale frames of an earlier, longer run
         for sub in ("image", "mask", "semantic"):
             (video / sub).mkdir(parents=True)
-        expr, pose = _trajectory(kind, n_frames, np.random.default_rng([seed, 3, v_idx]))
+        expr, pose = _trajectory(n_frames, np.random.default_rng([seed, 3, v_idx]))
         t = np.array(cam_t)
         frames = []
         for start in range(0, n_frames, 16):

@@ -6,6 +6,7 @@ ghost bone in column 0).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,35 @@ LOSS_KEYS = (
     "posedirs_loss",
     "shapedirs_loss",
 )
+
+
+# Variances at or below this are treated as "this expression never changes in training".
+MIN_EXPRESSION_VARIANCE = 1e-8
+
+
+def usable_expression_variance(var_expression: torch.Tensor) -> torch.Tensor:
+    """The per-expression variance [1, E] that the blendshape prior divides by, made safe.
+
+    The original divides by the variance as it is, so an expression dimension that is constant over
+    the training frames (variance 0) makes the loss infinite and the first step turns every weight
+    into NaN. Such dimensions get the smallest variance among the others instead, with one warning.
+    """
+    var = torch.as_tensor(var_expression).reshape(1, -1).detach().clone()
+    if not var.is_floating_point():
+        var = var.float()
+    bad = ~(var > MIN_EXPRESSION_VARIANCE)  # also catches NaN
+    if bad.any():
+        good = var[~bad]
+        floor = float(good.min()) if good.numel() else 1.0
+        dims = bad.nonzero()[:, 1].tolist()
+        warnings.warn(
+            f"Expression dimensions {dims} do not vary over the training frames, so the blendshape "
+            f"prior cannot scale by their variance (it would divide by zero); using {floor:.3g} for "
+            "them. Set dataset.use_var_expression = False for an unscaled prior.",
+            stacklevel=2,
+        )
+        var[bad] = floor
+    return var
 
 
 def _need(d: dict, key: str, where: str) -> torch.Tensor:
@@ -101,7 +131,7 @@ class Loss(nn.Module):
         self.sdf_consistency_weight = float(loss_conf.sdf_consistency_weight)
         self.vgg_feature_weight = float(loss_conf.vgg_feature_weight)
         if var_expression is not None:
-            var_expression = torch.as_tensor(var_expression).reshape(1, -1).detach().clone()
+            var_expression = usable_expression_variance(var_expression)
         # Not a buffer: it belongs to the dataset, not to any checkpoint.
         self.var_expression = var_expression
         self.vgg: nn.Module | None = None

@@ -255,6 +255,7 @@ class Trainer:
             if inputs_active:
                 self.optimizer_cam.zero_grad(set_to_none=True)
             losses["loss"].backward()
+            self._check_finite(epoch, data_index, losses)
             self.optimizer.step()
             if inputs_active:
                 self.optimizer_cam.step()
@@ -278,6 +279,20 @@ class Trainer:
         )
         if self.writer is not None:
             self.writer.add_scalar("train/timing_epoch_ms", elapsed * 1000, epoch)
+
+    def _check_finite(self, epoch: int, data_index: int, losses: dict) -> None:
+        """Stop before a NaN or infinite loss reaches the weights (one device sync per step; the
+        rasterizer synchronises anyway). The last checkpoint stays the one to resume from."""
+        if bool(torch.isfinite(losses["loss"])):
+            return
+        bad = [k for k, v in losses.items() if not bool(torch.isfinite(v))]
+        latest = self.ckpt.path(ckpt.MODEL, "latest")
+        raise PointAvatarError(
+            f"The training loss is not finite at epoch {epoch}, step {data_index} (terms: {', '.join(bad)}). "
+            "Nothing was updated with it. Usual causes: a learning rate too high for the schedule, a "
+            "loss weight of the wrong scale, or NaN/inf in the dataset's expression, pose or camera "
+            f"values. The last checkpoint is {latest} (resume with --is_continue after fixing the cause)."
+        )
 
     def _log(self, epoch: int, data_index: int, means: dict) -> None:
         text = ", ".join(f"{k} = {v:.6f}" for k, v in means.items())
