@@ -133,7 +133,7 @@ def test_torso_static_within_video(subject):
         assert (ims[0][both] == ims[1][both]).all()
 
 
-def test_test_frames_new_but_inside_training_motion(subject):
+def test_files_hold_the_trajectories_and_test_frames_are_new(subject):
     _, root = subject
 
     def codes(video):

@@ -715,26 +715,18 @@ def _static_landmark_xy() -> np.ndarray:
     pts += [(0.0, 0.022), (0.0, 0.010), (0.0, -0.002), (0.0, _NOSE_TIP_Y)]  # nose bridge
     pts += [(-0.012, -0.024), (-0.006, -0.026), (0.0, -0.027), (0.006, -0.026), (0.012, -0.024)]  # nostrils
     hw, hh, dx = 0.0125, 0.0048, 0.0045
-    for xe, order in ((-_EYE_X, "right"), (_EYE_X, "left")):
-        ye = _EYE_Y - 0.0006
-        if order == "right":  # 36 outer corner, 37-38 upper lid, 39 inner, 40-41 lower lid
-            pts += [
-                (xe - hw, ye),
-                (xe - dx, ye + hh),
-                (xe + dx, ye + hh),
-                (xe + hw, ye),
-                (xe + dx, ye - hh),
-                (xe - dx, ye - hh),
-            ]
-        else:  # 42 inner corner, 43-44 upper lid, 45 outer, 46-47 lower lid
-            pts += [
-                (xe - hw, ye),
-                (xe - dx, ye + hh),
-                (xe + dx, ye + hh),
-                (xe + hw, ye),
-                (xe + dx, ye - hh),
-                (xe - dx, ye - hh),
-            ]
+    ye = _EYE_Y - 0.0006
+    # Right eye 36 outer corner, 37-38 upper lid, 39 inner, 40-41 lower lid; left eye 42 inner
+    # corner, 43-44 upper lid, 45 outer, 46-47 lower lid: both listed from image left to right.
+    for xe in (-_EYE_X, _EYE_X):
+        pts += [
+            (xe - hw, ye),
+            (xe - dx, ye + hh),
+            (xe + dx, ye + hh),
+            (xe + hw, ye),
+            (xe + dx, ye - hh),
+            (xe - dx, ye - hh),
+        ]
     ym, w = _MOUTH_Y, _MOUTH_HALF_W
     pts += [(-w, ym), (-0.017, ym + 0.008), (-0.007, ym + 0.0105), (0.0, ym + 0.0095), (0.007, ym + 0.0105)]
     pts += [(0.017, ym + 0.008), (w, ym), (0.017, ym - 0.009), (0.007, ym - 0.0125), (0.0, ym - 0.013)]

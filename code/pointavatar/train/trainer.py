@@ -222,9 +222,7 @@ class Trainer:
                 if new_bs != self.batch_size:
                     self.batch_size = new_bs
                     loader = self._loader()
-            self.model.visible_points = torch.zeros(
-                self.model.pc.points.shape[0], dtype=torch.bool, device=self.device
-            )
+            self.model.reset_visibility()
             self.train_epoch(epoch, loader)
             self.scheduler.step()
             if tc.fix_lr_schedule:
@@ -250,12 +248,12 @@ class Trainer:
                 model_input = self.inputs.apply(model_input)
             outputs = self.model(model_input)
             losses = self.loss(outputs, ground_truth)
+            self._check_finite(epoch, data_index, losses)
 
             self.optimizer.zero_grad(set_to_none=True)
             if inputs_active:
                 self.optimizer_cam.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            self._check_finite(epoch, data_index, losses)
             self.optimizer.step()
             if inputs_active:
                 self.optimizer_cam.step()
