@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Train a PointAvatar and evaluate it (the original's command line, spec §2.1).
+"""Train a PointAvatar and evaluate it (the original PointAvatar's command line).
 
     python scripts/exp_runner.py --conf ./confs/subject1.conf [--is_continue]
     python scripts/exp_runner.py --conf ./confs/subject1.conf --is_eval [--checkpoint 60] [--load_path DIR]
 
 Run from the repository root: the confs' relative paths (./data/..., ./code/flame/...) are resolved
-against the working directory.
+against the working directory. Training ends with an evaluation of the last checkpoint.
 """
 
 from __future__ import annotations
@@ -31,10 +31,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--nepoch",
         type=int,
         default=None,
-        help="last training epoch, inclusive (default: train.nepoch of the conf, 62)",
+        help="last training epoch, inclusive (default: train.nepoch of the conf)",
     )
     p.add_argument(
         "--is_continue", action="store_true", help="resume from <train dir>/checkpoints/<checkpoint>"
+    )
+    p.add_argument(
+        "--move_old_run",
+        action="store_true",
+        help="start a fresh run even though the run folder holds one: the old run folder is renamed to "
+        "<name>.old-<date>-<time> first (nothing is deleted)",
     )
     p.add_argument(
         "--only_json",
@@ -43,7 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "with another sequence's expressions and poses",
     )
     p.add_argument(
-        "--checkpoint", default="latest", help="checkpoint name: latest or an epoch number such as 60"
+        "--checkpoint",
+        default="latest",
+        help="checkpoint to resume or evaluate: latest (default) or an epoch number such as 60",
     )
     p.add_argument("--load_path", default="", help="another train/ directory to load checkpoints from")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -78,6 +86,7 @@ def main(argv=None) -> int:
             checkpoint=args.checkpoint,
             load_path=args.load_path,
             device=args.device,
+            move_old_run=args.move_old_run,
         )
         trainer.run()
         # After training, evaluate the checkpoint just written (spec §2.1). The original passed

@@ -378,3 +378,217 @@ def test_override_rejects_unknown_and_wrong_type() -> None:
         override(c, {"dataset.test": 1})
     with pytest.raises(ConfError, match="malformed conf key"):
         override(c, {"dataset..test": 1})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Value ranges: checked at load and after override, naming the file, the key and the allowed range
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "allowed", "found"),
+    [
+        ("train { checkpoint_freq = 0 }", "train.checkpoint_freq", ">= 1", "found 0"),
+        ("train { plot_freq = 0 }", "train.plot_freq", ">= 1", "found 0"),
+        ("train { upsample_freq = -5 }", "train.upsample_freq", ">= 1", "found -5"),
+        ("train { save_freq = 0 }", "train.save_freq", ">= 1", "found 0"),
+        ("train { log_freq = 0 }", "train.log_freq", ">= 1", "found 0"),
+        ("train { learning_rate = 0 }", "train.learning_rate", "> 0", "found 0.0"),
+        ("train { learning_rate_cam = -1e-4 }", "train.learning_rate_cam", "> 0", "found -0.0001"),
+        ("train { num_workers = -1 }", "train.num_workers", ">= 0", "found -1"),
+        ("train { nepoch = -1 }", "train.nepoch", ">= 0", "found -1"),
+        ("train { max_batch = 0 }", "train.max_batch", ">= 1", "found 0"),
+        ("train { max_points_training = 0 }", "train.max_points_training", ">= 1", "found 0"),
+        ("train { tracking_steps = -1 }", "train.tracking_steps", ">= 0", "found -1"),
+        ("train { input_optimization_start = -2 }", "train.input_optimization_start", ">= 0", "found -2"),
+        ("train { sched_factor = 0 }", "train.sched_factor", "> 0", "found 0.0"),
+        ("train { GT_lbs_factor = -0.5 }", "train.GT_lbs_factor", "> 0", "found -0.5"),
+        (
+            "train { sched_milestones = [40, -60] }",
+            "train.sched_milestones",
+            "entries must be >= 0",
+            "entry 1",
+        ),
+        ("train { GT_lbs_milestones = [-1] }", "train.GT_lbs_milestones", "entries must be >= 0", "entry 0"),
+        ("loss { mask_weight = -1 }", "loss.mask_weight", ">= 0", "found -1.0"),
+        ("loss { vgg_feature_weight = -0.1 }", "loss.vgg_feature_weight", ">= 0", "found -0.1"),
+        ("model { prune_thresh = 1.5 }", "model.prune_thresh", "in [0, 1]", "found 1.5"),
+        ("model { prune_thresh = -0.1 }", "model.prune_thresh", "in [0, 1]", "found -0.1"),
+        ("model { point_cloud { n_init_points = 0 } }", "model.point_cloud.n_init_points", ">= 1", "found 0"),
+        ("model { point_cloud { max_points = 0 } }", "model.point_cloud.max_points", ">= 1", "found 0"),
+        ("model { point_cloud { init_radius = 0 } }", "model.point_cloud.init_radius", "> 0", "found 0.0"),
+        (
+            "model { point_cloud { radius_factor = -1 } }",
+            "model.point_cloud.radius_factor",
+            "> 0",
+            "found -1.0",
+        ),
+        ("model { geometry_network { dims = [256, 0] } }", "model.geometry_network.dims", ">= 1", "entry 1"),
+        ("model { rendering_network { dims = [-64] } }", "model.rendering_network.dims", ">= 1", "entry 0"),
+        ("model { deformer_network { dims = [128, 0] } }", "model.deformer_network.dims", ">= 1", "entry 1"),
+        (
+            "model { geometry_network { multires = -1 } }",
+            "model.geometry_network.multires",
+            ">= 0",
+            "found -1",
+        ),
+        ("model { deformer_network { num_exp = 0 } }", "model.deformer_network.num_exp", ">= 1", "found 0"),
+        ("dataset { synthetic { train_frames = 0 } }", "dataset.synthetic.train_frames", ">= 1", "found 0"),
+        ("dataset { synthetic { test_frames = 0 } }", "dataset.synthetic.test_frames", ">= 1", "found 0"),
+        (
+            "dataset { train { img_res = [512] }, test { img_res = [512] } }",
+            "dataset.train.img_res",
+            "two equal integers [S, S] >= 1",
+            "found [512]",
+        ),
+        (
+            "dataset { train { img_res = [512, 256] }, test { img_res = [512, 256] } }",
+            "dataset.train.img_res",
+            "two equal integers [S, S] >= 1",
+            "found [512, 256]",
+        ),
+        (
+            "dataset { train { img_res = [0, 0] }, test { img_res = [0, 0] } }",
+            "dataset.train.img_res",
+            "two equal integers [S, S] >= 1",
+            "found [0, 0]",
+        ),
+        ("dataset { test { subsample = 0 } }", "dataset.test.subsample", "an int >= 1", "found 0"),
+        ("dataset { test { subsample = [] } }", "dataset.test.subsample", "non-empty list", "found []"),
+        (
+            "dataset { test { subsample = [3, -1, 7] } }",
+            "dataset.test.subsample",
+            "indices >= 0",
+            "[3, -1, 7]",
+        ),
+        ("dataset { train { subsample = [50, 10] } }", "dataset.train.subsample", "first < end", "[50, 10]"),
+    ],
+)
+def test_value_out_of_range(tmp_path: Path, text: str, key: str, allowed: str, found: str) -> None:
+    path = _write(tmp_path, text + "\n")
+    with pytest.raises(ConfError) as exc:
+        load_conf(path)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: conf key '{key}' ") and allowed in msg and found in msg, msg
+
+
+def test_range_message_format(tmp_path: Path) -> None:
+    path = _write(tmp_path, "train { checkpoint_freq = 0 }\n")
+    with pytest.raises(ConfError) as exc:
+        load_conf(path)
+    assert str(exc.value) == f"{path}: conf key 'train.checkpoint_freq' must be >= 1, found 0"
+
+
+def test_range_bounds_are_inclusive_where_stated() -> None:
+    c = parse_conf(
+        "train { nepoch = 0, num_workers = 0, tracking_steps = 0, input_optimization_start = 0 }\n"
+        "loss { mask_weight = 0, lbs_weight = 0 }\n"
+        "model { prune_thresh = 1.0, point_cloud { n_init_points = 1, max_points = 1 } }\n"
+        "dataset { train { subsample = [0, 1], img_res = [1, 1] }, test { subsample = [0], img_res = [1, 1] } }\n"
+    )
+    assert c.train.nepoch == 0 and c.model.prune_thresh == 1.0 and c.model.point_cloud.max_points == 1
+    assert c.dataset.test.subsample == [0] and c.dataset.train.img_res == [1, 1]
+
+
+def test_max_points_below_n_init_points(tmp_path: Path) -> None:
+    path = _write(tmp_path, "model { point_cloud { n_init_points = 400, max_points = 100 } }\n")
+    with pytest.raises(ConfError) as exc:
+        load_conf(path)
+    msg = str(exc.value)
+    assert str(path) in msg
+    assert "'model.point_cloud.max_points' must be >= 'model.point_cloud.n_init_points' (400)" in msg
+    assert "found 100" in msg
+
+
+def test_test_img_res_must_equal_train_img_res(tmp_path: Path) -> None:
+    # The test block is absent: its default [512, 512] differs from the train split's.
+    path = _write(tmp_path, "dataset { train { img_res = [128, 128] } }\n")
+    with pytest.raises(ConfError) as exc:
+        load_conf(path)
+    msg = str(exc.value)
+    assert str(path) in msg
+    assert "'dataset.test.img_res' must equal 'dataset.train.img_res' [128, 128]" in msg
+    assert "found [512, 512]" in msg and "set dataset.test.img_res = [128, 128]" in msg
+
+
+def test_override_checks_ranges_and_cross_fields() -> None:
+    c = load_conf(CONFS / "subject1.conf")
+    with pytest.raises(ConfError, match=r"^override: conf key 'train.max_batch' must be >= 1, found 0$"):
+        override(c, {"train.max_batch": 0})
+    with pytest.raises(ConfError, match=r"^override: conf key 'model.point_cloud.max_points' must be >= "):
+        override(c, {"model.point_cloud.max_points": 399})  # n_init_points is 400
+    with pytest.raises(
+        ConfError, match=r"'dataset.test.img_res' must equal 'dataset.train.img_res' \[64, 64\]"
+    ):
+        override(c, {"dataset.train.img_res": [64, 64]})
+    # Both changed together: the cross-field checks see the whole updated tree.
+    c2 = override(c, {"dataset.train.img_res": [64, 64], "dataset.test.img_res": [64, 64]})
+    assert c2.dataset.test.img_res == [64, 64]
+    c3 = override(c, {"model.point_cloud.n_init_points": 100, "model.point_cloud.max_points": 100})
+    assert c3.model.point_cloud.max_points == 100
+
+
+@pytest.mark.parametrize(
+    "path", [*(CONFS / f"{n}.conf" for n in ALL_CONFS), CONFS.parent / "benchmarks" / "synthetic512.conf"]
+)
+def test_every_shipped_conf_passes_the_checks(path: Path) -> None:
+    c = load_conf(path)
+    assert parse_conf(dump_conf(c)) == c
+
+
+# ---------------------------------------------------------------------------------------------------
+# include
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_include_resolves_against_the_conf_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "confs"
+    folder.mkdir()
+    _write(folder, "train { max_batch = 3, nepoch = 7 }\n", "base.conf")
+    (folder / "parts").mkdir()
+    _write(folder / "parts", "loss { lbs_weight = 2 }\n", "loss.conf")
+    main = _write(
+        folder,
+        'include "base.conf"\ninclude required("parts/loss.conf")\ntrain { nepoch = 9 }\n',
+        "main.conf",
+    )
+    monkeypatch.chdir(tmp_path)  # the includes must not resolve against the working directory
+    c = load_conf(main)
+    assert c.train.max_batch == 3 and c.train.nepoch == 9 and c.loss.lbs_weight == 2.0
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ['include "missing.conf"', 'include required("missing.conf")', 'include file("missing.conf")'],
+)
+def test_include_of_missing_file(tmp_path: Path, statement: str) -> None:
+    path = _write(tmp_path, f"{statement}\ntrain {{ max_batch = 3 }}\n")
+    with pytest.raises(ConfError) as exc:
+        load_conf(path)
+    msg = str(exc.value)
+    assert msg.startswith(f'{path}: included conf file not found: "missing.conf"')
+    assert str(tmp_path / "missing.conf") in msg
+
+
+def test_nested_include_of_missing_file(tmp_path: Path) -> None:
+    inner = _write(tmp_path, 'include "gone.conf"\n', "inner.conf")
+    outer = _write(tmp_path, 'include "inner.conf"\n', "outer.conf")
+    with pytest.raises(ConfError) as exc:
+        load_conf(outer)
+    msg = str(exc.value)
+    assert f'{inner} (included from {outer}): included conf file not found: "gone.conf"' in msg
+
+
+def test_include_words_in_comments_and_strings_are_not_includes(tmp_path: Path) -> None:
+    text = (
+        '# include "nothing.conf"\n// include "nothing.conf"\ntrain { methodname = "include \\"x.conf\\"" }\n'
+    )
+    assert load_conf(_write(tmp_path, text)).train.methodname == 'include "x.conf"'
+
+
+def test_include_cycle(tmp_path: Path) -> None:
+    a = _write(tmp_path, 'include "b.conf"\n', "a.conf")
+    _write(tmp_path, 'include "a.conf"\n', "b.conf")
+    with pytest.raises(ConfError, match="cycle") as exc:
+        load_conf(a)
+    assert str(a) in str(exc.value)

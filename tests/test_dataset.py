@@ -427,3 +427,90 @@ def test_grey_image_and_corrupt_file(subject):
 def test_bad_subsample(subject, subsample):
     folder, _ = subject
     _raises(["subsample"], lambda: make(folder, subsample=subsample))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Implausible values and frames of the wrong aspect ratio: refused at load, naming file, frame, field.
+
+
+def test_pose_of_1e30_is_refused_at_load(subject):
+    folder, _ = subject
+    path = os.path.join(folder, SUBJECT, SUBJECT, "vid_b", "flame_params.json")
+    _edit_json(path, lambda p: p["frames"][2]["pose"].__setitem__(0, 1e30))  # global rotation, x
+    message = _raises([path, "frames[2] (./image/3)", "field pose", "entry 0", "1e+30"], lambda: make(folder))
+    assert "[-12.5664, 12.5664]" in message  # 4 pi: MAX_ABS_POSE
+
+
+@pytest.mark.parametrize(
+    ("edit", "parts"),
+    [
+        (
+            lambda p: p["frames"][1]["expression"].__setitem__(7, -1e3),
+            ["frames[1] (./image/2)", "field expression", "entry 7", "-1000", "[-100, 100]"],
+        ),
+        (
+            lambda p: p["frames"][3]["world_mat"][2].__setitem__(3, 5e3),
+            ["frames[3] (./image/4)", "field world_mat", "camera translation", "|t| <= 1000"],
+        ),
+        (lambda p: p["shape_params"].__setitem__(4, 1e6), ["field shape_params", "entry 4", "[-100, 100]"]),
+        (lambda p: p.update(intrinsics=[-2.0, 0.0, 0.5, 0.5]), ["'intrinsics'", "fy/H > 0"]),
+        (lambda p: p.update(intrinsics=[-2.0, -1.9, 0.5, 0.5]), ["'intrinsics'", "fy/H > 0"]),
+        (lambda p: p.update(intrinsics=[0.0, 1.9, 0.5, 0.5]), ["'intrinsics'", "fx/W != 0"]),
+        (lambda p: p["frames"][0]["pose"].__setitem__(6, float("inf")), ["frames[0]", "pose", "infinite"]),
+    ],
+)
+def test_implausible_values_are_refused_at_load(subject, edit, parts):
+    folder, _ = subject
+    path = os.path.join(folder, SUBJECT, SUBJECT, "vid_b", "flame_params.json")
+    _edit_json(path, edit)
+    _raises([path, *parts], lambda: make(folder))
+
+
+def test_plausible_extremes_are_accepted(subject):
+    folder, _ = subject
+    path = os.path.join(folder, SUBJECT, SUBJECT, "vid_b", "flame_params.json")
+
+    def edit(p):
+        p["frames"][0]["pose"][:3] = [3.5, -3.5, 6.0]  # more than a half turn, e.g. an unwrapped angle
+        p["frames"][0]["expression"][0] = 40.0
+        p["frames"][0]["world_mat"][2][3] = -50.0
+
+    _edit_json(path, edit)
+    assert len(make(folder)) == 7
+
+
+@pytest.mark.parametrize("load_images", [False, True])
+def test_image_with_other_aspect_ratio_is_refused(subject, load_images):
+    folder, _ = subject
+    video = os.path.join(folder, SUBJECT, SUBJECT, "vid_a")
+    wide = os.path.join(video, "image", "2.png")
+    iio.imwrite(wide, np.zeros((RES, RES * 4 // 3, 3), np.uint8))  # a 4:3 frame, 42x32
+    parts = [wide, "frame 2 of video vid_a", "42x32 (W x H)", f"img_res [{RES}, {RES}]"]
+    if load_images:
+        _raises(parts, lambda: make(folder, sub_dir=["vid_a"], load_images=True))
+    else:
+        ds = make(folder, sub_dir=["vid_a"])  # lazy: refused when the frame is read
+        ds[0]
+        _raises(parts, lambda: ds[1])
+
+
+def test_mask_with_other_aspect_ratio_is_refused(subject):
+    folder, _ = subject
+    video = os.path.join(folder, SUBJECT, SUBJECT, "vid_b")
+    tall = os.path.join(video, "mask", "4.png")
+    iio.imwrite(tall, np.zeros((40, 20), np.uint8))
+    ds = make(folder, sub_dir=["vid_b"])
+    _raises(
+        [tall, "Mask", "frame 4 of video vid_b", "20x40 (W x H)", f"img_res [{RES}, {RES}]"], lambda: ds[3]
+    )
+
+
+def test_aspect_ratio_within_tolerance_is_resized(tmp_path):
+    root = tmp_path / "d"
+    video = root / SUBJECT / SUBJECT / "v"
+    write_video(str(video), 1, 8, 3, [-1.5, 1.4, 0.5, 0.5], [0, 0, -4.0], seed=0)
+    # 200x199: W/H differs from the square img_res by 0.5%, below ASPECT_TOLERANCE (1%).
+    iio.imwrite(str(video / "image" / "1.png"), np.zeros((199, 200, 3), np.uint8))
+    iio.imwrite(str(video / "mask" / "1.png"), np.zeros((199, 200), np.uint8))
+    ds = FaceDataset(str(root), SUBJECT, "flame_params.json", ["v"], [8, 8], use_background=True)
+    assert ds[0][2]["rgb"].shape == (64, 3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
 import sys
 
 import numpy as np
@@ -200,6 +201,137 @@ def test_landmark_embedding_round_trip(files):
     raw = np.load(lmk, allow_pickle=True).item()
     assert torch.is_tensor(raw["dynamic_lmk_faces_idx"]) and raw["dynamic_lmk_faces_idx"].dtype == torch.int64
     assert isinstance(raw["static_lmk_faces_idx"], np.ndarray)
+
+
+def _broken(key: str, value) -> dict[str, np.ndarray]:
+    model = make_model()
+    model[key] = value
+    return model
+
+
+# (key, replacement array, parts of the message: the key, the shape found and the one expected)
+_BROKEN_MODELS = [
+    ("v_template", np.zeros((V, 2)), ["'v_template'", "(200, 2)", "expected (V, 3)"]),
+    ("weights", np.full((V, 4), 0.25), ["'weights'", "(200, 4)", "expected (V, J) with V = 200, J = 5"]),
+    ("shapedirs", np.zeros((V + 1, 3, 400)), ["'shapedirs'", "(201, 3, 400)", "(V, 3, S) with V = 200"]),
+    ("posedirs", np.zeros((V, 3, 35)), ["'posedirs'", "(200, 3, 35)", "P = 9 * (J - 1) = 36"]),
+    ("posedirs", np.zeros((3 * V, 36)), ["'posedirs'", "(600, 36)", "(V, 3, P)"]),
+    (
+        "J_regressor",
+        make_model()["J_regressor"][:, :-1],
+        ["'J_regressor'", "(5, 199)", "(J, V) with J = 5, V = 200"],
+    ),
+    (
+        "J_regressor",
+        make_model()["J_regressor"][:4],
+        ["'J_regressor'", "(4, 200)", "(J, V) with J = 5, V = 200"],
+    ),
+    ("f", np.zeros((N_FACES, 4), np.int64), ["'f'", "(300, 4)", "expected (F, 3)"]),
+    ("kintree_table", np.zeros((3, 5), np.int64), ["'kintree_table'", "(3, 5)", "expected (2, J)"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "parts"), _BROKEN_MODELS, ids=[f"{k}{v.shape}" for k, v, _ in _BROKEN_MODELS]
+)
+def test_model_with_wrong_shape_is_refused(tmp_path, key, value, parts):
+    pkl = tmp_path / "generic_model.pkl"
+    write_flame_pickle(pkl, _broken(key, value))
+    with pytest.raises(PointAvatarError) as err:
+        read_flame_file(pkl)
+    msg = str(err.value)
+    assert msg.startswith(f"{pkl}: FLAME model array {parts[0]} has shape {parts[1]}"), msg
+    for part in parts[2:]:
+        assert part in msg, msg
+    # The FLAME layer gets the same message (the reader checks before the layer indexes anything).
+    with pytest.raises(PointAvatarError, match=re.escape(parts[1])):
+        FLAME(pkl, None)
+
+
+def test_npz_model_with_wrong_shape_is_refused(tmp_path):
+    npz = tmp_path / "generic_model.npz"
+    np.savez(npz, **_broken("weights", np.full((V, 4), 0.25)))
+    with pytest.raises(PointAvatarError) as err:
+        read_flame_file(npz)
+    msg = str(err.value)
+    assert msg.startswith(f"{npz}: FLAME model array 'weights' has shape (200, 4)")
+    assert "expected (V, J) with V = 200, J = 5" in msg
+    # No shape/expression basis at all (as .npz: the restricted unpickler refuses the bytes() call that
+    # a pickle uses for the data of an empty array).
+    np.savez(npz, **_broken("shapedirs", np.zeros((V, 3, 0))))
+    with pytest.raises(PointAvatarError, match=r"'shapedirs' has shape \(200, 3, 0\), expected \(V, 3, S\)"):
+        read_flame_file(npz)
+
+
+@pytest.mark.parametrize(("bad", "index"), [(V, "200"), (-1, "-1")])
+def test_model_with_face_index_out_of_range_is_refused(tmp_path, bad, index):
+    faces = make_model()["f"].copy()
+    faces[7, 1] = bad
+    pkl = tmp_path / "generic_model.pkl"
+    write_flame_pickle(pkl, _broken("f", faces))
+    with pytest.raises(PointAvatarError) as err:
+        read_flame_file(pkl)
+    msg = str(err.value)
+    assert str(pkl) in msg and "'f'" in msg and f"vertex index {index}" in msg
+    assert "expected indices in [0, 200)" in msg
+
+
+def test_model_with_float_faces_or_bad_kinematic_tree_is_refused(tmp_path):
+    pkl = tmp_path / "generic_model.pkl"
+    write_flame_pickle(pkl, _broken("f", make_model()["f"].astype(np.float64)))
+    with pytest.raises(PointAvatarError, match=r"'f' holds float64 values, expected integer vertex ids"):
+        read_flame_file(pkl)
+    # Joint 2's parent is joint 3, which comes after it: the kinematic chain cannot be built in order.
+    kintree = np.array([[-1, 0, 3, 1, 1], [0, 1, 2, 3, 4]], dtype=np.int64)
+    write_flame_pickle(pkl, _broken("kintree_table", kintree))
+    with pytest.raises(PointAvatarError) as err:
+        read_flame_file(pkl)
+    msg = str(err.value)
+    assert str(pkl) in msg and "'kintree_table' gives joint 2 the parent 3" in msg and "[0, 1]" in msg
+
+
+def test_model_with_nan_is_refused(tmp_path):
+    v_template = make_model()["v_template"].copy()
+    v_template[3, 0] = np.nan
+    pkl = tmp_path / "generic_model.pkl"
+    write_flame_pickle(pkl, _broken("v_template", v_template))
+    with pytest.raises(PointAvatarError, match=r"'v_template' contains NaN or infinite values") as err:
+        read_flame_file(pkl)
+    assert str(pkl) in str(err.value)
+
+
+def test_landmark_face_index_beyond_the_model_is_refused(files, tmp_path):
+    _, pkl, _ = files
+    landmarks = make_landmarks(N_FACES)
+    landmarks["static_lmk_faces_idx"][5] = N_FACES  # one past the last face of the model
+    lmk = tmp_path / "landmark_embedding.npy"
+    write_landmark_embedding(lmk, landmarks)
+    read_landmark_embedding(lmk)  # alone, the face count is unknown: only the shapes are checked
+    with pytest.raises(PointAvatarError) as err:
+        read_landmark_embedding(lmk, n_faces=N_FACES)
+    msg = str(err.value)
+    assert str(lmk) in msg and "'static_lmk_faces_idx'" in msg and "face index 300" in msg
+    assert "expected indices in [0, 300)" in msg
+    with pytest.raises(PointAvatarError, match=r"'static_lmk_faces_idx' has face index 300"):
+        FLAME(pkl, lmk)
+
+
+def test_landmark_embedding_with_wrong_shape_or_negative_index_is_refused(tmp_path):
+    lmk = tmp_path / "landmark_embedding.npy"
+    landmarks = make_landmarks(N_FACES)
+    landmarks["dynamic_lmk_faces_idx"] = landmarks["dynamic_lmk_faces_idx"][:78]  # one yaw row short
+    write_landmark_embedding(lmk, landmarks)
+    with pytest.raises(PointAvatarError) as err:
+        read_landmark_embedding(lmk)
+    msg = str(err.value)
+    assert str(lmk) in msg and "'dynamic_lmk_faces_idx' has shape (78, 17), expected (79, K)" in msg
+    landmarks = make_landmarks(N_FACES)
+    landmarks["full_lmk_faces_idx"][0, 3] = -2
+    write_landmark_embedding(lmk, landmarks)
+    with pytest.raises(
+        PointAvatarError, match=r"'full_lmk_faces_idx' has face index -2, expected indices >= 0"
+    ):
+        read_landmark_embedding(lmk)
 
 
 # ---------------------------------------------------------------------------------------- LBS

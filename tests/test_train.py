@@ -8,64 +8,20 @@ the bad-input messages are checked on the same data.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from run_fixtures import ROOT, load_model_ckpt, tiny
 
-from pointavatar.config import load_conf
 from pointavatar.errors import PointAvatarError
 from pointavatar.evaluate.runner import Evaluator
 from pointavatar.train import checkpoints as ckpt
+from pointavatar.train.experiment import Experiment
 from pointavatar.train.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFS = sorted((ROOT / "confs").glob("*.conf"))
 SUBJECT1 = ROOT / "confs" / "subject1.conf"
-RES = 32
-
-
-@pytest.fixture(scope="module")
-def subject(tmp_path_factory):
-    from pointavatar.data.synthetic import make_synthetic_subject
-
-    data = tmp_path_factory.mktemp("data")
-    make_synthetic_subject(data, "synthetic", res=RES, train_frames=2, test_frames=2, seed=0)
-    return data
-
-
-def tiny(conf_path, subject, out, **extra):
-    """The conf with the synthetic subject and tiny sizes; everything else as shipped."""
-    conf = load_conf(conf_path)
-    flame_dir = Path(subject) / "synthetic" / "flame"
-    updates = {
-        "train.exps_folder": str(out),
-        "train.num_workers": 0,
-        "train.plot_freq": 1,
-        "train.max_points_training": 800,
-        "train.upsample_freq": 1,
-        "loss.vgg_feature_weight": 0.0,
-        "dataset.data_folder": str(subject),
-        "dataset.subject_name": "synthetic",
-        "dataset.synthetic.generate": False,
-        "dataset.train.sub_dir": ["train0", "train1"],
-        "dataset.train.img_res": [RES, RES],
-        "dataset.test.sub_dir": ["test"],
-        "dataset.test.img_res": [RES, RES],
-        "dataset.test.subsample": 1,
-        "model.flame_model_path": str(flame_dir / "generic_model.pkl"),
-        "model.flame_landmark_path": str(flame_dir / "landmark_embedding.npy"),
-        "model.point_cloud.n_init_points": 100,
-        "model.point_cloud.max_points": 400,
-        "model.render_backend": "torch",
-    }
-    updates.update(extra)
-    return conf.override(updates)
-
-
-def load_model_ckpt(train_dir, name="latest"):
-    return torch.load(Path(train_dir) / "checkpoints" / ckpt.MODEL / f"{name}.pth", map_location="cpu")
 
 
 @pytest.mark.slow
@@ -308,10 +264,7 @@ def test_keep_optimizer_state_carries_moments(subject, tmp_path):
 def test_prune_on_resume_saves_visibility(subject, tmp_path, capsys):
     conf = tiny(SUBJECT1, subject, tmp_path, **{"train.prune_on_resume": True})
     Trainer(conf, nepoch=0, device="cpu").run()
-    assert (
-        load_model_ckpt(Trainer(conf, nepoch=0, device="cpu").exp.train_dir)["visible_points"].dtype
-        == torch.bool
-    )
+    assert load_model_ckpt(Experiment(conf).train_dir)["visible_points"].dtype == torch.bool
     capsys.readouterr()
     resumed = Trainer(conf, nepoch=1, is_continue=True, device="cpu")
     assert resumed.resumed_visibility

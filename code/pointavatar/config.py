@@ -5,10 +5,14 @@ a conf file is parsed once, at the boundary, into a tree of dataclasses whose fi
 HOCON keys and whose defaults are the original's values (the shipped `subject1.conf`, spec §1.2, and the
 code defaults of spec §1.3). Keys we added are marked "(ours)". Unknown keys and wrong types stop the
 program with a `ConfError` naming the file, the full key path and, for a typo, the closest valid key.
+Values out of their allowed range (field metadata `_range` / `_check`, and the cross-field checks of
+`_check_conf`) are refused the same way, naming the key and the range, when a file is loaded and after
+`override`. `include "other.conf"` statements resolve against the including file's folder; an include of a
+missing file is an error (pyhocon alone skips it silently).
 
 Public API:
     load_conf(path) -> Conf             parse and validate a HOCON file
-    parse_conf(text, source) -> Conf    the same from a string
+    parse_conf(text, source, base_dir) -> Conf  the same from a string (includes resolve against base_dir)
     override(conf, {"a.b.c": v}) -> Conf  a validated copy with dotted keys replaced (also `Conf.override`)
     dump_conf(conf) -> str              HOCON text that `parse_conf` reads back to an equal Conf
     save_conf(conf, path)               write `dump_conf(conf)` to a file (the run folder's runconf.conf)
@@ -23,12 +27,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import glob
 import json
 import math
 import os
+import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +72,69 @@ def _choices(*values: str) -> dict[str, Any]:
     return {"choices": values}
 
 
+def _num(bound: float) -> str:
+    """A bound as written in messages: 1 and 1.0 as "1", 1e-3 as "0.001"."""
+    return str(int(bound)) if float(bound).is_integer() else repr(float(bound))
+
+
+@dataclass(frozen=True)
+class _Range:
+    """Allowed interval of a number (or of every entry of a list of numbers); None = unbounded."""
+
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    max_exclusive: bool = False
+
+    def contains(self, value: float) -> bool:
+        if self.min is not None and (value <= self.min if self.min_exclusive else value < self.min):
+            return False
+        if self.max is not None and (value >= self.max if self.max_exclusive else value > self.max):
+            return False
+        return True
+
+    def describe(self) -> str:
+        """ ">= 1", "> 0", "in [0, 1]", ..."""
+        if self.min is not None and self.max is not None:
+            left = "(" if self.min_exclusive else "["
+            right = ")" if self.max_exclusive else "]"
+            return f"in {left}{_num(self.min)}, {_num(self.max)}{right}"
+        if self.min is not None:
+            return f"{'>' if self.min_exclusive else '>='} {_num(self.min)}"
+        if self.max is not None:
+            return f"{'<' if self.max_exclusive else '<='} {_num(self.max)}"
+        return "any number"
+
+
+def _range(
+    min: float | None = None,
+    max: float | None = None,
+    *,
+    min_exclusive: bool = False,
+    max_exclusive: bool = False,
+) -> dict[str, Any]:
+    """Field metadata: the number (for a list field: every entry) must lie in this interval."""
+    return {"range": _Range(min, max, min_exclusive, max_exclusive)}
+
+
+def _check(predicate: Callable[[Any], bool], requirement: str) -> dict[str, Any]:
+    """Field metadata: `predicate(value)` must hold; the error says the value "must be <requirement>"."""
+    return {"check": (predicate, requirement)}
+
+
+def _is_square_res(value: list[int]) -> bool:
+    return len(value) == 2 and value[0] >= 1 and value[0] == value[1]
+
+
+def _is_subsample(value: int | list[int]) -> bool:
+    if isinstance(value, int):
+        return value >= 1
+    if not value or any(v < 0 for v in value):
+        return False
+    # Two entries are the range [first, end) (spec §3.4); an empty range selects no frame.
+    return len(value) != 2 or value[0] < value[1]
+
+
 # Field metadata marking a field that is not a HOCON key (never read from or written to a conf file).
 _INTERNAL = {"internal": True}
 
@@ -87,51 +156,51 @@ class TrainConf:
     dataset_class: str = "datasets.real_dataset.FaceDataset"
     """Informational only, kept so the original confs parse: the original resolved this dotted class path
     dynamically; we always use pointavatar.data.FaceDataset."""
-    learning_rate: float = 1.0e-4
+    learning_rate: float = field(default=1.0e-4, metadata=_range(min=0, min_exclusive=True))
     """Adam learning rate for all model parameters (networks and point positions) (spec §7)."""
-    learning_rate_cam: float = 5.0e-4
+    learning_rate_cam: float = field(default=5.0e-4, metadata=_range(min=0, min_exclusive=True))
     """SparseAdam learning rate for the per-frame expression, FLAME pose and camera translation; used in
     training (from epoch 11) and in test-time tracking (spec §2.6, §2.9)."""
     num_pixels: int = 2048
     """Unused (a leftover of IMavatar's ray sampling): full images are always rendered."""
-    max_points_training: int = 819200
+    max_points_training: int = field(default=819200, metadata=_range(min=1))
     """Budget of frames x points per step: batch size = min(floor(max_points_training / N), max_batch),
     recomputed at init, after each upsampling, at resume and in test (spec §2.7). Lower it if memory is
     short."""
-    max_batch: int = 8
+    max_batch: int = field(default=8, metadata=_range(min=1))
     """Upper bound on the number of frames per batch."""
-    upsample_freq: int = 5
+    upsample_freq: int = field(default=5, metadata=_range(min=1))
     """Double the points (and shrink the radius) when epoch % upsample_freq == 0, epoch != 0, and
     N <= point_cloud.max_points / 2 (spec §2.5)."""
-    plot_freq: int = 1
+    plot_freq: int = field(default=1, metadata=_range(min=1))
     """Plot the test split at epochs where (e % plot_freq == 0 and e < 5) or e is even (spec §2.5)."""
-    sched_milestones: list[int] = field(default_factory=lambda: [40, 60])
+    sched_milestones: list[int] = field(default_factory=lambda: [40, 60], metadata=_range(min=0))
     """MultiStepLR milestones (epochs). A no-op in the original because Adam is re-created at every
     prune/upsample (spec §10.1); see fix_lr_schedule."""
-    sched_factor: float = 0.5
+    sched_factor: float = field(default=0.5, metadata=_range(min=0, min_exclusive=True))
     """MultiStepLR gamma (same caveat as sched_milestones)."""
-    GT_lbs_milestones: list[int] = field(default_factory=lambda: [10, 20, 30, 40])
+    GT_lbs_milestones: list[int] = field(default_factory=lambda: [10, 20, 30, 40], metadata=_range(min=0))
     """At the start of these epochs loss.lbs_weight is multiplied by GT_lbs_factor (replayed on resume)."""
-    GT_lbs_factor: float = 0.5
+    GT_lbs_factor: float = field(default=0.5, metadata=_range(min=0, min_exclusive=True))
     """Decay factor of loss.lbs_weight at each GT_lbs_milestone."""
     optimize_expression: bool = True
     """Learn a per-training-frame expression (50-d embedding initialised from the JSON) (spec §2.6)."""
     optimize_camera: bool = True
     """Learn a per-frame FLAME pose (15-d) and camera translation (3-d); the rotation is never optimized."""
-    nepoch: int = 62
+    nepoch: int = field(default=62, metadata=_range(min=0))
     """(ours) Last training epoch, inclusive: epochs 0..nepoch, so 63 from scratch (spec §2.1). The
     command-line --nepoch overrides it; the original had only the command-line flag, default 62."""
-    save_freq: int = 1
+    save_freq: int = field(default=1, metadata=_range(min=1))
     """Write `latest.pth` checkpoints every save_freq epochs (spec §1.3, code default of the original)."""
-    checkpoint_freq: int = 5
+    checkpoint_freq: int = field(default=5, metadata=_range(min=1))
     """(ours) Also write a numbered `<epoch>.pth` checkpoint every checkpoint_freq epochs (original:
     hard-coded 5, spec §2.3)."""
-    log_freq: int = 50
+    log_freq: int = field(default=50, metadata=_range(min=1))
     """(ours) Print and log the averaged loss terms every log_freq iterations (original: hard-coded 50)."""
-    num_workers: int = 4
+    num_workers: int = field(default=4, metadata=_range(min=0))
     """(ours) DataLoader worker processes for the train and plot loaders (original: hard-coded 4); 0 loads
     in the main process."""
-    input_optimization_start: int = 11
+    input_optimization_start: int = field(default=11, metadata=_range(min=0))
     """(ours) First epoch at which the per-frame inputs are optimized (original: hard-coded `epoch > 10`,
     spec §2.5); before it they receive no gradient at all (spec §10.3)."""
     keep_optimizer_state: bool = False
@@ -146,24 +215,28 @@ class TrainConf:
     test_tracking: bool = True
     """(ours) True (original, spec §2.9): before computing test metrics, fit per-frame expression, pose and
     camera translation to the test images (tracking). False: render with the JSON parameters."""
-    tracking_steps: int = 20
+    tracking_steps: int = field(default=20, metadata=_range(min=0))
     """(ours) SparseAdam iterations per test batch in test-time tracking (original: hard-coded 20)."""
+    seed: int = field(default=0, metadata=_range(min=0))
+    """(ours) Random seed of training: the model initialisation draws from it, and each epoch's random
+    draws (shuffle, eikonal samples, upsample jitter) from (seed, epoch), so a resumed run repeats the
+    draws of the run it continues. The original was unseeded."""
 
 
 @dataclass
 class LossConf:
     """`loss { }`: weights of the loss terms (spec §6). Passed to `Loss` as keyword arguments."""
 
-    mask_weight: float = 1.0
+    mask_weight: float = field(default=1.0, metadata=_range(min=0))
     """Weight of the mask L1 loss."""
-    lbs_weight: float = 10.0
+    lbs_weight: float = field(default=10.0, metadata=_range(min=0))
     """Global multiplier of the three FLAME-guided losses (skinning weights, pose correctives, expression
     blendshapes); decayed at train.GT_lbs_milestones."""
-    eikonal_weight: float = 0.1
+    eikonal_weight: float = field(default=0.1, metadata=_range(min=0))
     """Weight of the eikonal loss; must be > 0 when sdf_consistency_weight > 0."""
-    sdf_consistency_weight: float = 1.0
+    sdf_consistency_weight: float = field(default=1.0, metadata=_range(min=0))
     """Weight of mean(sdf(points)^2), which keeps the points on the SDF zero level set."""
-    vgg_feature_weight: float = 0.1
+    vgg_feature_weight: float = field(default=0.1, metadata=_range(min=0))
     """Weight of the VGG16 perceptual loss; the VGG network (and its weight file) is needed only if > 0."""
 
 
@@ -176,9 +249,19 @@ class SplitConf:
     sub_dir: list[str] = field(default_factory=lambda: ["MVI_1810", "MVI_1814"])
     """Video folders of the subject, in order; their frames are concatenated. Numeric names are read as
     strings (quote names with leading zeros, e.g. "007", or they lose the zeros in HOCON)."""
-    img_res: list[int] = field(default_factory=lambda: [512, 512])
-    """[H, W] images and masks are resized to; the rasterizer uses img_res[0] (square images assumed)."""
-    subsample: int | list[int] = 1
+    img_res: list[int] = field(
+        default_factory=lambda: [512, 512],
+        metadata=_check(_is_square_res, "two equal integers [S, S] >= 1 (the renderer draws square images)"),
+    )
+    """[H, W] images and masks are resized to; must be square (the rasterizer draws img_res[0] x img_res[0]),
+    and the test split's must equal the train split's (the model renders at one resolution)."""
+    subsample: int | list[int] = field(
+        default=1,
+        metadata=_check(
+            _is_subsample,
+            "an int >= 1 or a non-empty list of frame indices >= 0 (two entries [first, end] need first < end)",
+        ),
+    )
     """Frame subsampling: int s > 1 keeps every s-th frame; [a, b] keeps frames a..b-1; any other list
     keeps those frame indices (spec §3.4)."""
     load_images: bool = True
@@ -199,11 +282,11 @@ class SyntheticConf:
     generate: bool = False
     """Generate the synthetic subject (FLAME-format model files and an IMavatar-format dataset under
     data_folder/subject_name) if it is not there yet. False for real subjects."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(min=0))
     """Random seed of the generator; the same seed gives the same files."""
-    train_frames: int = 100
+    train_frames: int = field(default=100, metadata=_range(min=1))
     """Frames generated for each sub_dir of the train split."""
-    test_frames: int = 40
+    test_frames: int = field(default=40, metadata=_range(min=1))
     """Frames generated for each sub_dir of the test split."""
 
 
@@ -240,23 +323,23 @@ class DatasetConf:
 class GeometryNetworkConf:
     """`model.geometry_network { }`: IDR-style SDF + albedo MLP on canonical points (spec §5.3)."""
 
-    d_in: int = 3
+    d_in: int = field(default=3, metadata=_range(min=1))
     """Input dimensions (xyz)."""
-    d_out: int = 1
+    d_out: int = field(default=1, metadata=_range(min=1))
     """SDF output channels."""
-    feature_vector_size: int = 3
+    feature_vector_size: int = field(default=3, metadata=_range(min=0))
     """Extra output channels (albedo logits); the output width is d_out + feature_vector_size."""
-    dims: list[int] = field(default_factory=lambda: [256] * 9)
+    dims: list[int] = field(default_factory=lambda: [256] * 9, metadata=_range(min=1))
     """Hidden layer widths."""
     geometric_init: bool = True
     """SAL/IDR initialisation so the initial SDF is a sphere of radius `bias`."""
     bias: float = 0.6
     """Radius of the initial SDF sphere (last-layer bias -bias)."""
-    skip_in: list[int] = field(default_factory=lambda: [4])
+    skip_in: list[int] = field(default_factory=lambda: [4], metadata=_range(min=0))
     """Layers at which the (encoded) input is concatenated again."""
     weight_norm: bool = True
     """Weight normalisation on every linear layer."""
-    multires: int = 6
+    multires: int = field(default=6, metadata=_range(min=0))
     """Frequencies of the NeRF positional encoding of the input (0 = raw xyz); 6 gives 39-d input."""
 
 
@@ -264,19 +347,19 @@ class GeometryNetworkConf:
 class RenderingNetworkConf:
     """`model.rendering_network { }`: shading MLP from the deformed normal to RGB shading (spec §5.5)."""
 
-    d_in: int = 3
+    d_in: int = field(default=3, metadata=_range(min=1))
     """Input dimensions (the deformed normal)."""
-    feature_vector_size: int = 0
+    feature_vector_size: int = field(default=0, metadata=_range(min=0))
     """Extra input features (none)."""
-    d_out: int = 3
+    d_out: int = field(default=3, metadata=_range(min=1))
     """RGB shading channels."""
-    dims: list[int] = field(default_factory=lambda: [64, 64])
+    dims: list[int] = field(default_factory=lambda: [64, 64], metadata=_range(min=1))
     """Hidden layer widths."""
     weight_norm: bool = True
     """Weight normalisation on every linear layer."""
-    multires_view: int = 0
+    multires_view: int = field(default=0, metadata=_range(min=0))
     """Positional-encoding frequencies of the view direction (0 = none)."""
-    multires_pnts: int = 0
+    multires_pnts: int = field(default=0, metadata=_range(min=0))
     """Positional-encoding frequencies of the point position (0 = none)."""
 
 
@@ -284,15 +367,15 @@ class RenderingNetworkConf:
 class DeformerNetworkConf:
     """`model.deformer_network { }`: per-point offset, blendshapes and skinning weights (spec §5.4)."""
 
-    d_in: int = 3
+    d_in: int = field(default=3, metadata=_range(min=1))
     """Input dimensions (canonical xyz)."""
-    dims: list[int] = field(default_factory=lambda: [128] * 4)
+    dims: list[int] = field(default_factory=lambda: [128] * 4, metadata=_range(min=1))
     """Hidden layer widths."""
     weight_norm: bool = True
     """Weight normalisation on the hidden layers and skinning_linear (not on the zero-initialised heads)."""
-    multires: int = 0
+    multires: int = field(default=0, metadata=_range(min=0))
     """Positional-encoding frequencies of the input (0 = raw xyz)."""
-    num_exp: int = 50
+    num_exp: int = field(default=50, metadata=_range(min=1))
     """Number of expression blendshapes predicted per point."""
     ghostbone: bool = True
     """Add a sixth bone with an identity transform (torso, shoulders)."""
@@ -304,13 +387,13 @@ class DeformerNetworkConf:
 class PointCloudConf:
     """`model.point_cloud { }`: the canonical point cloud and its coarse-to-fine growth (spec §5.1, §5.14)."""
 
-    n_init_points: int = 400
+    n_init_points: int = field(default=400, metadata=_range(min=1))
     """Initial number of points (on a sphere)."""
-    max_points: int = 409600
+    max_points: int = field(default=409600, metadata=_range(min=1))
     """Upsampling (doubling) is allowed only while N <= max_points / 2. Lower it if memory is short."""
-    init_radius: float = 0.5
+    init_radius: float = field(default=0.5, metadata=_range(min=0, min_exclusive=True))
     """Radius of the initial point sphere (PointCloud constructor default; not settable in the original)."""
-    radius_factor: float = 0.3
+    radius_factor: float = field(default=0.3, metadata=_range(min=0, min_exclusive=True))
     """Initial rasterization radius (NDC) = radius_factor * 0.75 ** log2(N / 100) (spec §10.4)."""
 
 
@@ -318,7 +401,7 @@ class PointCloudConf:
 class ModelConf:
     """`model { }`: networks, point cloud, FLAME files, renderer (spec §5)."""
 
-    prune_thresh: float = 0.5
+    prune_thresh: float = field(default=0.5, metadata=_range(min=0, max=1))
     """A point counts as visible if its compositing weight exceeds this in some pixel (spec §5.12)."""
     flame_model_path: str = "./code/flame/FLAME2020/generic_model.pkl"
     """(ours) FLAME 2020 model file (generic_model.pkl, or .npz); original: hard-coded path (spec §2.1)."""
@@ -492,14 +575,53 @@ def _apply(base: Any, tree: Mapping[str, Any], path: str, source: str) -> Any:
             raise ConfError(
                 f"{source}: conf key '{full}' expects {_type_name(tp)}, found {_describe(value)}{hint}"
             ) from None
-        choices = fields[key].metadata.get("choices")
-        if choices is not None and converted not in choices:
-            raise ConfError(
-                f"{source}: conf key '{full}' must be one of {', '.join(map(repr, choices))}, "
-                f"found {converted!r}"
-            )
+        _check_value(fields[key].metadata, converted, full, source)
         updates[key] = converted
     return dataclasses.replace(base, **updates)
+
+
+def _check_value(meta: Mapping[str, Any], value: Any, full: str, source: str) -> None:
+    """Apply a field's metadata checks (`_choices`, `_range`, `_check`) to its converted value."""
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfError(
+            f"{source}: conf key '{full}' must be one of {', '.join(map(repr, choices))}, found {value!r}"
+        )
+    allowed = meta.get("range")
+    if allowed is not None:
+        if isinstance(value, list):
+            bad = [i for i, v in enumerate(value) if not allowed.contains(v)]
+            if bad:
+                raise ConfError(
+                    f"{source}: conf key '{full}' entries must be {allowed.describe()}, found {value!r} "
+                    f"(entry {bad[0]} is {value[bad[0]]!r})"
+                )
+        elif not allowed.contains(value):
+            raise ConfError(f"{source}: conf key '{full}' must be {allowed.describe()}, found {value!r}")
+    check = meta.get("check")
+    if check is not None:
+        predicate, requirement = check
+        if not predicate(value):
+            raise ConfError(f"{source}: conf key '{full}' must be {requirement}, found {value!r}")
+
+
+def _check_conf(conf: Conf, source: str) -> Conf:
+    """Checks that involve several keys; run once the whole tree is applied (load and override)."""
+    pc = conf.model.point_cloud
+    if pc.max_points < pc.n_init_points:
+        raise ConfError(
+            f"{source}: conf key 'model.point_cloud.max_points' must be >= 'model.point_cloud.n_init_points' "
+            f"({pc.n_init_points}), found {pc.max_points} (the cloud starts with n_init_points points; "
+            "raise max_points or lower n_init_points)"
+        )
+    train_res, test_res = conf.dataset.train.img_res, conf.dataset.test.img_res
+    if test_res != train_res:
+        raise ConfError(
+            f"{source}: conf key 'dataset.test.img_res' must equal 'dataset.train.img_res' {train_res} "
+            f"(the model renders at the train resolution), found {test_res}; set dataset.test.img_res = "
+            f"{train_res} in the dataset.test block"
+        )
+    return conf
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -507,24 +629,85 @@ def _apply(base: Any, tree: Mapping[str, Any], path: str, source: str) -> Any:
 # ----------------------------------------------------------------------------------------------------
 
 
-def parse_conf(text: str, source: str = "<string>") -> Conf:
-    """Parse HOCON `text` into a validated Conf (source_path None). `source` names the text in errors."""
+# An `include` statement as pyhocon reads it (`include "f"`, `include file("f")`, `include required("f")`,
+# `include required(file("f"))`, url(...), package(...)). Comments and quoted strings are matched first, as
+# whole tokens, so an "include" inside them is skipped.
+_INCLUDE_RE = re.compile(
+    r'"""[\s\S]*?"""'
+    r'|"(?:[^"\\\n]|\\.)*"'
+    r"|(?:#|//)[^\n]*"
+    r"|(?<![\w.$-])(?i:include)\b\s*(?:required\s*\(\s*)?(?:(file|url|package|classpath)\s*\(\s*)?"
+    r'("(?:[^"\\\n]|\\.)*")'
+)
+
+
+def _check_includes(text: str, base_dir: str | None, source: str, chain: tuple[str, ...] = ()) -> None:
+    """Raise ConfError for an `include` of a file that does not exist, here or in the included files.
+
+    pyhocon skips a plain `include "f"` of a missing file silently (only `required(...)` raises), which
+    would silently drop a block of settings. Paths resolve like pyhocon's: relative to `base_dir` (the
+    including file's folder), or to the working directory when it is None. URL and package includes are
+    left to pyhocon.
+    """
+    for match in _INCLUDE_RE.finditer(text):
+        kind, quoted = match.group(1), match.group(2)
+        if quoted is None or kind in ("url", "package", "classpath"):
+            continue
+        try:
+            name = json.loads(quoted)  # HOCON quoted strings use JSON's escapes
+        except ValueError:  # an invalid escape (a Windows path): take the text as written
+            name = quoted[1:-1]
+        if kind is None and name.startswith(("http://", "https://", "file://")):
+            continue
+        path = name if base_dir is None else os.path.join(base_dir, name)
+        where = "".join(f" (included from {c})" for c in reversed(chain))
+        folder = "the working directory" if base_dir is None else f"the folder of {source}"
+        if "*" in path or "?" in path:  # pyhocon merges every match of a glob
+            found = sorted(glob.glob(path, recursive=True))
+            if not found:
+                raise ConfError(f"{source}{where}: include \"{name}\" matches no file (looked for '{path}')")
+        elif not os.path.isfile(path):
+            raise ConfError(
+                f"{source}{where}: included conf file not found: \"{name}\" (looked for '{path}'); fix "
+                f"the include path (relative paths resolve against {folder}) or remove the include"
+            )
+        else:
+            found = [path]
+        for included in found:
+            if os.path.realpath(included) in {os.path.realpath(c) for c in (*chain, source)}:
+                raise ConfError(f'{source}{where}: include "{name}" includes itself (a cycle)')
+            try:
+                with open(included, encoding="utf-8") as f:
+                    included_text = f.read()
+            except (OSError, UnicodeDecodeError) as err:
+                raise ConfError(
+                    f"{source}{where}: cannot read included conf file '{included}': {err}"
+                ) from None
+            _check_includes(included_text, os.path.dirname(included), included, (*chain, source))
+
+
+def parse_conf(text: str, source: str = "<string>", base_dir: str | os.PathLike | None = None) -> Conf:
+    """Parse HOCON `text` into a validated Conf (source_path None). `source` names the text in errors;
+    relative `include` paths resolve against `base_dir` (None: the working directory)."""
     from pyhocon import ConfigFactory  # imported here so `import pointavatar` stays light
 
+    base = None if base_dir is None else os.fspath(base_dir)
+    _check_includes(text, base, source)
     try:
-        tree = ConfigFactory.parse_string(text)
+        tree = ConfigFactory.parse_string(text, basedir=base)
     except Exception as err:  # pyparsing / pyhocon raise several unrelated exception types
         raise ConfError(f"{source}: not valid HOCON: {err}") from None
     if not isinstance(tree, Mapping):
         raise ConfError(f"{source}: a conf file must be an object of keys (train {{ ... }}, ...)")
-    return _apply(Conf(), tree, "", source)
+    return _check_conf(_apply(Conf(), tree, "", source), source)
 
 
 def load_conf(path: str | os.PathLike) -> Conf:
     """Read and validate the HOCON conf file at `path` (e.g. ./confs/subject1.conf).
 
-    Absent keys take the defaults of the dataclasses (the original's values). Raises ConfError for a missing
-    or unreadable file, HOCON syntax errors, unknown keys (with the closest valid key) and wrong types.
+    Absent keys take the defaults of the dataclasses (the original's values). `include "x.conf"` resolves
+    against the folder of `path`. Raises ConfError for a missing or unreadable file (or included file),
+    HOCON syntax errors, unknown keys (with the closest valid key), wrong types and values out of range.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -534,7 +717,7 @@ def load_conf(path: str | os.PathLike) -> Conf:
             text = f.read()
     except (OSError, UnicodeDecodeError) as err:
         raise ConfError(f"cannot read conf file '{path}': {err}") from None
-    conf = parse_conf(text, source=path)
+    conf = parse_conf(text, source=path, base_dir=os.path.dirname(path))
     conf.source_path = path
     return conf
 
@@ -571,9 +754,9 @@ def override(conf: Conf, updates: Mapping[str, Any], source: str = "override") -
     Example (the test runner, spec §2.9):
         override(conf, {"dataset.test.subsample": 1, "dataset.test.load_images": False})
     A value for an object key may be a mapping of its sub-keys ({"dataset.test": {"subsample": 1}}).
-    Unknown keys and wrong types raise ConfError; `conf` itself is not modified.
+    Unknown keys, wrong types and values out of range raise ConfError; `conf` itself is not modified.
     """
-    out = _apply(copy.deepcopy(conf), _nest(updates), "", source)
+    out = _check_conf(_apply(copy.deepcopy(conf), _nest(updates), "", source), source)
     out.source_path = conf.source_path
     return out
 

@@ -35,6 +35,23 @@ N_SHAPE = 100  # FLAME identity coefficients in the JSON
 N_EXPRESSION = 50  # FLAME expression coefficients per frame
 N_POSE = 15  # axis-angle: global, neck, jaw, left eye, right eye
 
+# Plausibility bounds of the JSON values, checked at load like the NaN check: wide enough that no real
+# tracker output reaches them, tight enough to stop garbage (1e30, uninitialised memory) before it
+# becomes a NaN loss hours into training.
+# FLAME pose entries are axis-angle components in radians: a rotation needs an angle of at most pi, and
+# a tracker that does not wrap angles still stays within a turn or so; 4 pi (two full turns) is far out.
+MAX_ABS_POSE = 4 * np.pi
+# FLAME shape and expression coefficients are in units of the PCA standard deviation: real faces and
+# trackers (DECA, IMavatar's) stay within about +-3, strong expressions within +-10; 100 is far out.
+MAX_ABS_COEFFICIENT = 100.0
+# The camera translation is in FLAME's (metric) world units and the head sits near the origin, a few
+# units from the camera; 1e3 (a kilometre) is no real capture.
+MAX_CAMERA_DISTANCE = 1e3
+# Aspect-ratio tolerance of the frames against img_res: a relative difference of W/H below 1% is
+# the rounding of a crop to a near-square size (512x510 differs by 0.4%) and is resized away; real
+# mismatches (4:3 or 16:9 video frames: 33% and 78%) would be visibly stretched, so they are refused.
+ASPECT_TOLERANCE = 0.01
+
 
 class FrameInfo(NamedTuple):
     """Where one dataset frame comes from, for metrics and plots (not part of the training sample)."""
@@ -173,6 +190,13 @@ class FaceDataset(Dataset):
             params = _read_json(json_path, json_name)
             intrinsics = _numbers(params["intrinsics"], (4,), json_path, "intrinsics")
             shape_params = _numbers(params["shape_params"], (N_SHAPE,), json_path, "shape_params")
+            _check_bound(
+                shape_params,
+                MAX_ABS_COEFFICIENT,
+                json_path,
+                "field shape_params",
+                "FLAME coefficients, in standard deviations",
+            )
             frames = params["frames"]
             if not isinstance(frames, list) or len(frames) == 0:
                 raise PointAvatarError(f"{json_path}: field 'frames' must be a non-empty list of frames.")
@@ -197,10 +221,10 @@ class FaceDataset(Dataset):
         K[1, 2] = -(intrinsics[3] * 2 - 1.0)
         K[3, 2] = 1.0
         K[2, 3] = 1.0
-        if K[0, 0] == 0 or K[1, 1] == 0:
+        if K[0, 0] == 0 or K[1, 1] <= 0:
             raise PointAvatarError(
-                f"{json_path}: 'intrinsics' {intrinsics.tolist()} has a zero focal length; expected "
-                "[-fx/W, fy/H, cx/W, cy/H]."
+                f"{json_path}: field 'intrinsics' {intrinsics.tolist()} needs a focal length fx/W != 0 "
+                "(its sign is IMavatar's x-axis convention) and fy/H > 0; expected [-fx/W, fy/H, cx/W, cy/H]."
             )
         # IMavatar stores -fx/W: flipping the x axis of both K and the cameras keeps the projection
         # and makes K00 positive. Then OpenGL (looks along -z) -> pytorch3d (looks along +z): negate
@@ -309,7 +333,7 @@ def load_rgb(path: str, img_res: Sequence[int], where: str = "") -> np.ndarray:
             "RGB (3-channel) frames. Re-export the frame as RGB PNG."
         )
     image = _to_float(image, path, where)
-    return _resize(image, img_res)
+    return _resize(image, img_res, path, "Image", where)
 
 
 def load_mask(path: str, img_res: Sequence[int], where: str = "") -> np.ndarray:
@@ -319,7 +343,7 @@ def load_mask(path: str, img_res: Sequence[int], where: str = "") -> np.ndarray:
     imageio.imread(as_gray=True): PIL's "F" conversion, 0.299 R + 0.587 G + 0.114 B in 0..255.
     """
     mask = _imread(path, "Mask", where, mode="F")
-    return _resize(mask, img_res) / np.float32(255.0)
+    return _resize(mask, img_res, path, "Mask", where) / np.float32(255.0)
 
 
 def _imread(path: str, kind: str, where: str, **kwargs: Any) -> np.ndarray:
@@ -351,10 +375,19 @@ def _to_float(image: np.ndarray, path: str, where: str) -> np.ndarray:
     raise PointAvatarError(f"Image {path} ({where}) has unsupported pixel type {image.dtype}; use 8-bit PNG.")
 
 
-def _resize(image: np.ndarray, img_res: Sequence[int]) -> np.ndarray:
+def _resize(image: np.ndarray, img_res: Sequence[int], path: str, kind: str, where: str) -> np.ndarray:
+    """Resize to img_res = [W, H]; a frame of another aspect ratio (beyond ASPECT_TOLERANCE) is refused
+    instead of being stretched."""
     width, height = int(img_res[0]), int(img_res[1])
     if image.shape[0] == height and image.shape[1] == width:
         return np.ascontiguousarray(image)
+    found_h, found_w = image.shape[:2]
+    if abs((found_w / found_h) / (width / height) - 1.0) >= ASPECT_TOLERANCE:
+        raise PointAvatarError(
+            f"{kind} {path} ({where}) is {found_w}x{found_h} (W x H), whose aspect ratio differs from "
+            f"dataset img_res {list(img_res)} ({width}x{height}); resizing would stretch it. Crop or pad "
+            "the frames to that aspect ratio (PointAvatar renders square images) or fix img_res."
+        )
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
@@ -405,6 +438,18 @@ def _numbers(value: Any, shape: tuple[int, ...], json_path: str, field: str) -> 
     return array
 
 
+def _check_bound(array: np.ndarray, limit: float, json_path: str, field: str, units: str) -> None:
+    """Refuse values with |v| > limit, naming the file, the field and the first bad entry."""
+    bad = np.nonzero(np.abs(array) > limit)[0]
+    if bad.size:
+        i = int(bad[0])
+        raise PointAvatarError(
+            f"{json_path}: {field} entry {i} is {array[i]:.6g}, outside the plausible range "
+            f"[-{limit:.6g}, {limit:.6g}] ({units}). The tracking output is corrupt: re-run the tracking "
+            "or fix this frame."
+        )
+
+
 def _parse_frame(frame: Any, i: int, json_path: str, video: str, video_dir: str, data: dict) -> None:
     # frames[i] is the position in the JSON list; "./image/<n>" names the frame when present.
     where = f"frames[{i}]"
@@ -429,18 +474,30 @@ def _parse_frame(frame: Any, i: int, json_path: str, video: str, video_dir: str,
     # A 4x4 [R | t; 0 0 0 1] is accepted too: its first three rows are the 3x4 matrix.
     if isinstance(world_mat, list) and len(world_mat) == 4:
         world_mat = world_mat[:3]
-    # JSON doubles -> float32 per frame like the original; the intrinsics stay float64 until K is built.
-    data["world_mats"].append(
-        _numbers(world_mat, (3, 4), json_path, f"{where} field world_mat").astype(np.float32)
-    )
-    data["expressions"].append(
-        _numbers(frame["expression"], (N_EXPRESSION,), json_path, f"{where} field expression").astype(
-            np.float32
+    world_mat = _numbers(world_mat, (3, 4), json_path, f"{where} field world_mat")
+    distance = float(np.linalg.norm(world_mat[:, 3]))
+    if distance > MAX_CAMERA_DISTANCE:
+        raise PointAvatarError(
+            f"{json_path}: {where} field world_mat has a camera translation of length {distance:.6g}, "
+            f"outside the plausible range |t| <= {MAX_CAMERA_DISTANCE:g} (FLAME world units). The tracking "
+            "output is corrupt: re-run the tracking or fix this frame."
         )
+    expression = _numbers(frame["expression"], (N_EXPRESSION,), json_path, f"{where} field expression")
+    _check_bound(
+        expression,
+        MAX_ABS_COEFFICIENT,
+        json_path,
+        f"{where} field expression",
+        "FLAME coefficients, in standard deviations",
     )
-    data["flame_pose"].append(
-        _numbers(frame["pose"], (N_POSE,), json_path, f"{where} field pose").astype(np.float32)
+    pose = _numbers(frame["pose"], (N_POSE,), json_path, f"{where} field pose")
+    _check_bound(
+        pose, MAX_ABS_POSE, json_path, f"{where} field pose", "axis-angle radians; 4 pi is two full turns"
     )
+    # JSON doubles -> float32 per frame like the original; the intrinsics stay float64 until K is built.
+    data["world_mats"].append(world_mat.astype(np.float32))
+    data["expressions"].append(expression.astype(np.float32))
+    data["flame_pose"].append(pose.astype(np.float32))
     # Landmarks and bbox are not needed for training (the original never reads them); keep them for
     # the metrics and plots when present.
     keypoints = frame.get("flame_keypoints")

@@ -17,7 +17,7 @@ Two weight files are needed, both in torch's formats, and nothing is downloaded 
 from __future__ import annotations
 
 import importlib.util
-import warnings
+import sys
 from pathlib import Path
 
 import torch
@@ -136,26 +136,19 @@ def lpips_head_candidates() -> list[Path]:
 
 
 def missing_lpips_message() -> str | None:
-    """None when both LPIPS weight files are found, else a message naming the missing ones and the fix."""
-    parts = []
+    """None when both LPIPS weight files are found, else one short line naming the missing files and the fix."""
+    missing = []
     alex, alex_checked = locate_weight_file(ALEXNET_FILE)
     if alex is None:
-        parts.append(
-            f"'{ALEXNET_FILE}' (looked in {', '.join(str(p) for p in alex_checked)}; get {ALEXNET_URL})"
-        )
-    head, head_checked = locate_weight_file(LPIPS_HEAD_FILE, lpips_head_candidates())
+        missing.append(ALEXNET_FILE)
+    head, _ = locate_weight_file(LPIPS_HEAD_FILE, lpips_head_candidates())
     if head is None:
-        parts.append(
-            f"'{LPIPS_HEAD_FILE}' (looked in {', '.join(str(p) for p in head_checked)}; get {LPIPS_HEAD_URL} "
-            f"and save it under that name)"
-        )
-    if not parts:
+        missing.append(LPIPS_HEAD_FILE)
+    if not missing:
         return None
-    folder = locate_weight_file(ALEXNET_FILE)[1][0].parent
     return (
-        "LPIPS weights missing: "
-        + "; ".join(parts)
-        + f". Run `bash download_data.bash` or place the files in {folder}."
+        f"LPIPS weights not found ({', '.join(missing)} in {alex_checked[0].parent}): "
+        "get them with `bash download_data.bash weights`."
     )
 
 
@@ -173,7 +166,8 @@ def load_lpips_alex(device: torch.device | str = "cpu", warn: bool = True) -> LP
         # Once per process and message: the test runner and evaluate_folder may both ask.
         if warn and message not in _WARNED:
             _WARNED.add(message)
-            warnings.warn(message + " LPIPS is reported as NaN.", stacklevel=2)
+            # One short line on stderr, not a UserWarning with a source line (read on every eval run).
+            print(f"warning: {message} LPIPS is reported as NaN.", file=sys.stderr)
         return None
     alex, _ = locate_weight_file(ALEXNET_FILE)
     head, _ = locate_weight_file(LPIPS_HEAD_FILE, lpips_head_candidates())

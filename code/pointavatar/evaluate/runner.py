@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..config import Conf
 from ..errors import PointAvatarError
 from ..train import checkpoints as ckpt
-from ..train.experiment import Experiment, build_model, move_to
+from ..train.experiment import Experiment, build_model, move_to, resolve_device
 from ..train.inputs import FrameInputs
 from ..train.schedule import batch_size_for
 from . import export, plots
@@ -98,26 +98,33 @@ class Evaluator:
         only_json: bool = False,
         device: torch.device | str | None = None,
     ):
-        from ..train.trainer import default_device
-
         self.conf = conf.override({"dataset.test.subsample": 1, "dataset.test.load_images": False})
-        self.exp = Experiment(self.conf, load_path=load_path)
-        self.device = torch.device(device) if device is not None else default_device()
+        # Evaluation never writes data: a missing synthetic subject is an error, not generated.
+        self.exp = Experiment(self.conf, load_path=load_path, generate=False)
+        self.device = resolve_device(device)
         self.only_json = only_json
         self.checkpoint = checkpoint
 
-        train_set = self.exp.train_dataset(only_json=True)  # only for the canonical (mean) expression
-        self.test_set = self.exp.test_dataset(only_json=only_json)
-        self.model = build_model(self.conf, train_set, self.test_set.shape_params).to(self.device)
+        # The checkpoint first: without one there is nothing to evaluate, whatever the data.
         self.store = ckpt.Checkpoints(self.exp.load_dir)
+        message = self.store.recover()
+        if message:
+            print(message)
         path = self.store.path(ckpt.MODEL, checkpoint)
         if not path.is_file():
             found = self.store.available()
             hint = (
-                f"Checkpoints there: {', '.join(found)}." if found else "Train first (run without --is_eval)."
+                f"Checkpoints there: {', '.join(found)}; pass one with --checkpoint."
+                if found
+                else f"No run there (working directory {Path.cwd()}): train first (run without --is_eval), "
+                "or point --load_path at the train/ folder of a run."
             )
             raise PointAvatarError(f"--is_eval: no checkpoint {path}. {hint}")
-        payload = ckpt.load_file(path)
+        payload = self.store.load(ckpt.MODEL, checkpoint)
+
+        train_set = self.exp.train_dataset(only_json=True)  # only for the canonical (mean) expression
+        self.test_set = self.exp.test_dataset(only_json=only_json)
+        self.model = build_model(self.conf, train_set, self.test_set.shape_params).to(self.device)
         self.exp.load_model_payload(self.model, payload, path, strict=True)
         self.epoch = int(payload["epoch"])
         n = self.model.pc.points.shape[0]
@@ -144,11 +151,22 @@ class Evaluator:
         """Load cached tracked test inputs, or track them now (spec §2.9 steps 6-7)."""
         if self.inputs is None:
             return
+        # A file that is refused as unsafe stops here (UnsafeCheckpointError propagates); a missing,
+        # damaged or stale one is tracked anew.
         try:
-            self.inputs.load_state(self.store.load(ckpt.TEST_INPUTS, self.checkpoint))
+            if not self.store.exists(ckpt.TEST_INPUTS, self.checkpoint):
+                raise ValueError("none cached")
+            cached = self.store.load(ckpt.TEST_INPUTS, self.checkpoint)
+            if int(cached.get("epoch", -1)) != self.epoch:
+                # E.g. after --is_continue training: latest.pth of the model moved on, the inputs did not.
+                raise ValueError(
+                    f"they were tracked for the model of epoch {cached.get('epoch')}, this model is epoch "
+                    f"{self.epoch}"
+                )
+            self.inputs.load_state(cached)
             print(f"Using tracked test inputs from {self.store.path(ckpt.TEST_INPUTS, self.checkpoint)}")
             return
-        except (PointAvatarError, ValueError, KeyError) as exc:
+        except (ckpt.CorruptCheckpointError, ValueError, KeyError) as exc:
             reason = str(exc)
         if self.only_json:
             print(
@@ -158,8 +176,8 @@ class Evaluator:
             self.inputs = None
             return
         print(
-            "Tracking the test frames (expression, pose, camera translation; RGB loss only). "
-            "Slow, and only meant for the metrics."
+            f"No usable tracked test inputs ({reason}). Tracking the test frames (expression, pose, "
+            "camera translation; RGB loss only). Slow, and only meant for the metrics."
         )
         self.track()
         state = self.inputs.state()

@@ -127,7 +127,8 @@ class FLAME(nn.Module):
         self.register_buffer("parents", parents)
         self.has_landmarks = lmk_embedding_path is not None
         if lmk_embedding_path is not None:
-            lmk = read_landmark_embedding(lmk_embedding_path)
+            # The face count lets the reader check the landmark faces against this model.
+            lmk = read_landmark_embedding(lmk_embedding_path, n_faces=int(np.asarray(model["f"]).shape[0]))
             self.register_buffer("lmk_faces_idx", torch.from_numpy(lmk["static_lmk_faces_idx"]).long())
             self.register_buffer("lmk_bary_coords", torch.from_numpy(lmk["static_lmk_bary_coords"]).to(dtype))
             self.register_buffer(

@@ -13,6 +13,10 @@ rebuild functions only).
 
 The writers produce the real formats, so the synthetic subject exercises the same loaders as the real
 files (and the real chumpy/torch could read what we write).
+
+After reading, the arrays' shapes, joint and face indices are checked, so a damaged or foreign file
+stops with one message naming the file, the array, the shape found and the one expected, instead of an
+indexing error deep inside the FLAME layer.
 """
 
 from __future__ import annotations
@@ -211,6 +215,95 @@ def _missing(path: Path, what: str) -> PointAvatarError:
     return PointAvatarError(f"{what} not found: looked for {path.resolve()}. {_MISSING_MODEL_HELP}")
 
 
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(n) for n in shape) + ")"
+
+
+def _bad_array(path: Path, key: str, array: np.ndarray, expected: str, meaning: str = "") -> PointAvatarError:
+    """The error for a FLAME array of the wrong shape: file, key, found and expected shapes."""
+    meaning = f" ({meaning})" if meaning else ""
+    return PointAvatarError(
+        f"{path}: FLAME model array '{key}' has shape {_shape(array.shape)}, expected {expected}{meaning}. "
+        "The file is damaged or not a FLAME 2020 model; download it again."
+    )
+
+
+def _validate_model(model: dict[str, np.ndarray], path: Path) -> None:
+    """Check the shapes and indices of the FLAME arrays present in `model` (spec §4.2).
+
+    V (vertices) comes from v_template and J (joints) from kintree_table; the FLAME layer reports
+    missing keys itself, so an absent array is skipped here (and so are the checks that need it).
+    """
+    v_template, kintree = model.get("v_template"), model.get("kintree_table")
+    n_verts = n_joints = None
+    if v_template is not None:
+        if v_template.ndim != 2 or v_template.shape[1] != 3 or v_template.shape[0] < 1:
+            raise _bad_array(path, "v_template", v_template, "(V, 3)", "one xyz row per vertex")
+        n_verts = v_template.shape[0]
+    if kintree is not None:
+        if kintree.ndim != 2 or kintree.shape[0] != 2 or kintree.shape[1] < 1:
+            raise _bad_array(path, "kintree_table", kintree, "(2, J)", "parent and joint ids of J joints")
+        n_joints = kintree.shape[1]
+        if kintree.dtype.kind not in "iu":
+            raise PointAvatarError(
+                f"{path}: FLAME model array 'kintree_table' holds {kintree.dtype} values, expected "
+                "integer joint ids. The file is damaged or not a FLAME 2020 model; download it again."
+            )
+        # The kinematic chain is built in joint order, so each joint's parent must come before it.
+        parents = kintree[0, 1:].astype(np.int64)
+        bad = np.nonzero((parents < 0) | (parents >= np.arange(1, n_joints)))[0]
+        if bad.size:
+            j = int(bad[0]) + 1
+            raise PointAvatarError(
+                f"{path}: FLAME model array 'kintree_table' gives joint {j} the parent {int(parents[j - 1])}; "
+                f"a parent must be a joint before it, in [0, {j - 1}]. The file is damaged; download it again."
+            )
+    V = "V" if n_verts is None else f"V = {n_verts}"
+    J = "J" if n_joints is None else f"J = {n_joints}"
+
+    def need(key: str, rank: int, fixed: dict[int, int | None], expected: str, meaning: str) -> None:
+        """Array `key` (if present) has `rank` dims, dims in `fixed` equal their value (None: any)."""
+        array = model.get(key)
+        if array is None:
+            return
+        ok = array.ndim == rank and all(n is None or array.shape[d] == n for d, n in fixed.items())
+        if not ok or 0 in array.shape:
+            raise _bad_array(path, key, array, expected, meaning)
+
+    need("shapedirs", 3, {0: n_verts, 1: 3}, f"(V, 3, S) with {V}, S >= 1", "shape/expression bases")
+    n_pose = None if n_joints is None else 9 * (n_joints - 1)
+    need(
+        "posedirs",
+        3,
+        {0: n_verts, 1: 3, 2: n_pose},
+        f"(V, 3, P) with {V}, P = 9 * (J - 1)" + ("" if n_pose is None else f" = {n_pose}"),
+        "pose correctives: one 3x3 rotation feature per non-root joint",
+    )
+    need("J_regressor", 2, {0: n_joints, 1: n_verts}, f"(J, V) with {J}, {V}", "joints from vertices")
+    need("weights", 2, {0: n_verts, 1: n_joints}, f"(V, J) with {V}, {J}", "skinning weight per joint")
+    need("f", 2, {1: 3}, "(F, 3)", "three vertex ids per triangle")
+    faces = model.get("f")
+    if faces is not None:
+        if faces.dtype.kind not in "iu":
+            raise PointAvatarError(
+                f"{path}: FLAME model array 'f' holds {faces.dtype} values, expected integer vertex ids. "
+                "The file is damaged or not a FLAME 2020 model; download it again."
+            )
+        if n_verts is not None and (faces.min() < 0 or faces.max() >= n_verts):
+            bad = int(faces.max()) if faces.max() >= n_verts else int(faces.min())
+            raise PointAvatarError(
+                f"{path}: FLAME model array 'f' has vertex index {bad}, expected indices in [0, {n_verts}) "
+                f"(V = {n_verts} vertices in v_template). The file is damaged; download it again."
+            )
+    for key in ("v_template", "shapedirs", "posedirs", "J_regressor", "weights"):
+        array = model.get(key)
+        if array is not None and array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise PointAvatarError(
+                f"{path}: FLAME model array '{key}' contains NaN or infinite values. The file is damaged; "
+                "download it again."
+            )
+
+
 def read_flame_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a FLAME model (`generic_model.pkl` or a `.npz` with the same keys) without chumpy.
 
@@ -218,6 +311,7 @@ def read_flame_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     (V, 3, 400) float64 (from the chumpy object), posedirs (V, 3, 36), J_regressor (5, V) dense
     (from scipy.sparse), weights (V, 5), kintree_table (2, 5) whose root parent stays the raw
     4294967295 (the layer maps it to -1), plus any other keys (strings become 0-d str arrays).
+    Raises PointAvatarError naming the array when a shape or an index does not fit (`_validate_model`).
     """
     path = Path(path)
     if not path.is_file():
@@ -225,9 +319,11 @@ def read_flame_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as data:
-                return {k: np.asarray(data[k]) for k in data.files}
+                model = {k: np.asarray(data[k]) for k in data.files}
         except (OSError, ValueError) as exc:
             raise PointAvatarError(f"cannot read FLAME model {path}: {exc}") from exc
+        _validate_model(model, path)
+        return model
     try:
         with open(path, "rb") as f:
             raw = _FlameUnpickler(f, path).load()
@@ -240,7 +336,9 @@ def read_flame_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         ) from exc
     if not isinstance(raw, dict):
         raise PointAvatarError(f"{path} is not a FLAME model: it holds a {type(raw).__name__}, not a dict.")
-    return {str(k): np.asarray(_to_plain(v, path, str(k))) for k, v in raw.items()}
+    model = {str(k): np.asarray(_to_plain(v, path, str(k))) for k, v in raw.items()}
+    _validate_model(model, path)
+    return model
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -368,13 +466,63 @@ _LANDMARK_DTYPES = {
 }
 
 
-def read_landmark_embedding(path: str | os.PathLike) -> dict[str, np.ndarray]:
+# Rows of the dynamic contour table: one per integer head yaw in [-39, 39] degrees (DECA's layout, read
+# by FLAME._dynamic_contour_rows).
+_CONTOUR_ROWS = 79
+
+
+def _validate_landmarks(lmk: dict[str, np.ndarray], path: Path, n_faces: int | None) -> None:
+    """Shapes of the landmark arrays (spec §4.1) and face indices in [0, n_faces) when n_faces is known."""
+
+    def last_dim(key: str) -> int | None:
+        return lmk[key].shape[-1] if lmk[key].ndim else None
+
+    idx_keys = ("static_lmk_faces_idx", "dynamic_lmk_faces_idx", "full_lmk_faces_idx")
+    n_static, n_contour, n_full = (last_dim(k) for k in idx_keys)
+    expected = {
+        "static_lmk_faces_idx": ((n_static,), "(L,)"),
+        "static_lmk_bary_coords": ((n_static, 3), f"(L, 3) with L = {n_static}"),
+        "dynamic_lmk_faces_idx": ((_CONTOUR_ROWS, n_contour), f"({_CONTOUR_ROWS}, K)"),
+        "dynamic_lmk_bary_coords": (
+            (_CONTOUR_ROWS, n_contour, 3),
+            f"({_CONTOUR_ROWS}, K, 3) with K = {n_contour}",
+        ),
+        "full_lmk_faces_idx": ((1, n_full), "(1, M)"),
+        "full_lmk_bary_coords": ((1, n_full, 3), f"(1, M, 3) with M = {n_full}"),
+    }
+    for key, (shape, text) in expected.items():
+        if lmk[key].shape != shape:
+            raise PointAvatarError(
+                f"{path}: landmark embedding array '{key}' has shape {_shape(lmk[key].shape)}, expected "
+                f"{text}. The file is damaged or not the FLAME landmark_embedding.npy; download it again."
+            )
+    allowed = ">= 0" if n_faces is None else f"in [0, {n_faces}) (F = {n_faces} faces in the FLAME model)"
+    for key in idx_keys:
+        faces = lmk[key]
+        if faces.dtype.kind not in "iu":
+            raise PointAvatarError(
+                f"{path}: landmark embedding array '{key}' holds {faces.dtype} values, expected integer "
+                "face ids. The file is damaged; download it again."
+            )
+        too_low = faces.size > 0 and faces.min() < 0
+        too_high = faces.size > 0 and n_faces is not None and faces.max() >= n_faces
+        if too_low or too_high:
+            bad = int(faces.min()) if too_low else int(faces.max())
+            raise PointAvatarError(
+                f"{path}: landmark embedding array '{key}' has face index {bad}, expected indices {allowed}. "
+                "The file is damaged or belongs to another FLAME model; use the landmark_embedding.npy "
+                "that comes with the model."
+            )
+
+
+def read_landmark_embedding(path: str | os.PathLike, n_faces: int | None = None) -> dict[str, np.ndarray]:
     """Read landmark_embedding.npy (spec §4.1) with a restricted unpickler; returns numpy arrays.
 
     Keys: static_lmk_faces_idx (51,) int64, static_lmk_bary_coords (51, 3), dynamic_lmk_faces_idx
     (79, 17) int64, dynamic_lmk_bary_coords (79, 17, 3), full_lmk_faces_idx (1, 68) int64,
     full_lmk_bary_coords (1, 68, 3). Torch tensors in the file are rebuilt through
-    `torch.load(weights_only=True)` instead of the unrestricted loader pickle would call.
+    `torch.load(weights_only=True)` instead of the unrestricted loader pickle would call. The shapes
+    are checked, and the face indices against `n_faces` (the FLAME model's F) when it is given.
     """
     path = Path(path)
     if not path.is_file():
@@ -410,6 +558,7 @@ def read_landmark_embedding(path: str | os.PathLike) -> dict[str, np.ndarray]:
     missing = [k for k in _LANDMARK_DTYPES if k not in result]
     if missing:
         raise PointAvatarError(f"{path}: landmark embedding lacks the keys {missing}.")
+    _validate_landmarks(result, path, n_faces)
     return result
 
 

@@ -7,6 +7,8 @@ Folder layout (spec §2.2)::
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -16,22 +18,69 @@ from ..errors import PointAvatarError
 
 
 class Experiment:
-    """Paths and builders of one conf. ``load_path`` replaces the conf-derived train dir for loading."""
+    """Paths and builders of one conf. ``load_path`` replaces the conf-derived train dir for loading.
 
-    def __init__(self, conf: Conf, load_path: str = ""):
+    ``generate``: whether a missing synthetic subject may be generated (training only; evaluation
+    never writes data).
+    """
+
+    def __init__(self, conf: Conf, load_path: str = "", generate: bool = True):
         self.conf = conf
+        self.generate = generate
         split = "+".join(str(s) for s in conf.dataset.train.sub_dir)
         self.expdir = Path(conf.train.exps_folder) / conf.dataset.subject_name / conf.train.methodname
         self.run_dir = self.expdir / split
         self.train_dir = self.run_dir / "train"
         self.eval_dir = self.run_dir / "eval"
+        if load_path and not Path(load_path).is_dir():
+            raise PointAvatarError(
+                f"--load_path {load_path}: no such folder (working directory {os.getcwd()}). Give the "
+                "train/ folder of a run, the one that holds checkpoints/."
+            )
         self.load_dir = Path(load_path) if load_path else self.train_dir
+
+    def check_writable(self) -> None:
+        """Stop with a message naming train.exps_folder if the run folder cannot be created there.
+
+        Checked before anything is written: the nearest existing ancestor of the run folder must be a
+        writable folder.
+        """
+        folder = self.run_dir
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        key = f"train.exps_folder = {self.conf.train.exps_folder}"
+        if not folder.is_dir():
+            raise PointAvatarError(
+                f"{key}: cannot create the run folder {self.run_dir}, because {folder} is a file, not a "
+                "folder. Point train.exps_folder at a folder."
+            )
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PointAvatarError(
+                f"{key}: cannot create the run folder {self.run_dir}: {folder} is not writable. Point "
+                "train.exps_folder at a folder you can write to."
+            )
+
+    def has_checkpoints(self) -> bool:
+        """Whether the conf's train folder holds any checkpoint file (of any family)."""
+        root = self.train_dir / "checkpoints"
+        return root.is_dir() and any(root.glob("*/*.pth"))
+
+    def move_run_aside(self) -> Path:
+        """Rename the run folder to ``<run>.old-<YYYYmmdd-HHMMSS>`` (nothing is deleted); return the new path."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.run_dir.with_name(f"{self.run_dir.name}.old-{stamp}")
+        n = 1
+        while target.exists():
+            target = self.run_dir.with_name(f"{self.run_dir.name}.old-{stamp}-{n}")
+            n += 1
+        os.replace(self.run_dir, target)
+        return target
 
     # -------------------------------------------------------------------------------------- datasets
     def ensure_data(self) -> None:
         """Generate the synthetic subject when the conf asks for it and it is missing (demo)."""
         ds = self.conf.dataset
-        if not ds.synthetic.generate:
+        if not ds.synthetic.generate or not self.generate:
             return
         from ..data.synthetic import ensure_synthetic_subject
 
@@ -137,6 +186,35 @@ def lbs_weight_at(conf: Conf, start_epoch: int) -> float:
         if milestone < start_epoch:
             weight *= conf.train.GT_lbs_factor
     return weight
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The --device flag as a torch.device: cpu, cuda or cuda:N (default: cuda when available).
+
+    Raises a PointAvatarError naming the flag and the fix for a name torch does not know or a CUDA
+    device this machine does not have.
+    """
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise PointAvatarError(f"--device {name}: not a device; use cpu, cuda or cuda:N.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise PointAvatarError(f"--device {name}: not supported; use cpu, cuda or cuda:N.")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only PyTorch build" if torch.version.cuda is None else "no visible GPU"
+            raise PointAvatarError(
+                f"--device {name}: CUDA is not available here (torch {torch.__version__}, {build}). Use "
+                "--device cpu, or install a CUDA build of PyTorch (https://pytorch.org/get-started)."
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise PointAvatarError(
+                f"--device {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}."
+            )
+    return device
 
 
 def move_to(batch, device):

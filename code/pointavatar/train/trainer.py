@@ -16,10 +16,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import Conf, save_conf
+from ..config import Conf, dump_conf, save_conf
 from ..errors import PointAvatarError
 from . import checkpoints as ckpt
-from .experiment import Experiment, build_model, lbs_weight_at, move_to
+from .experiment import Experiment, build_model, lbs_weight_at, move_to, resolve_device
 from .inputs import FrameInputs
 from .schedule import batch_size_for, make_optimizer, prune, rebuild_optimizer, upsample
 
@@ -35,17 +35,19 @@ class Trainer:
         checkpoint: str = "latest",
         load_path: str = "",
         device: torch.device | str | None = None,
+        move_old_run: bool = False,
     ):
         self.conf = conf
         self.exp = Experiment(conf, load_path=load_path)
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.nepoch = conf.train.nepoch if nepoch is None else nepoch
+        if self.nepoch < 0:
+            raise PointAvatarError(f"--nepoch {self.nepoch}: the last epoch must be >= 0.")
         tc = conf.train
-
-        self.exp.train_dir.mkdir(parents=True, exist_ok=True)
-        self.exp.eval_dir.mkdir(parents=True, exist_ok=True)
-        save_conf(conf, self.exp.train_dir / "runconf.conf")
-        self._backup_code()
+        # Nothing is written before the run is known to start: every check and every load comes first.
+        self.exp.check_writable()
+        self._check_fresh_start(is_continue, load_path, move_old_run)
+        torch.manual_seed(tc.seed)
 
         self.train_set = self.exp.train_dataset()
         self.plot_set = self.exp.plot_dataset()
@@ -68,12 +70,69 @@ class Trainer:
 
         self.start_epoch = 0
         self.resumed_visibility = False
+        self.skipped_steps = 0
         self.ckpt = ckpt.Checkpoints(self.exp.train_dir)
         if is_continue:
-            self._resume(checkpoint)
+            self._resume(checkpoint, explicit_source=bool(load_path))
+        if self.nepoch < self.start_epoch - 1:
+            raise PointAvatarError(
+                f"--nepoch {self.nepoch} is below the resumed checkpoint: it was written at epoch "
+                f"{self.start_epoch}, i.e. after training epochs 0..{self.start_epoch - 1}. Pass --nepoch "
+                f"{self.start_epoch} or more to train further (nothing was written)."
+            )
         self.loss.lbs_weight = lbs_weight_at(conf, self.start_epoch)
         self.batch_size = batch_size_for(self.model.pc.points.shape[0], tc.max_points_training, tc.max_batch)
+
+        self.writer = None
+        if self.start_epoch > self.nepoch:
+            return  # nothing to train (run() says so): nothing is written
+        # The run starts: now the folders, the conf record, the code backup and the logger.
+        self._moved_to = self.exp.move_run_aside() if self._move_aside else None
+        if self._moved_to is not None:
+            print(f"The previous run was moved to {self._moved_to} (nothing was deleted).")
+        self.exp.train_dir.mkdir(parents=True, exist_ok=True)
+        self.exp.eval_dir.mkdir(parents=True, exist_ok=True)
+        self._record_conf()
+        if not (self.exp.train_dir / "recording").exists():
+            self._backup_code()
         self.writer = self._tensorboard()
+
+    def _check_fresh_start(self, is_continue: bool, load_path: str, move_old_run: bool) -> None:
+        """A run that would write over checkpoints it did not load stops here, unless asked to move them.
+
+        Fresh start: the conf's train folder must hold no checkpoint. Resume from --load_path (another
+        folder): the same, since the resumed run writes into the conf's train folder.
+        """
+        self._move_aside = False
+        writes_over = not is_continue or (
+            load_path and Path(load_path).resolve() != self.exp.train_dir.resolve()
+        )
+        if not writes_over or not self.exp.has_checkpoints():
+            return
+        if move_old_run:
+            self._move_aside = True
+            return
+        found = ckpt.Checkpoints(self.exp.train_dir).available()
+        raise PointAvatarError(
+            f"{self.exp.train_dir} already holds a run (checkpoints: {', '.join(found) or 'partial files'}). "
+            "Nothing was written. To continue it, add --is_continue; to start over, add --move_old_run "
+            f"(the old run is renamed to {self.exp.run_dir.name}.old-<date>-<time>, nothing is deleted), "
+            "or change train.exps_folder, train.methodname or dataset.train.sub_dir."
+        )
+
+    def _record_conf(self) -> None:
+        """Write runconf.conf; on resume, a conf that differs from the recorded one is kept beside it."""
+        target = self.exp.train_dir / "runconf.conf"
+        text = dump_conf(self.conf)
+        if target.is_file():
+            if target.read_text(encoding="utf-8") == text:
+                return
+            target = (
+                self.exp.train_dir
+                / f"runconf.resume-{self.start_epoch}-{time.strftime('%Y%m%d-%H%M%S')}.conf"
+            )
+            print(f"The conf differs from the recorded runconf.conf; this run's conf is kept in {target}")
+        save_conf(self.conf, target)
 
     # ------------------------------------------------------------------------------------------ setup
     def _backup_code(self) -> None:
@@ -93,17 +152,20 @@ class Trainer:
             return None
         return SummaryWriter(str(self.exp.train_dir / "tensorboard"))
 
-    def _resume(self, checkpoint: str) -> None:
+    def _resume(self, checkpoint: str, explicit_source: bool) -> None:
         source = self.exp.load_dir
         store = ckpt.Checkpoints(source)
+        message = store.recover()
+        if message:
+            print(message)
         if not store.exists(ckpt.MODEL, checkpoint):
             found = store.available()
-            if not found:
+            if not found and not explicit_source:
                 print(f"--is_continue: nothing to resume in {source / 'checkpoints'}; starting a fresh run.")
                 return
             raise PointAvatarError(
                 f"--is_continue: {store.path(ckpt.MODEL, checkpoint)} does not exist. Checkpoints there: "
-                f"{', '.join(found)}. Pass one of them with --checkpoint."
+                f"{', '.join(found) or 'none'}." + (" Pass one of them with --checkpoint." if found else "")
             )
         payload = store.load(ckpt.MODEL, checkpoint)
         self.exp.load_model_payload(self.model, payload, store.path(ckpt.MODEL, checkpoint), strict=False)
@@ -116,18 +178,22 @@ class Trainer:
         ):
             self.model.visible_points = vis.to(self.device)
             self.resumed_visibility = True
-        self.optimizer = make_optimizer(self.model, self.conf.train.learning_rate)
+        tc = self.conf.train
+        self.optimizer = make_optimizer(self.model, tc.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.optimizer, list(self.conf.train.sched_milestones), gamma=self.conf.train.sched_factor
+            self.optimizer, list(tc.sched_milestones), gamma=tc.sched_factor
         )
         if store.exists(ckpt.SCHEDULER, checkpoint):
             self.scheduler.load_state_dict(store.load(ckpt.SCHEDULER, checkpoint)["scheduler_state_dict"])
-        if self.conf.train.keep_optimizer_state and store.exists(ckpt.OPTIMIZER, checkpoint):
+        if tc.keep_optimizer_state and store.exists(ckpt.OPTIMIZER, checkpoint):
             # Only with the fix: the original saves the Adam state but never loads it (spec §10.2).
             try:
                 self.optimizer.load_state_dict(store.load(ckpt.OPTIMIZER, checkpoint)["optimizer_state_dict"])
             except (ValueError, KeyError, RuntimeError) as exc:
                 print(f"Adam state not restored ({exc}); starting with fresh moments.")
+        if tc.fix_lr_schedule:
+            # The resumed run continues at the scheduled (decayed) rate, as the stopped one was.
+            self._apply_scheduled_lr()
         if self.inputs.enabled:
             try:
                 self.inputs.load_state(store.load(ckpt.INPUTS, checkpoint))
@@ -144,21 +210,19 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- checkpoints
     def save_checkpoints(self, epoch: int, numbered: bool) -> None:
+        """Write every family of this epoch; they become current together (see checkpoints.py)."""
         model_payload = {"radius": float(self.model.radius), "model_state_dict": self.model.state_dict()}
         if self.conf.train.prune_on_resume:
             model_payload["visible_points"] = self.model.visible_points.detach().cpu().clone()
-        # The model file last: a reader that finds ModelParameters/latest.pth finds the rest as new.
-        self.ckpt.save(ckpt.OPTIMIZER, {"optimizer_state_dict": self.optimizer.state_dict()}, epoch, numbered)
-        self.ckpt.save(ckpt.SCHEDULER, {"scheduler_state_dict": self.scheduler.state_dict()}, epoch, numbered)
+        payloads = {
+            ckpt.MODEL: model_payload,
+            ckpt.OPTIMIZER: {"optimizer_state_dict": self.optimizer.state_dict()},
+            ckpt.SCHEDULER: {"scheduler_state_dict": self.scheduler.state_dict()},
+        }
         if self.inputs.enabled:
-            self.ckpt.save(
-                ckpt.OPTIMIZER_INPUTS,
-                {"optimizer_cam_state_dict": self.optimizer_cam.state_dict()},
-                epoch,
-                numbered,
-            )
-            self.ckpt.save(ckpt.INPUTS, self.inputs.state(), epoch, numbered)
-        self.ckpt.save(ckpt.MODEL, model_payload, epoch, numbered)
+            payloads[ckpt.OPTIMIZER_INPUTS] = {"optimizer_cam_state_dict": self.optimizer_cam.state_dict()}
+            payloads[ckpt.INPUTS] = self.inputs.state()
+        self.ckpt.save_epoch(payloads, epoch, numbered)
 
     # ---------------------------------------------------------------------------------------- epochs
     def _loader(self) -> DataLoader:
@@ -196,8 +260,19 @@ class Trainer:
 
     def run(self) -> None:
         tc = self.conf.train
+        if self.start_epoch > self.nepoch:
+            print(
+                f"Nothing to train: the run is already trained through epoch {self.start_epoch - 1} "
+                f"(--nepoch {self.nepoch}). Pass a larger --nepoch to train further."
+            )
+            self._close()
+            return
         loader = self._loader()
+        run_start = time.time()
         for epoch in range(self.start_epoch, self.nepoch + 1):
+            # Every epoch draws from its own seed, so a resumed run repeats the random draws (shuffle,
+            # eikonal samples, upsample jitter) of the run it continues.
+            torch.manual_seed(epoch_seed(tc.seed, epoch))
             if epoch in tc.GT_lbs_milestones:
                 self.loss.lbs_weight *= tc.GT_lbs_factor
 
@@ -227,8 +302,15 @@ class Trainer:
             self.scheduler.step()
             if tc.fix_lr_schedule:
                 self._apply_scheduled_lr()
+            done = epoch - self.start_epoch + 1
+            left = self.nepoch - epoch
+            eta = (time.time() - run_start) / done * left
+            print(f"  {done}/{done + left} epochs of this run done; about {fmt_duration(eta)} left")
 
         self.save_checkpoints(self.nepoch + 1, numbered=True)
+        self._close()
+
+    def _close(self) -> None:
         if self.writer is not None:
             self.writer.close()
 
@@ -239,8 +321,10 @@ class Trainer:
         self.inputs.set_trainable(inputs_active)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         count = 0
+        skipped = 0
+        steps = 0
         start = time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"epoch {epoch}/{self.nepoch}", leave=False, dynamic_ncols=True)
         for data_index, (_, model_input, ground_truth) in enumerate(bar):
             model_input = move_to(model_input, self.device)
             ground_truth = move_to(ground_truth, self.device)
@@ -248,12 +332,26 @@ class Trainer:
                 model_input = self.inputs.apply(model_input)
             outputs = self.model(model_input)
             losses = self.loss(outputs, ground_truth)
-            self._check_finite(epoch, data_index, losses)
 
             self.optimizer.zero_grad(set_to_none=True)
             if inputs_active:
                 self.optimizer_cam.zero_grad(set_to_none=True)
             losses["loss"].backward()
+            # One device sync per step for both checks (the rasterizer synchronises anyway).
+            loss_ok, grads_ok = finite_flags(losses["loss"], self._trainable_parameters(inputs_active))
+            if not loss_ok:
+                self._stop_non_finite_loss(epoch, data_index, losses)
+            steps += 1
+            if not grads_ok:
+                # No update from this batch: a non-finite gradient would poison the weights and Adam's
+                # moments for good. Counted and reported; see the README.
+                skipped += 1
+                self.skipped_steps += 1
+                tqdm.write(
+                    f"warning: epoch {epoch}, step {data_index}: non-finite gradients; step skipped "
+                    f"(frames {batch_frames(model_input)})"
+                )
+                continue
             self.optimizer.step()
             if inputs_active:
                 self.optimizer_cam.step()
@@ -272,17 +370,30 @@ class Trainer:
         bar.close()
         elapsed = time.time() - start
         print(
-            f"epoch {epoch} done in {elapsed:.1f} s ({self.model.pc.points.shape[0]} points, "
+            f"epoch {epoch}/{self.nepoch} done in {elapsed:.1f} s ({self.model.pc.points.shape[0]} points, "
             f"radius {self.model.radius:.5f}, batch {self.batch_size})"
+            + (f"; {skipped} of {steps} steps skipped (non-finite gradients)" if skipped else "")
         )
         if self.writer is not None:
             self.writer.add_scalar("train/timing_epoch_ms", elapsed * 1000, epoch)
+            self.writer.add_scalar("train/skipped_steps", skipped, epoch)
+        if steps and skipped * 2 > steps:
+            raise PointAvatarError(
+                f"epoch {epoch}: {skipped} of {steps} steps had non-finite gradients and were skipped, so "
+                "training is not progressing. The weights were not updated by those steps. Check the "
+                "frames named above (expression, pose and camera values in flame_params.json), and the "
+                f"learning rate. Resume from {self.ckpt.path(ckpt.MODEL, 'latest')} with --is_continue."
+            )
 
-    def _check_finite(self, epoch: int, data_index: int, losses: dict) -> None:
-        """Stop before a NaN or infinite loss reaches the weights (one device sync per step; the
-        rasterizer synchronises anyway). The last checkpoint stays the one to resume from."""
-        if bool(torch.isfinite(losses["loss"])):
-            return
+    def _trainable_parameters(self, inputs_active: bool) -> list[torch.Tensor]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if inputs_active:
+            params += list(self.inputs.parameters())
+        return params
+
+    def _stop_non_finite_loss(self, epoch: int, data_index: int, losses: dict) -> None:
+        """Stop before a NaN or infinite loss reaches the weights. The last checkpoint stays the one to
+        resume from."""
         bad = [k for k, v in losses.items() if not bool(torch.isfinite(v))]
         latest = self.ckpt.path(ckpt.MODEL, "latest")
         raise PointAvatarError(
@@ -294,7 +405,7 @@ class Trainer:
 
     def _log(self, epoch: int, data_index: int, means: dict) -> None:
         text = ", ".join(f"{k} = {v:.6f}" for k, v in means.items())
-        tqdm.write(f"[{epoch}] {data_index * self.batch_size}/{len(self.train_set)}: {text}")
+        tqdm.write(f"[{epoch}/{self.nepoch}] {data_index * self.batch_size}/{len(self.train_set)}: {text}")
         if self.writer is None:
             return
         step = epoch * len(self.train_set) + data_index * self.batch_size
@@ -325,4 +436,41 @@ def fmt_vector(t: torch.Tensor, n: int = 8) -> str:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(None)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The torch seed of one epoch: distinct per (seed, epoch), the same for a fresh and a resumed run."""
+    return seed * 1_000_003 + epoch
+
+
+def finite_flags(loss: torch.Tensor, params: list[torch.Tensor]) -> tuple[bool, bool]:
+    """(loss finite, every gradient of ``params`` finite), with a single host sync.
+
+    A gradient's norm is non-finite exactly when one of its entries is (or when it overflows float32,
+    which is no usable update either). Sparse gradients (per-frame embeddings) are checked on their
+    values.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    grads = [g.coalesce().values() if g.is_sparse else g for g in grads]
+    flags = [torch.isfinite(loss.detach()).reshape(1)]
+    if grads:
+        norms = torch._foreach_norm(grads)
+        flags.append(torch.isfinite(torch.stack(norms).sum()).reshape(1))
+    values = torch.cat(flags).tolist()
+    return bool(values[0]), all(values[1:])
+
+
+def batch_frames(model_input: dict) -> str:
+    """'<video>/<frame>' of every frame of a collated batch, for messages."""
+    names = [int(v) for v in model_input["img_name"].reshape(-1).tolist()]
+    return ", ".join(f"{d}/{n}" for d, n in zip(model_input["sub_dir"], names, strict=False))
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
