@@ -26,15 +26,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
 from pointavatar.config import load_conf  # noqa: E402
-from pointavatar.train.experiment import move_to  # noqa: E402
-from pointavatar.train.schedule import batch_size_for, make_optimizer  # noqa: E402
+from pointavatar.engine.batching import (
+    batch_size_for,  # noqa: E402
+    move_to,  # noqa: E402
+)
+from pointavatar.train.schedule import make_optimizer  # noqa: E402
 from pointavatar.train.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def synthetic_conf(data: Path, out: Path, res: int, backend: str):
-    from pointavatar.data.synthetic import ensure_synthetic_subject
+    from pointavatar.synthetic import ensure_synthetic_subject
 
     ensure_synthetic_subject(data, "synthetic", res=res, train_frames=8, test_frames=4, seed=0)
     flame = data / "synthetic" / "flame"
@@ -99,7 +102,7 @@ def main() -> None:
     for n in args.points:
         torch.manual_seed(0)
         model.pc.init(n)
-        model.radius = 0.3 * 0.75 ** math.log2(n / 100)
+        model.pc.radius = 0.3 * 0.75 ** math.log2(n / 100)
         bs = batch_size_for(n, conf.train.max_points_training, conf.train.max_batch)
         trainer.batch_size = bs
         loader = trainer._loader()
@@ -119,7 +122,9 @@ def main() -> None:
 
         def step(model_input=model_input, ground_truth=ground_truth, optimizer=optimizer):
             out = model(model_input)
-            losses = loss_fn(out, ground_truth)
+            trainer.schedule.observe(out.fragment_idx, out.fragment_weights, model.pc.n_points)
+            # The FLAME-prior weight of epoch 0 (the conf's lbs_weight).
+            losses = loss_fn(out, ground_truth, flame=model.FLAMEServer, lbs_weight=conf.loss.lbs_weight)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()
@@ -140,14 +145,14 @@ def main() -> None:
         row = {
             "points": n,
             "batch": bs,
-            "radius": model.radius,
+            "radius": model.pc.radius,
             "train_step_ms": statistics.median(times),
             "peak_gib": peak,
             "render_ms_per_frame": statistics.median(render_times) / bs,
         }
         rows.append(row)
         print(
-            f"N={n:>7} B={bs} r={model.radius:.4f}: step {row['train_step_ms']:.1f} ms, peak {peak:.2f} GiB, "
+            f"N={n:>7} B={bs} r={model.pc.radius:.4f}: step {row['train_step_ms']:.1f} ms, peak {peak:.2f} GiB, "
             f"render {row['render_ms_per_frame']:.1f} ms/frame",
             flush=True,
         )

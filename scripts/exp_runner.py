@@ -4,116 +4,15 @@
     python scripts/exp_runner.py --conf ./confs/subject1.conf [--is_continue]
     python scripts/exp_runner.py --conf ./confs/subject1.conf --is_eval [--checkpoint 60] [--load_path DIR]
 
-Run from the repository root: the confs' relative paths (./data/..., ./code/flame/...) are resolved
-against the working directory. Training ends with an evaluation of the last checkpoint.
+A thin wrapper of the `pointavatar` console script (`pointavatar.cli.exp_runner`); the package must be
+installed (README "Install"). Run from the repository root.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
-from pathlib import Path
 
-# Let the script run from a checkout without `pip install -e .`.
-_CODE = Path(__file__).resolve().parents[1] / "code"
-if _CODE.is_dir() and str(_CODE) not in sys.path:
-    sys.path.insert(0, str(_CODE))
+from pointavatar.cli.exp_runner import main, parse_args
 
-from pointavatar.errors import PointAvatarError  # noqa: E402
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--conf", required=True, help="HOCON conf file, e.g. ./confs/subject1.conf")
-    p.add_argument("--is_eval", action="store_true", help="skip training; render and score the test split")
-    p.add_argument(
-        "--nepoch",
-        type=int,
-        default=None,
-        help="last training epoch, inclusive (default: train.nepoch of the conf)",
-    )
-    p.add_argument(
-        "--is_continue", action="store_true", help="resume from <train dir>/checkpoints/<checkpoint>"
-    )
-    p.add_argument(
-        "--move_old_run",
-        action="store_true",
-        help="start a fresh run even though the run folder holds one: the old run folder is renamed to "
-        "<name>.old-<date>-<time> first (nothing is deleted)",
-    )
-    p.add_argument(
-        "--only_json",
-        action="store_true",
-        help="test: build the test set from the JSON only (no images, no metrics); drives the avatar "
-        "with another sequence's expressions and poses",
-    )
-    p.add_argument(
-        "--checkpoint",
-        default="latest",
-        help="checkpoint to resume or evaluate: latest (default) or an epoch number such as 60",
-    )
-    p.add_argument("--load_path", default="", help="another train/ directory to load checkpoints from")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument(
-        "--wandb_workspace", default=None, help="accepted for compatibility; logging goes to TensorBoard"
-    )
-    p.add_argument("--wandb_tags", nargs="*", default=[], help="accepted for compatibility; unused")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from pointavatar.config import load_conf
-    from pointavatar.evaluate.runner import Evaluator, summary_line
-
-    torch_threads = os.environ.get("POINTAVATAR_THREADS")
-    if torch_threads:
-        import torch
-
-        torch.set_num_threads(int(torch_threads))
-    if args.wandb_workspace:
-        print("note: wandb is not used; scalars go to TensorBoard under <run>/train/tensorboard")
-
-    conf = load_conf(args.conf)
-    if not args.is_eval:
-        from pointavatar.train.trainer import Trainer
-
-        trainer = Trainer(
-            conf,
-            nepoch=args.nepoch,
-            is_continue=args.is_continue,
-            checkpoint=args.checkpoint,
-            load_path=args.load_path,
-            device=args.device,
-            move_old_run=args.move_old_run,
-        )
-        trainer.run()
-        # After training, evaluate the checkpoint just written (spec §2.1). The original passed
-        # --load_path on to the test runner, which then scored the run it had resumed from rather than
-        # the one it had just trained; we score the new one.
-        args.checkpoint = "latest"
-        args.load_path = ""
-    evaluator = Evaluator(
-        conf,
-        checkpoint=args.checkpoint,
-        load_path=args.load_path,
-        only_json=args.only_json,
-        device=args.device,
-    )
-    results = evaluator.run()
-    if results:
-        print(summary_line(results))
-    print(f"Outputs in {evaluator.exp.eval_dir}")
-    return 0
-
+__all__ = ["main", "parse_args"]
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except PointAvatarError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("\ninterrupted: resume with --is_continue (the last checkpoint is kept)", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(main())

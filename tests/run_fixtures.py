@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from pointavatar.config import load_conf
-from pointavatar.train import checkpoints as ckpt
+from pointavatar.engine import checkpoints as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECT1 = ROOT / "confs" / "subject1.conf"
@@ -19,7 +19,7 @@ RES = 32
 
 
 def make_subject(folder: Path) -> Path:
-    from pointavatar.data.synthetic import make_synthetic_subject
+    from pointavatar.synthetic import make_synthetic_subject
 
     make_synthetic_subject(folder, "synthetic", res=RES, train_frames=2, test_frames=2, seed=0)
     return folder

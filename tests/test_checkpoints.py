@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from pointavatar.engine import checkpoints as ckpt
 from pointavatar.errors import PointAvatarError
-from pointavatar.train import checkpoints as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_FAMILIES = (ckpt.MODEL, ckpt.OPTIMIZER, ckpt.SCHEDULER, ckpt.OPTIMIZER_INPUTS, ckpt.INPUTS)
@@ -184,7 +184,7 @@ KILL_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {code!r})
     sys.path.insert(0, {tests!r})
     from test_checkpoints import epoch_payloads
-    from pointavatar.train import checkpoints as ckpt
+    from pointavatar.engine import checkpoints as ckpt
 
     store = ckpt.Checkpoints({train_dir!r})
     store.save_epoch(epoch_payloads(1), 1, numbered=True)

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
 import trimesh
 
-from pointavatar.evaluate.export import (
-    PAIRED_COLORS,
-    save_ply,
-    side_by_side,
-    skinning_weight_colors,
-    write_video,
-)
-from pointavatar.evaluate.plots import (
+from pointavatar.engine.plots import (
     erode_dilate,
     lin2img,
     make_grid,
@@ -23,6 +18,15 @@ from pointavatar.evaluate.plots import (
     to_uint8,
     write_frame_outputs,
 )
+from pointavatar.evaluate.export import (
+    PAIRED_COLORS,
+    save_ply,
+    side_by_side,
+    skinning_weight_colors,
+    write_video,
+)
+from pointavatar.evaluate.tracking import tracking_loss
+from pointavatar.model import EvalOutputs, PointAvatarOutputs
 
 
 def test_erode_dilate_is_an_opening():
@@ -70,24 +74,47 @@ def test_lin2img_row_major():
     assert out[1, 2, 1, 0] == img[1, 3, 2]  # pixel (row 1, col 0) = index 1*3 + 0
 
 
-def make_outputs(b=2, res=4):
+def make_outputs(b=2, res=4, n=5, v=6):
+    """Eval-mode outputs with random images; the per-point fields only have the right shapes."""
     g = torch.Generator().manual_seed(0)
     p = res * res
     lmk = torch.zeros(b, p, 1)
     lmk[:, 0] = 1.0  # a landmark covering the top-left pixel
-    outputs = {
-        "rgb_image": torch.rand(b, p, 3, generator=g),
-        "rendered_landmarks": lmk,
-        "normal_image": torch.rand(b, p, 3, generator=g),
-        "shading_image": torch.rand(b, p, 3, generator=g),
-        "albedo_image": torch.rand(b, p, 3, generator=g),
-    }
+    rgb = torch.rand(b, p, 3, generator=g)
+    normal = torch.rand(b, p, 3, generator=g)
+    shading = torch.rand(b, p, 3, generator=g)
+    albedo = torch.rand(b, p, 3, generator=g)
+    outputs = PointAvatarOutputs(
+        img_res=res,
+        rgb_image=rgb,
+        predicted_mask=torch.ones(b, p),
+        canonical_points=torch.zeros(n, 3),
+        posedirs=torch.zeros(n, 36, 3),
+        shapedirs=torch.zeros(n, 3, 50),
+        lbs_weights=torch.zeros(n, 6),
+        sdf_values=torch.zeros(n),
+        grad_thetas=torch.zeros(2 * n, 3),
+        eval=EvalOutputs(
+            normal_image=normal,
+            shading_image=shading,
+            albedo_image=albedo,
+            pnts_color_deformed=torch.zeros(b, n, 3),
+            pnts_normal_deformed=torch.zeros(b, n, 3),
+            deformed_points=torch.zeros(b, n, 3),
+            deformed_verts=torch.zeros(b, v, 3),
+            canonical_verts=torch.zeros(v, 3),
+            unconstrained_canonical_points=torch.zeros(n, 3),
+            pnts_albedo=torch.zeros(n, 3),
+            rendered_landmarks=lmk,
+            rendered_landmarks_alpha=lmk[..., 0],
+        ),
+    )
     return outputs, {"rgb": torch.rand(b, p, 3, generator=g)}
 
 
 def test_plot_grid_rows_and_path(tmp_path):
     outputs, gt = make_outputs()
-    path = plot_grid(outputs, gt, tmp_path / "eval" / "MVI_1812", epoch=7, first_img_name=12, img_res=4)
+    path = plot_grid(outputs, gt, tmp_path / "eval" / "MVI_1812", epoch=7, first_img_name=12)
     assert path == tmp_path / "eval" / "MVI_1812" / "rendering" / "epoch_0007_12.png"
     grid = iio.imread(path)
     # 5 rows (pred, gt, normal, shading, albedo) x 2 columns of 4x4 tiles with 2-pixel padding.
@@ -99,27 +126,45 @@ def test_plot_grid_rows_and_path(tmp_path):
 
     np.testing.assert_array_equal(tile(0, 0)[0, 0], [255, 0, 0])  # red landmark on the prediction
     np.testing.assert_array_equal(tile(1, 1)[0, 0], [255, 0, 0])  # and on the GT
-    pred1 = to_uint8(lin2img(outputs["rgb_image"], 4)[1].permute(1, 2, 0))
+    pred1 = to_uint8(lin2img(outputs.rgb_image, 4)[1].permute(1, 2, 0))
     np.testing.assert_array_equal(tile(0, 1)[1:], pred1[1:])
-    albedo0 = to_uint8(lin2img(outputs["albedo_image"], 4)[0].permute(1, 2, 0))
+    albedo0 = to_uint8(lin2img(outputs.eval.albedo_image, 4)[0].permute(1, 2, 0))
     np.testing.assert_array_equal(tile(4, 0), albedo0)
     # Without GT the grid has 4 rows.
-    path = plot_grid(outputs, None, tmp_path / "e", epoch=0, first_img_name=1, img_res=4)
+    path = plot_grid(outputs, None, tmp_path / "e", epoch=0, first_img_name=1)
     assert iio.imread(path).shape == (4 * 6 + 2, 14, 3)
+    # Training outputs (no eval images): prediction and GT rows only.
+    train_outputs = dataclasses.replace(outputs, eval=None)
+    path = plot_grid(train_outputs, gt, tmp_path / "t", epoch=0, first_img_name=1)
+    assert iio.imread(path).shape == (2 * 6 + 2, 14, 3)
 
 
 def test_write_frame_outputs_layout(tmp_path):
     outputs, _ = make_outputs(res=8)
-    epoch_dir = write_frame_outputs(
-        outputs, torch.tensor([[12], [13]]), tmp_path / "MVI_1812", epoch=63, img_res=8
-    )
+    epoch_dir = write_frame_outputs(outputs, torch.tensor([[12], [13]]), tmp_path / "MVI_1812", epoch=63)
     assert epoch_dir == tmp_path / "MVI_1812" / "epoch_63"
     for name in (12, 13):
         for sub in ("rgb", "rgb_erode_dilate", "normal"):
             assert (epoch_dir / sub / f"{name}.png").is_file()
     rgb = iio.imread(epoch_dir / "rgb" / "13.png")
-    np.testing.assert_array_equal(rgb, to_uint8(lin2img(outputs["rgb_image"], 8)[1].permute(1, 2, 0)))
+    np.testing.assert_array_equal(rgb, to_uint8(lin2img(outputs.rgb_image, 8)[1].permute(1, 2, 0)))
     np.testing.assert_array_equal(iio.imread(epoch_dir / "rgb_erode_dilate" / "13.png"), erode_dilate(rgb))
+    # One frame of the two, as the runner writes a batch that spans two videos.
+    one = write_frame_outputs(outputs.select([1]), [21], tmp_path / "other", epoch=63)
+    np.testing.assert_array_equal(iio.imread(one / "rgb" / "21.png"), rgb)
+    normal1 = to_uint8(lin2img(outputs.eval.normal_image, 8)[1].permute(1, 2, 0))
+    np.testing.assert_array_equal(iio.imread(one / "normal" / "21.png"), normal1)
+
+
+def test_tracking_loss_is_rgb_l1():
+    outputs, gt = make_outputs()
+    outputs = dataclasses.replace(outputs, rgb_image=outputs.rgb_image.double().requires_grad_(True))
+    gt = {"rgb": gt["rgb"].double()}
+    r = tracking_loss(outputs, gt)
+    # float64, the same quantity: equal up to summation order.
+    torch.testing.assert_close(r, (outputs.rgb_image - gt["rgb"]).abs().mean(), rtol=1e-12, atol=1e-12)
+    r.backward()
+    assert outputs.rgb_image.grad is not None
 
 
 def test_ply_round_trip(tmp_path):

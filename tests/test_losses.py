@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
 import torch
 from torch import nn
 
+from pointavatar.config import LossConf
 from pointavatar.errors import PointAvatarError
+from pointavatar.model import PointAvatarOutputs
 from pointavatar.train import vgg as vgg_mod
-from pointavatar.train.losses import LOSS_KEYS, Loss, flame_prior_targets, rgb_only_loss
+from pointavatar.train.losses import LOSS_KEYS, Loss, flame_prior_targets
 from pointavatar.train.vgg import VGG16_FILE, VGGPerceptualLoss, load_features_state, make_vgg16_features
 
 # float64 inputs: every comparison below is exact up to summation order, hence the 1e-12 tolerances.
@@ -18,7 +21,7 @@ TOL = dict(rtol=1e-12, atol=1e-12)
 
 
 def conf(mask=1.0, lbs=10.0, eik=0.1, sdf=1.0, vgg=0.0):
-    return types.SimpleNamespace(
+    return LossConf(
         mask_weight=mask,
         lbs_weight=lbs,
         eikonal_weight=eik,
@@ -28,82 +31,83 @@ def conf(mask=1.0, lbs=10.0, eik=0.1, sdf=1.0, vgg=0.0):
 
 
 def make_batch(j=6, b=2, res=4, n=5, v=7, seed=0):
+    """(training outputs, ground truth, FLAME buffers) of random float64 values."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
         return torch.rand(*shape, generator=g, dtype=torch.float64)
 
     p = res * res
-    outputs = {
-        "rgb_image": r(b, p, 3),
-        "predicted_mask": r(b, p),
-        "img_res": res,
-        "sdf_values": r(n) - 0.5,
-        "grad_thetas": r(2 * n, 3) * 2 - 1,
-        "lbs_weights": r(n, j),
-        "posedirs": r(n, 36, 3) * 0.1,
-        "shapedirs": r(n, 3, 50) * 0.1,
-        "index_batch": torch.randint(0, v, (n,), generator=g),
-        "flame_lbs_weights": r(v, 5),
-        "flame_posedirs": r(36, 3 * v) * 0.1,
-        "flame_shapedirs": r(v, 3, 150) * 0.1,
-    }
+    rgb, mask, sdf, grads = r(b, p, 3), r(b, p), r(n) - 0.5, r(2 * n, 3) * 2 - 1
+    lbs, posedirs, shapedirs = r(n, j), r(n, 36, 3) * 0.1, r(n, 3, 50) * 0.1
+    index_batch = torch.randint(0, v, (n,), generator=g)
+    flame = types.SimpleNamespace(
+        lbs_weights=r(v, 5), posedirs=r(36, 3 * v) * 0.1, shapedirs=r(v, 3, 150) * 0.1
+    )
+    outputs = PointAvatarOutputs(
+        img_res=res,
+        rgb_image=rgb,
+        predicted_mask=mask,
+        canonical_points=r(n, 3),
+        posedirs=posedirs,
+        shapedirs=shapedirs,
+        lbs_weights=lbs,
+        sdf_values=sdf,
+        grad_thetas=grads,
+        index_batch=index_batch,
+    )
     gt = {"rgb": r(b, p, 3), "object_mask": r(b, p)}
-    return outputs, gt
+    return outputs, gt, flame
 
 
 def test_flame_prior_targets_by_hand():
-    outputs, _ = make_batch(j=6)
-    idx = outputs["index_batch"]
-    w, p, e = flame_prior_targets(
-        idx, outputs["flame_lbs_weights"], outputs["flame_posedirs"], outputs["flame_shapedirs"], 6
-    )
+    outputs, _, flame = make_batch(j=6)
+    idx = outputs.index_batch
+    w, p, e = flame_prior_targets(idx, flame.lbs_weights, flame.posedirs, flame.shapedirs, 6)
     for i, vi in enumerate(idx.tolist()):
         assert w[i, 0] == 0  # ghost bone column
-        torch.testing.assert_close(w[i, 1:], outputs["flame_lbs_weights"][vi], **TOL)
+        torch.testing.assert_close(w[i, 1:], flame.lbs_weights[vi], **TOL)
         for k in range(36):
             for c in range(3):
                 # FLAME layout: posedirs row k holds (vertex, xyz) flattened vertex-major.
-                assert p[i, k, c] == outputs["flame_posedirs"][k, 3 * vi + c]
-        torch.testing.assert_close(e[i], outputs["flame_shapedirs"][vi, :, 100:150], **TOL)
-    w5, _, _ = flame_prior_targets(
-        idx, outputs["flame_lbs_weights"], outputs["flame_posedirs"], outputs["flame_shapedirs"], 5
-    )
-    torch.testing.assert_close(w5, outputs["flame_lbs_weights"][idx], **TOL)
+                assert p[i, k, c] == flame.posedirs[k, 3 * vi + c]
+        torch.testing.assert_close(e[i], flame.shapedirs[vi, :, 100:150], **TOL)
+    w5, _, _ = flame_prior_targets(idx, flame.lbs_weights, flame.posedirs, flame.shapedirs, 5)
+    torch.testing.assert_close(w5, flame.lbs_weights[idx], **TOL)
 
 
 @pytest.mark.parametrize("ghost", [True, False])
 @pytest.mark.parametrize("use_var", [True, False])
 def test_each_term_and_total_by_hand(ghost, use_var):
     j = 6 if ghost else 5
-    outputs, gt = make_batch(j=j)
+    outputs, gt, flame = make_batch(j=j)
     var = torch.rand(1, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5
     c = conf(mask=0.7, lbs=3.0, eik=0.2, sdf=1.5)
     loss = Loss(c, var_expression=var if use_var else None)
-    out = loss(outputs, gt)
+    out = loss(outputs, gt, flame=flame, lbs_weight=c.lbs_weight)
 
-    rgb = (outputs["rgb_image"] - gt["rgb"]).abs().sum() / outputs["rgb_image"].numel()
-    mask = (outputs["predicted_mask"] - gt["object_mask"]).abs().sum() / gt["object_mask"].numel()
-    sdf = (outputs["sdf_values"] ** 2).sum() / outputs["sdf_values"].numel()
-    norms = torch.sqrt((outputs["grad_thetas"] ** 2).sum(dim=1))
+    rgb = (outputs.rgb_image - gt["rgb"]).abs().sum() / outputs.rgb_image.numel()
+    mask = (outputs.predicted_mask - gt["object_mask"]).abs().sum() / gt["object_mask"].numel()
+    sdf = (outputs.sdf_values**2).sum() / outputs.sdf_values.numel()
+    norms = torch.sqrt((outputs.grad_thetas**2).sum(dim=1))
     eik = ((norms - 1) ** 2).sum() / norms.numel()
 
-    idx = outputs["index_batch"]
+    idx = outputs.index_batch
     n = idx.shape[0]
     lbs_sum = pp_sum = e_sum = 0.0
     for i in range(n):
         vi = int(idx[i])
-        w_gt = outputs["flame_lbs_weights"][vi]
+        w_gt = flame.lbs_weights[vi]
         if ghost:
             w_gt = torch.cat([torch.zeros(1, dtype=torch.float64), w_gt])
-        lbs_sum += ((outputs["lbs_weights"][i] - w_gt) ** 2).sum()
+        lbs_sum += ((outputs.lbs_weights[i] - w_gt) ** 2).sum()
         for k in range(36):
             for cc in range(3):
-                d = 10 * outputs["posedirs"][i, k, cc] - 10 * outputs["flame_posedirs"][k, 3 * vi + cc]
+                d = 10 * outputs.posedirs[i, k, cc] - 10 * flame.posedirs[k, 3 * vi + cc]
                 pp_sum += d**2
         for cc in range(3):
             for k in range(50):
-                d = 10 * outputs["shapedirs"][i, cc, k] - 10 * outputs["flame_shapedirs"][vi, cc, 100 + k]
+                d = 10 * outputs.shapedirs[i, cc, k] - 10 * flame.shapedirs[vi, cc, 100 + k]
                 e_sum += d**2 / (50 * var[0, k]) if use_var else d**2
     lbs = lbs_sum / (n * j)
     pp = pp_sum / (n * 108)
@@ -122,29 +126,30 @@ def test_each_term_and_total_by_hand(ghost, use_var):
     assert set(out) == set(LOSS_KEYS) | {"loss"}
 
 
-def test_lbs_weight_is_mutable_and_used():
-    outputs, gt = make_batch()
+def test_lbs_weight_is_given_per_call_and_used():
+    outputs, gt, flame = make_batch()
     loss = Loss(conf(lbs=10.0))
-    a = loss(outputs, gt)
-    loss.lbs_weight *= 0.5  # what the trainer does at a milestone
-    b = loss(outputs, gt)
+    a = loss(outputs, gt, flame=flame, lbs_weight=10.0)
+    b = loss(outputs, gt, flame=flame, lbs_weight=10.0 * 0.5)  # the weight after a milestone
     prior = 0.1 * a["lbs_loss"] + 10 * a["posedirs_loss"] + 10 * a["shapedirs_loss"]
     torch.testing.assert_close(a["loss"] - b["loss"], 5.0 * prior, rtol=1e-10, atol=1e-12)
-    loss.lbs_weight = 0.0
-    c = loss(outputs, gt)
+    c = loss(outputs, gt, flame=None, lbs_weight=0.0)  # no FLAME needed without the prior
     assert float(c["lbs_loss"]) == 0.0
     torch.testing.assert_close(c["loss"], a["loss"] - 10.0 * prior, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="FLAME"):
+        loss(outputs, gt, flame=None, lbs_weight=1.0)
+    eval_like = dataclasses.replace(outputs, index_batch=None)  # eval forwards skip the 1-NN
+    with pytest.raises(ValueError, match="training mode"):
+        loss(eval_like, gt, flame=flame, lbs_weight=1.0)
 
 
-def test_gradients_flow_and_rgb_only_loss():
-    outputs, gt = make_batch()
-    outputs["rgb_image"].requires_grad_(True)
-    outputs["lbs_weights"].requires_grad_(True)
-    out = Loss(conf())(outputs, gt)
+def test_gradients_flow():
+    outputs, gt, flame = make_batch()
+    outputs.rgb_image.requires_grad_(True)
+    outputs.lbs_weights.requires_grad_(True)
+    out = Loss(conf())(outputs, gt, flame=flame, lbs_weight=10.0)
     out["loss"].backward()
-    assert outputs["rgb_image"].grad is not None and outputs["lbs_weights"].grad is not None
-    r = rgb_only_loss(outputs, gt)
-    torch.testing.assert_close(r, (outputs["rgb_image"] - gt["rgb"]).abs().mean(), **TOL)
+    assert outputs.rgb_image.grad is not None and outputs.lbs_weights.grad is not None
 
 
 class _MeanAbs(nn.Module):
@@ -154,10 +159,10 @@ class _MeanAbs(nn.Module):
 
 
 def test_vgg_term_injected_module_and_weighting():
-    outputs, gt = make_batch(res=4, b=2)
+    outputs, gt, _ = make_batch(res=4, b=2)
     fake = _MeanAbs()
     loss = Loss(conf(vgg=0.1, lbs=0.0, sdf=0.0, eik=0.0, mask=0.0), vgg=fake)
-    out = loss(outputs, gt)
+    out = loss(outputs, gt, flame=None, lbs_weight=0.0)
     assert fake.last_shapes == ((2, 3, 4, 4), (2, 3, 4, 4))
     torch.testing.assert_close(out["vgg_loss"], out["rgb_loss"], **TOL)  # same pixels, same mean
     torch.testing.assert_close(out["loss"], out["rgb_loss"] * 1.1, **TOL)
@@ -256,35 +261,40 @@ def test_vgg_file_found_in_hub_dir(tmp_path, monkeypatch):
     torch.save(random_torchvision_vgg16_state(), tmp_path / "hub" / "checkpoints" / VGG16_FILE)
     loss = Loss(conf(vgg=0.1))
     assert isinstance(loss.vgg, VGGPerceptualLoss)
-    outputs, gt = make_batch(res=8, b=1)
-    outputs32 = {
-        k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in outputs.items()
-    }
-    out = loss(outputs32, {k: v.float() for k, v in gt.items()})
+    outputs, gt, flame = make_batch(res=8, b=1)
+    outputs32 = dataclasses.replace(
+        outputs,
+        **{
+            f.name: getattr(outputs, f.name).float()
+            for f in dataclasses.fields(outputs)
+            if torch.is_tensor(getattr(outputs, f.name)) and getattr(outputs, f.name).is_floating_point()
+        },
+    )
+    flame32 = types.SimpleNamespace(**{k: v.float() for k, v in vars(flame).items()})
+    out = loss(outputs32, {k: v.float() for k, v in gt.items()}, flame=flame32, lbs_weight=10.0)
     assert float(out["vgg_loss"]) > 0
 
 
 def test_accepts_the_config_dataclass():
-    from pointavatar.config import LossConf
-
     loss = Loss(LossConf(vgg_feature_weight=0.0))
-    assert (loss.mask_weight, loss.lbs_weight, loss.eikonal_weight, loss.sdf_consistency_weight) == (
+    lc = loss.conf
+    assert (lc.mask_weight, lc.lbs_weight, lc.eikonal_weight, lc.sdf_consistency_weight) == (
         1.0,
         10.0,
         0.1,
         1.0,
     )
-    outputs, gt = make_batch()
-    assert torch.isfinite(loss(outputs, gt)["loss"])
+    outputs, gt, flame = make_batch()
+    assert torch.isfinite(loss(outputs, gt, flame=flame, lbs_weight=lc.lbs_weight)["loss"])
 
 
 def test_constant_expression_dimension_keeps_the_prior_finite():
-    outputs, gt = make_batch()
+    outputs, gt, flame = make_batch()
     var = torch.rand(1, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5
     var[0, 4] = 0.0  # e.g. a blink that never happens in the training frames
     with pytest.warns(UserWarning, match=r"\[4\].*use_var_expression = False"):
         loss = Loss(conf(), var_expression=var)
-    out = loss(outputs, gt)
+    out = loss(outputs, gt, flame=flame, lbs_weight=10.0)
     assert torch.isfinite(out["shapedirs_loss"]) and torch.isfinite(out["loss"])
     # The constant dimension is weighted like the least-varying of the others.
     assert float(loss.var_expression[0, 4]) == pytest.approx(float(var[0, torch.arange(50) != 4].min()))

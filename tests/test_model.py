@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -11,14 +12,21 @@ import torch
 from flame_fixtures import flame_state_shapes, make_landmarks
 
 import pointavatar.render as render
-from pointavatar.config import ModelConf
+from pointavatar.config import (
+    DeformerNetworkConf,
+    GeometryNetworkConf,
+    ModelConf,
+    PointCloudConf,
+    RenderingNetworkConf,
+)
 from pointavatar.flame import write_flame_pickle, write_landmark_embedding
 from pointavatar.model.compat import convert_original_state_dict, to_original_state_dict
 from pointavatar.model.deformer import ForwardDeformer
 from pointavatar.model.embedder import PositionalEncoding
 from pointavatar.model.geometry import GeometryNetwork
 from pointavatar.model.knn import nearest_neighbor
-from pointavatar.model.point_avatar import PointAvatar, deformed_normals
+from pointavatar.model.outputs import PointAvatarOutputs
+from pointavatar.model.point_avatar import POINTS_PER_PIXEL, PointAvatar, deformed_normals
 from pointavatar.model.point_cloud import PointCloud
 from pointavatar.model.shading import RenderingNetwork
 
@@ -127,7 +135,8 @@ def test_embedder_layout():
 
 def test_geometric_init_is_sphere_sdf():
     torch.manual_seed(0)
-    net = GeometryNetwork(3, 3, 1, [256] * 9, geometric_init=True, bias=0.6, skip_in=[4], multires=6)
+    # The conf's defaults: 3 albedo channels, [256] * 9, sphere init of radius 0.6, skip at 4, multires 6.
+    net = GeometryNetwork(GeometryNetworkConf())
     assert net.lin0.parametrizations.weight.original1.shape == (256, 39)
     assert net.lin3.parametrizations.weight.original1.shape == (217, 256)
     # Shell means: the IDR/SAL init is ||x|| - 0.6 in expectation for ReLU; with Softplus(beta=100)
@@ -152,20 +161,22 @@ def test_geometric_init_is_sphere_sdf():
 
 def test_deformer_init_is_identity():
     torch.manual_seed(0)
-    d = ForwardDeformer(None, 3, [128] * 4, multires=0, num_exp=50, deform_c=True, ghostbone=True)
+    d = ForwardDeformer(DeformerNetworkConf(), None)  # [128] * 4, num_exp 50, deform_c, ghostbone
     x = torch.randn(20, 3)
     E, P, W, xc = d.query_weights(x)
     assert E.shape == (20, 3, 50) and P.shape == (20, 36, 3) and W.shape == (20, 6)
     assert torch.equal(E, torch.zeros_like(E)) and torch.equal(P, torch.zeros_like(P))
     assert torch.equal(xc, x)
     assert torch.allclose(W, torch.full_like(W, 1 / 6))  # float32 rounding of exp/sum only
-    d5 = ForwardDeformer(None, 3, [64] * 2, ghostbone=False)
+    d5 = ForwardDeformer(
+        dataclasses.replace(DeformerNetworkConf(), dims=[64] * 2, deform_c=False, ghostbone=False), None
+    )
     assert d5.query_weights(x)[2].shape == (20, 5)
 
 
 def test_deformer_slices_and_stable_softmax():
     torch.manual_seed(0)
-    d = ForwardDeformer(None, 3, [32] * 2, num_exp=50, deform_c=True, ghostbone=True)
+    d = ForwardDeformer(dataclasses.replace(DeformerNetworkConf(), dims=[32] * 2), None)
     with torch.no_grad():
         d.blendshapes.bias.copy_(torch.arange(261, dtype=torch.float32))
         d.skinning.bias.copy_(torch.tensor([100.0, 0, 0, 0, 0, 0]))  # exp(2000) would overflow
@@ -179,7 +190,7 @@ def test_deformer_slices_and_stable_softmax():
 
 def test_rendering_network_range():
     torch.manual_seed(0)
-    net = RenderingNetwork(0, 3, 3, [64, 64], weight_norm=True)
+    net = RenderingNetwork(RenderingNetworkConf())  # normal in, RGB out, [64, 64], weight norm
     s = net(torch.nn.functional.normalize(torch.randn(10, 3), dim=1))
     assert s.shape == (10, 3) and ((s > 0) & (s < 1)).all()
     assert [k for k in net.state_dict()][:3] == [
@@ -191,10 +202,11 @@ def test_rendering_network_range():
 
 def test_point_cloud_init_prune_upsample():
     torch.manual_seed(0)
-    pc = PointCloud(400, max_points=1000, init_radius=0.5, radius_factor=0.3)
+    pc = PointCloud(dataclasses.replace(PointCloudConf(), n_init_points=400, max_points=1000))
     assert pc.points.shape == (400, 3)
     assert torch.allclose(pc.points.norm(dim=1), torch.full((400,), 0.5))  # float32 rounding
     assert math.isclose(pc.initial_radius(), 0.16875, rel_tol=1e-12)
+    assert pc.radius == pc.initial_radius()  # a plain float, outside the state dict
     mask = torch.arange(400) % 3 == 0
     kept = pc.points.detach()[mask].clone()
     pc.prune(mask)
@@ -204,6 +216,9 @@ def test_point_cloud_init_prune_upsample():
     pc.init(7)
     assert pc.points.shape == (7, 3)
     assert [k for k in pc.state_dict()] == ["points"]
+    assert pc.radius == pc.initial_radius(
+        400
+    )  # resizing changes the points only (the point schedule owns the radius)
 
 
 def test_knn_exact_matches_brute_force():
@@ -280,7 +295,8 @@ def test_state_dict_follows_appendix_a(flame_files):
     assert list(bg.state_dict())[0] == "background"
     assert list(bg.state_dict())[1:] == list(sd)
     assert bg.state_dict()["background"].shape == (IMG_RES * IMG_RES, 3)
-    assert math.isclose(model.radius, 0.3 * 0.75 ** math.log2(N_POINTS / 100))
+    assert math.isclose(model.pc.radius, 0.3 * 0.75 ** math.log2(N_POINTS / 100))
+    assert isinstance(model.pc.radius, float)
 
 
 # ------------------------------------------------------------------------------- Jacobian, normals
@@ -349,13 +365,23 @@ def test_canonical_geometry_detaches_points(flame_files):
 # ---------------------------------------------------------------------------------- forward pass
 
 
+def visibility(out: PointAvatarOutputs, n: int, thresh: float = 0.5) -> torch.Tensor:
+    """[N] bool: front-most point of a pixel, or compositing weight > thresh somewhere (spec §5.12)."""
+    idx, weights = out.fragment_idx, out.fragment_weights
+    front = idx[..., 0]
+    heavy = idx[(weights > thresh) & (idx >= 0)]
+    vis = torch.zeros(n, dtype=torch.bool, device=idx.device)
+    vis[torch.remainder(torch.cat([front[front >= 0], heavy]), n)] = True
+    return vis
+
+
 @needs_render
 def test_forward_train_outputs_and_visibility(flame_files):
     model = build(flame_files)
     model.train()
-    model.reset_visibility()
     b, p, n = 2, IMG_RES * IMG_RES, N_POINTS
     out = model(make_input(b))
+    assert isinstance(out, PointAvatarOutputs)
     shapes = {
         "rgb_image": (b, p, 3),
         "predicted_mask": (b, p),
@@ -364,22 +390,27 @@ def test_forward_train_outputs_and_visibility(flame_files):
         "posedirs": (n, 36, 3),
         "shapedirs": (n, 3, 50),
         "lbs_weights": (n, 6),
-        "flame_posedirs": (36, 3 * V),
-        "flame_shapedirs": (V, 3, 150),
-        "flame_lbs_weights": (V, 5),
         "sdf_values": (n,),
         "grad_thetas": (2 * n, 3),
+        "fragment_idx": (b, IMG_RES, IMG_RES, POINTS_PER_PIXEL),
+        "fragment_weights": (b, IMG_RES, IMG_RES, POINTS_PER_PIXEL),
     }
-    assert {k: tuple(out[k].shape) for k in shapes} == shapes
-    assert out["img_res"] == IMG_RES and out["batch_size"] == b
-    assert "normal_image" not in out
-    assert out["predicted_mask"].max() > 0.5  # the head is in view
-    assert ((out["rgb_image"] >= 0) & (out["rgb_image"] <= 1 + 1e-6)).all()
-    vis = model.visible_points
+    assert {k: tuple(getattr(out, k).shape) for k in shapes} == shapes
+    # The FLAME pseudo ground truth of the loss comes from the FLAME module, not from the outputs.
+    flame = model.FLAMEServer
+    flame_shapes = {"posedirs": (36, 3 * V), "shapedirs": (V, 3, 150), "lbs_weights": (V, 5)}
+    assert {k: tuple(getattr(flame, k).shape) for k in flame_shapes} == flame_shapes
+    assert out.img_res == IMG_RES and out.batch_size == b
+    assert out.eval is None
+    assert out.predicted_mask.max() > 0.5  # the head is in view
+    assert ((out.rgb_image >= 0) & (out.rgb_image <= 1 + 1e-6)).all()
+    assert out.fragment_idx.dtype == torch.int64
+    assert not out.fragment_idx.requires_grad and not out.fragment_weights.requires_grad
+    vis = visibility(out, n)
     assert vis.dtype == torch.bool and vis.shape == (n,) and 0 < vis.sum() < n
     # Only the deformer's second query feeds the prior: x' of detached points, no grad to points.
-    assert out["canonical_points"].requires_grad
-    out["rgb_image"].mean().backward()
+    assert out.canonical_points.requires_grad
+    out.rgb_image.mean().backward()
     assert model.pc.points.grad.abs().sum() > 0
     # At init the zero heads block the trunk's gradient; the heads themselves get one.
     assert model.deformer_network.blendshapes.weight.grad.abs().sum() > 0
@@ -387,15 +418,25 @@ def test_forward_train_outputs_and_visibility(flame_files):
 
 
 @needs_render
+def test_forward_renders_with_the_point_cloud_radius(flame_files):
+    model = build(flame_files).train()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        a = model(make_input(1))
+        model.pc.radius *= 0.5
+        torch.manual_seed(5)
+        b = model(make_input(1))
+    assert a.predicted_mask.sum() > b.predicted_mask.sum() > 0  # smaller discs cover less
+
+
+@needs_render
 def test_forward_eval_outputs_and_no_visibility(flame_files):
     model = build(flame_files)
     model.eval()
-    model.reset_visibility()
     b, p, n = 2, IMG_RES * IMG_RES, N_POINTS
     with torch.no_grad():  # the model re-enables grad where it needs it (normals)
         out = model(make_input(b))
     shapes = {
-        "rgb_image": (b, p, 3),
         "normal_image": (b, p, 3),
         "shading_image": (b, p, 3),
         "albedo_image": (b, p, 3),
@@ -409,25 +450,65 @@ def test_forward_eval_outputs_and_no_visibility(flame_files):
         "rendered_landmarks": (b, p, 3),
         "rendered_landmarks_alpha": (b, p),
     }
-    assert {k: tuple(out[k].shape) for k in shapes} == shapes
-    assert not model.visible_points.any()
-    lmk, lmk_alpha = out["rendered_landmarks"], out["rendered_landmarks_alpha"]
+    ev = out.eval
+    assert tuple(out.rgb_image.shape) == (b, p, 3)
+    assert {k: tuple(getattr(ev, k).shape) for k in shapes} == shapes
+    assert out.fragment_idx is None and out.fragment_weights is None and out.index_batch is None
+    lmk, lmk_alpha = ev.rendered_landmarks, ev.rendered_landmarks_alpha
     assert torch.equal(lmk[..., 0], lmk_alpha) and torch.equal(lmk[..., 2], lmk_alpha)
     assert lmk_alpha.max() > 0 and lmk_alpha.min() >= 0 and lmk_alpha.max() <= 1  # dots in view
-    assert torch.allclose(out["pnts_normal_deformed"].norm(dim=-1), torch.ones(b, n), atol=1e-5)
+    assert torch.allclose(ev.pnts_normal_deformed.norm(dim=-1), torch.ones(b, n), atol=1e-5)
     # Background pixels (mask 0) are white in every image.
-    empty = out["predicted_mask"] == 0
+    empty = out.predicted_mask == 0
     assert empty.any()
-    for key in ["rgb_image", "normal_image", "shading_image", "albedo_image"]:
-        assert torch.equal(out[key][empty], torch.ones_like(out[key][empty])), key
+    images = {
+        "rgb_image": out.rgb_image,
+        "normal_image": ev.normal_image,
+        "shading_image": ev.shading_image,
+        "albedo_image": ev.albedo_image,
+    }
+    for key, image in images.items():
+        assert torch.equal(image[empty], torch.ones_like(image[empty])), key
     # Training and eval render the same colours (eval only adds channels).
     model.train()
     with torch.no_grad():
         torch.manual_seed(5)
-        rgb_train = model(make_input(b))["rgb_image"]
-    assert torch.allclose(rgb_train, out["rgb_image"], atol=1e-5)  # float32 summation order only
+        rgb_train = model(make_input(b)).rgb_image
+    assert torch.allclose(rgb_train, out.rgb_image, atol=1e-5)  # float32 summation order only
     no_lmk = build(flame_files, landmarks=False).eval()
-    assert "rendered_landmarks" not in no_lmk(make_input(1))
+    no_lmk_eval = no_lmk(make_input(1)).eval
+    assert no_lmk_eval.rendered_landmarks is None and no_lmk_eval.rendered_landmarks_alpha is None
+
+
+@needs_render
+def test_select_keeps_per_frame_fields_of_the_chosen_frames(flame_files):
+    model = build(flame_files)
+    b, n = 3, N_POINTS
+    inp = make_input(b)
+    with torch.no_grad():
+        out = model.eval()(inp)
+        train_out = model.train()(inp)
+    sub = out.select([2, 0])
+    assert sub.batch_size == 2 and sub.img_res == out.img_res
+    assert torch.equal(sub.rgb_image, out.rgb_image[[2, 0]])
+    assert torch.equal(sub.predicted_mask, out.predicted_mask[[2, 0]])
+    for name in ("normal_image", "deformed_points", "deformed_verts", "rendered_landmarks_alpha"):
+        assert torch.equal(getattr(sub.eval, name), getattr(out.eval, name)[[2, 0]]), name
+    # Per-point fields are shared, not indexed.
+    for name in ("canonical_points", "sdf_values", "grad_thetas", "lbs_weights"):
+        assert getattr(sub, name) is getattr(out, name), name
+    for name in ("pnts_albedo", "canonical_verts", "unconstrained_canonical_points"):
+        assert getattr(sub.eval, name) is getattr(out.eval, name), name
+    # Fragments are re-packed to the new frame order: frame j holds j * N + p.
+    tsub = train_out.select([2, 0])
+    assert tsub.eval is None
+    for j, r in enumerate([2, 0]):
+        old, new = train_out.fragment_idx[r], tsub.fragment_idx[j]
+        assert torch.equal(new >= 0, old >= 0)
+        assert torch.equal(new[new >= 0], old[old >= 0] - (r - j) * n)
+        assert torch.equal(tsub.fragment_weights[j], train_out.fragment_weights[r])
+    with pytest.raises(IndexError):
+        out.select([3])
 
 
 @needs_render
@@ -436,11 +517,11 @@ def test_learned_background(flame_files):
     with torch.no_grad():
         model.background.fill_(-0.01)  # sigmoid(100 * -0.01) = sigmoid(-1)
     out = model(make_input(1))
-    empty = out["predicted_mask"] == 0
+    empty = out.predicted_mask == 0
     assert empty.any()
     bg = torch.sigmoid(torch.tensor(-1.0))
-    assert torch.allclose(out["rgb_image"][empty], bg.expand(int(empty.sum()), 3))
-    out["rgb_image"].sum().backward()
+    assert torch.allclose(out.rgb_image[empty], bg.expand(int(empty.sum()), 3))
+    out.rgb_image.sum().backward()
     assert model.background.grad.abs().sum() > 0
 
 
@@ -474,9 +555,9 @@ def test_convert_original_state_dict_round_trip(flame_files):
     if HAS_RENDER:
         inp = make_input(1)
         torch.manual_seed(11)
-        ra = model(inp)["rgb_image"]
+        ra = model(inp).rgb_image
         torch.manual_seed(11)
-        rb = other(copy.deepcopy(inp))["rgb_image"]
+        rb = other(copy.deepcopy(inp)).rgb_image
         assert torch.equal(ra, rb)
     # Converting an already-converted dict is a no-op.
     assert list(convert_original_state_dict(model.state_dict())) == list(model.state_dict())
@@ -493,17 +574,16 @@ def test_cuda_matches_cpu(flame_files):
     perturb_(model, 0.01)
     inp = make_input(2)
     out_cpu = model(inp)
-    out_cpu["rgb_image"].mean().backward()
+    out_cpu.rgb_image.mean().backward()
     grad_cpu = model.pc.points.grad.clone()
     model.zero_grad(set_to_none=True)
     model = model.cuda()
     model.render_backend = "auto"  # the fast path where it is available
-    model.reset_visibility()
     out = model({k: v.cuda() for k, v in inp.items()})
-    out["rgb_image"].mean().backward()
+    out.rgb_image.mean().backward()
     # float32 on two devices (different reduction orders, TF32 off by default): 1e-4 absolute.
     for key in ["rgb_image", "predicted_mask", "sdf_values", "canonical_points"]:
-        assert torch.allclose(out[key].cpu(), out_cpu[key], atol=1e-4), key
-    assert torch.equal(out["index_batch"].cpu(), out_cpu["index_batch"])
+        assert torch.allclose(getattr(out, key).cpu(), getattr(out_cpu, key), atol=1e-4), key
+    assert torch.equal(out.index_batch.cpu(), out_cpu.index_batch)
     assert torch.allclose(model.pc.points.grad.cpu(), grad_cpu, atol=1e-5, rtol=1e-3)
-    assert model.visible_points.is_cuda and model.visible_points.any()
+    assert out.fragment_idx.is_cuda and visibility(out, N_POINTS).any()

@@ -1,4 +1,4 @@
-"""The synthetic FLAME-format model and IMavatar-format subject (pointavatar.data.synthetic)."""
+"""The synthetic FLAME-format model and IMavatar-format subject (pointavatar.synthetic)."""
 
 import filecmp
 import json
@@ -10,13 +10,9 @@ import scipy.ndimage as ndi
 import torch
 
 from pointavatar.data import FaceDataset, collate_fn
-from pointavatar.data.synthetic import (
-    CLOTH,
-    _trajectory,
-    ensure_synthetic_subject,
-    make_synthetic_subject,
-)
 from pointavatar.flame import FLAME, read_flame_file, read_landmark_embedding
+from pointavatar.synthetic import ensure_synthetic_subject, make_synthetic_subject
+from pointavatar.synthetic.generator import CLOTH, _trajectory
 
 RES = 64
 N_TRAIN, N_TEST = 3, 2

@@ -14,10 +14,10 @@ import pytest
 import torch
 from run_fixtures import ROOT, load_model_ckpt, tiny
 
+from pointavatar.engine import checkpoints as ckpt
+from pointavatar.engine.experiment import Experiment
 from pointavatar.errors import PointAvatarError
 from pointavatar.evaluate.runner import Evaluator
-from pointavatar.train import checkpoints as ckpt
-from pointavatar.train.experiment import Experiment
 from pointavatar.train.trainer import Trainer
 
 CONFS = sorted((ROOT / "confs").glob("*.conf"))
@@ -38,7 +38,7 @@ def test_every_conf_trains_and_evaluates(conf_path, subject, tmp_path):
     assert load_model_ckpt(train_dir)["epoch"] == 2
     # Upsampled once at epoch 1 (upsample_freq 1): at most 2 x the pruned cloud, radius x 0.75.
     state = load_model_ckpt(train_dir)
-    assert state["radius"] == pytest.approx(trainer.model.radius)
+    assert state["radius"] == pytest.approx(trainer.model.pc.radius)
     assert state["radius"] < 0.3 * 0.75**0  # initial radius of 100 points is 0.3
 
     results = Evaluator(conf, device="cpu").run()
@@ -68,28 +68,35 @@ def test_resume_restores_state(subject, tmp_path):
     resumed = Trainer(conf, nepoch=3, is_continue=True, device="cpu")
     assert resumed.start_epoch == 2
     assert torch.equal(resumed.model.pc.points.detach().cpu(), saved_model["model_state_dict"]["pc.points"])
-    assert resumed.model.radius == pytest.approx(saved_model["radius"])
+    assert resumed.model.pc.radius == pytest.approx(saved_model["radius"])
     assert torch.equal(
         resumed.inputs.expression.weight.detach().cpu(), saved_inputs["expression_state_dict"]["weight"]
     )
     assert torch.equal(
         resumed.inputs.camera_pose.weight.detach().cpu(), saved_inputs["camera_pose_state_dict"]["weight"]
     )
-    # lbs_weight replays the decay of milestones strictly before the start epoch (none before 2 here).
-    assert resumed.loss.lbs_weight == pytest.approx(conf.loss.lbs_weight)
+    # lbs_weight replays the decay of milestones up to the start epoch (none up to 2 here).
+    assert resumed.schedule.epoch_values(2, resumed.model.pc.n_points).lbs_weight == pytest.approx(
+        conf.loss.lbs_weight
+    )
     assert resumed.scheduler.last_epoch == 2
     resumed.run()
     assert load_model_ckpt(first.exp.train_dir)["epoch"] == 4
 
 
 def test_lbs_weight_replayed_on_resume(subject, tmp_path):
-    from pointavatar.train.experiment import lbs_weight_at
+    from pointavatar.train.schedule import PointSchedule
 
     conf = tiny(SUBJECT1, subject, tmp_path)
-    assert lbs_weight_at(conf, 0) == 10.0
-    assert lbs_weight_at(conf, 10) == 10.0  # the epoch-10 decay happens inside the loop
-    assert lbs_weight_at(conf, 11) == 5.0
-    assert lbs_weight_at(conf, 41) == 0.625
+    schedule = PointSchedule(conf)  # the one function for a fresh start and a resume: weight in epoch e
+
+    def weight(epoch):
+        return schedule.epoch_values(epoch, 100).lbs_weight
+
+    assert weight(0) == 10.0
+    assert weight(9) == 10.0 and weight(10) == 5.0  # the epoch-10 decay applies from epoch 10 on
+    assert weight(11) == 5.0
+    assert weight(41) == 0.625
 
 
 def test_killed_mid_epoch_resumes_from_last_checkpoint(subject, tmp_path, monkeypatch):
@@ -148,7 +155,7 @@ def test_original_checkpoint_layout_evaluates(subject, tmp_path):
     path = trainer.exp.train_dir / "checkpoints" / ckpt.MODEL / "60.pth"
     ckpt.atomic_save({"epoch": 60, "radius": 0.01, "model_state_dict": original}, path)
     evaluator = Evaluator(conf, checkpoint="60", device="cpu")
-    assert evaluator.epoch == 60 and evaluator.model.radius == pytest.approx(0.01)
+    assert evaluator.epoch == 60 and evaluator.model.pc.radius == pytest.approx(0.01)
     for key, value in ours.items():
         assert torch.equal(evaluator.model.state_dict()[key].cpu(), value.cpu()), key
     evaluator.run()
@@ -190,8 +197,8 @@ def test_non_finite_loss_stops_before_the_update(subject, tmp_path):
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     real_forward = trainer.loss.forward
 
-    def nan_loss(outputs, ground_truth):
-        out = real_forward(outputs, ground_truth)
+    def nan_loss(outputs, ground_truth, **kwargs):
+        out = real_forward(outputs, ground_truth, **kwargs)
         out["mask_loss"] = out["mask_loss"] * float("nan")
         out["loss"] = out["loss"] + out["mask_loss"]
         return out
@@ -267,6 +274,6 @@ def test_prune_on_resume_saves_visibility(subject, tmp_path, capsys):
     assert load_model_ckpt(Experiment(conf).train_dir)["visible_points"].dtype == torch.bool
     capsys.readouterr()
     resumed = Trainer(conf, nepoch=1, is_continue=True, device="cpu")
-    assert resumed.resumed_visibility
+    assert resumed.schedule.resumed_visibility
     resumed.run()
     assert "Pruning points" in capsys.readouterr().out

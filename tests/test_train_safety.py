@@ -18,10 +18,11 @@ import pytest
 import torch
 from run_fixtures import ROOT, SUBJECT1, load_model_ckpt, tiny
 
+from pointavatar.engine import checkpoints as ckpt
+from pointavatar.engine.device import resolve_device
+from pointavatar.engine.experiment import Experiment
 from pointavatar.errors import PointAvatarError
 from pointavatar.evaluate.runner import Evaluator
-from pointavatar.train import checkpoints as ckpt
-from pointavatar.train.experiment import Experiment, resolve_device
 from pointavatar.train.trainer import Trainer
 
 

@@ -277,7 +277,7 @@ def _test_split_default() -> SplitConf:
 
 @dataclass
 class SyntheticConf:
-    """(ours) `dataset.synthetic { }`: the generated FLAME-format demo subject (data/synthetic)."""
+    """(ours) `dataset.synthetic { }`: the generated FLAME-format demo subject (pointavatar.synthetic)."""
 
     generate: bool = False
     """Generate the synthetic subject (FLAME-format model files and an IMavatar-format dataset under

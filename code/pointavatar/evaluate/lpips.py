@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pointavatar.train.vgg import locate_weight_file
+from pointavatar.engine.weights import locate_weight_file
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"

@@ -25,12 +25,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import Conf
+from ..engine import checkpoints as ckpt
+from ..engine import plots
+from ..engine.batching import batch_size_for, move_to
+from ..engine.device import resolve_device
+from ..engine.experiment import Experiment, build_model
+from ..engine.inputs import FrameInputs
 from ..errors import PointAvatarError
-from ..train import checkpoints as ckpt
-from ..train.experiment import Experiment, build_model, move_to, resolve_device
-from ..train.inputs import FrameInputs
-from ..train.schedule import batch_size_for
-from . import export, plots
+from ..model import PointAvatarOutputs
+from . import export, tracking
 
 # Frames whose deformed point clouds are exported (hard-coded in the original, spec §2.10).
 PLY_FRAMES = (1,)
@@ -39,36 +42,6 @@ PLY_FRAMES = (1,)
 def frame_image(image: torch.Tensor, res: int) -> np.ndarray:
     """[P, 3] in [0, 1] (row-major pixels) -> [H, W, 3] uint8, clipped."""
     return plots.to_uint8(plots.lin2img(image[None, :, :3], res)[0].permute(1, 2, 0))
-
-
-def select_frames(outputs: dict, rows: list[int], batch_size: int) -> dict:
-    """The per-frame entries ([B, ...] tensors) of a forward's outputs for a subset of the frames."""
-    index = torch.as_tensor(rows, device=outputs["rgb_image"].device)
-    return {
-        k: v.index_select(0, index) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch_size else v
-        for k, v in outputs.items()
-    }
-
-
-def render_grids(model, dataset, eval_dir: Path, epoch: int, batch_size: int, device) -> int:
-    """Render ``dataset`` and write one grid image per batch (spec §2.10). Returns the number of frames."""
-    loader = DataLoader(
-        dataset, batch_size=min(2 * batch_size, 10), shuffle=False, collate_fn=dataset.collate_fn
-    )
-    count = 0
-    for _, model_input, ground_truth in loader:
-        outputs = model(move_to(model_input, device))
-        first = int(model_input["img_name"][0, 0])
-        plots.plot_grid(
-            outputs,
-            ground_truth,
-            Path(eval_dir) / model_input["sub_dir"][0],
-            epoch,
-            first,
-            dataset.img_res[0],
-        )
-        count += model_input["idx"].shape[0]
-    return count
 
 
 class VideoFrames(Sequence):
@@ -129,7 +102,7 @@ class Evaluator:
         self.epoch = int(payload["epoch"])
         n = self.model.pc.points.shape[0]
         self.batch_size = batch_size_for(n, self.conf.train.max_points_training, self.conf.train.max_batch)
-        print(f"Loaded {path}: epoch {self.epoch}, {n} points, radius {self.model.radius:.5f}")
+        print(f"Loaded {path}: epoch {self.epoch}, {n} points, radius {self.model.pc.radius:.5f}")
 
         tc = self.conf.train
         self.inputs = None
@@ -184,28 +157,14 @@ class Evaluator:
         self.store.save(ckpt.TEST_INPUTS, state, self.epoch, numbered=True)
 
     def track(self) -> None:
-        from ..train.losses import rgb_only_loss
-
-        self.model.eval()
-        frozen = [p for p in self.model.parameters() if p.requires_grad]
-        for p in frozen:  # the model is not updated; its gradients are not needed
-            p.requires_grad_(False)
-        self.inputs.set_trainable(True)
-        optimizer = self.inputs.make_optimizer(self.conf.train.learning_rate_cam)
-        try:
-            for _, model_input, ground_truth in tqdm(self._loader(), desc="tracking", dynamic_ncols=True):
-                model_input = move_to(model_input, self.device)
-                ground_truth = move_to(ground_truth, self.device)
-                for _ in range(self.conf.train.tracking_steps):
-                    outputs = self.model(self.inputs.apply(model_input))
-                    loss = rgb_only_loss(outputs, ground_truth)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-            self.inputs.set_trainable(False)
+        tracking.track(
+            self.model,
+            self.inputs,
+            self._loader(),
+            self.device,
+            self.conf.train.learning_rate_cam,
+            self.conf.train.tracking_steps,
+        )
 
     # ------------------------------------------------------------------------------------- rendering
     def run(self) -> dict[str, dict]:
@@ -226,16 +185,12 @@ class Evaluator:
             outputs = self.model(model_input)
             sub_dirs = model_input["sub_dir"]
             names = [int(v) for v in model_input["img_name"].reshape(-1).tolist()]
-            plots.plot_grid(outputs, ground_truth, eval_dir / sub_dirs[0], self.epoch, names[0], res)
+            plots.plot_grid(outputs, ground_truth, eval_dir / sub_dirs[0], self.epoch, names[0])
             batch = len(names)
             for sub_dir in dict.fromkeys(sub_dirs):  # a batch may span two test videos
                 rows = [b for b in range(batch) if sub_dirs[b] == sub_dir]
                 epoch_dirs[sub_dir] = plots.write_frame_outputs(
-                    select_frames(outputs, rows, batch),
-                    [names[b] for b in rows],
-                    eval_dir / sub_dir,
-                    self.epoch,
-                    res,
+                    outputs.select(rows), [names[b] for b in rows], eval_dir / sub_dir, self.epoch
                 )
             for b, sub_dir in enumerate(sub_dirs):
                 # Frames are read back from disk when the video is written, so memory stays flat.
@@ -285,31 +240,27 @@ class Evaluator:
         )
 
     # ------------------------------------------------------------------------------------------- PLY
-    def _export_frame_ply(self, folder: Path, outputs: dict, b: int, name: int) -> None:
-        points = outputs["deformed_points"][b]
-        normals = outputs["pnts_normal_deformed"][b]
+    def _export_frame_ply(self, folder: Path, outputs: PointAvatarOutputs, b: int, name: int) -> None:
+        ev = outputs.eval
+        points = ev.deformed_points[b]
+        normals = ev.pnts_normal_deformed[b]
         export.save_ply(
-            folder / f"{self.epoch:04d}_deformed_color_{name}.ply",
-            points,
-            outputs["pnts_color_deformed"][b],
-            normals,
+            folder / f"{self.epoch:04d}_deformed_color_{name}.ply", points, ev.pnts_color_deformed[b], normals
         )
         export.save_ply(
-            folder / f"{self.epoch:04d}_deformed_albedo_{name}.ply", points, outputs["pnts_albedo"], normals
+            folder / f"{self.epoch:04d}_deformed_albedo_{name}.ply", points, ev.pnts_albedo, normals
         )
 
-    def _export_canonical_ply(self, folder: Path, outputs: dict) -> None:
+    def _export_canonical_ply(self, folder: Path, outputs: PointAvatarOutputs) -> None:
+        ev = outputs.eval
         export.save_ply(
-            folder / f"{self.epoch:04d}_canonical_points_albedo.ply",
-            outputs["canonical_points"],
-            outputs["pnts_albedo"],
+            folder / f"{self.epoch:04d}_canonical_points_albedo.ply", outputs.canonical_points, ev.pnts_albedo
         )
-        if "unconstrained_canonical_points" in outputs:
-            export.save_ply(
-                folder / f"{self.epoch:04d}_unconstrained_canonical_points.ply",
-                outputs["unconstrained_canonical_points"],
-                outputs["pnts_albedo"],
-            )
+        export.save_ply(
+            folder / f"{self.epoch:04d}_unconstrained_canonical_points.ply",
+            ev.unconstrained_canonical_points,
+            ev.pnts_albedo,
+        )
         flame = self.model.FLAMEServer
         colors = export.skinning_weight_colors(flame.lbs_weights)
         export.save_ply(folder / f"{self.epoch:04d}_canonical_verts.ply", flame.canonical_verts, colors)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
+from pointavatar.config import DeformerNetworkConf
 from pointavatar.model.embedder import PositionalEncoding
 
 N_POSE_FEATURES = 36  # (R_j - I) of FLAME joints 1..4, flattened (spec §4.4)
@@ -18,9 +18,10 @@ SKINNING_TEMPERATURE = 20.0  # W = softmax(20 * logits), hard-coded in the origi
 class ForwardDeformer(nn.Module):
     """D(x) -> (E [N, 3, num_exp], P [N, 36, 3], W [N, J], x' = x + o(x)).
 
-    Holds a reference to the FLAME module as ``FLAMEServer`` (registered first, as in the original),
-    so its buffers appear a second time in the state dict under ``deformer_network.FLAMEServer.*``
-    (spec Appendix A, §10.14).
+    Holds a reference to the FLAME module ``flame`` as ``FLAMEServer`` (registered first, as in the
+    original), so its buffers appear a second time in the state dict under
+    ``deformer_network.FLAMEServer.*`` (spec Appendix A, §10.14); ``flame=None`` (tests) leaves it out.
+    ``conf`` is the ``model.deformer_network`` block.
 
     Trunk ``lin0..`` with Softplus(beta=100) after each layer; zero-initialised ``blendshapes`` head
     (no weight norm) whose 108 + 3*num_exp (+3) outputs are sliced into P, E and o; skinning branch
@@ -28,26 +29,17 @@ class ForwardDeformer(nn.Module):
     E = P = o = 0 and W is uniform.
     """
 
-    def __init__(
-        self,
-        FLAMEServer: nn.Module | None,
-        d_in: int,
-        dims: Sequence[int],
-        multires: int = 0,
-        num_exp: int = 50,
-        deform_c: bool = False,
-        weight_norm: bool = True,
-        ghostbone: bool = False,
-    ):
+    def __init__(self, conf: DeformerNetworkConf, flame: nn.Module | None):
         super().__init__()
-        if FLAMEServer is not None:
-            self.FLAMEServer = FLAMEServer
-        self.num_exp = int(num_exp)
-        self.deform_c = bool(deform_c)
-        self.ghostbone = bool(ghostbone)
-        self.num_bones = 6 if ghostbone else 5
-        self.embed = PositionalEncoding(multires, d_in)
-        dims = [self.embed.out_dim] + list(dims)
+        if flame is not None:
+            self.FLAMEServer = flame
+        self.num_exp = int(conf.num_exp)
+        self.deform_c = bool(conf.deform_c)
+        self.ghostbone = bool(conf.ghostbone)
+        self.num_bones = 6 if self.ghostbone else 5
+        weight_norm = conf.weight_norm
+        self.embed = PositionalEncoding(conf.multires, conf.d_in)
+        dims = [self.embed.out_dim] + list(conf.dims)
         self.num_layers = len(dims)
         for l in range(self.num_layers - 1):
             lin = nn.Linear(dims[l], dims[l + 1])

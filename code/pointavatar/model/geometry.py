@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
+from pointavatar.config import GeometryNetworkConf
 from pointavatar.model.embedder import PositionalEncoding
 
 
@@ -21,32 +21,25 @@ class GeometryNetwork(nn.Module):
 
     With ``geometric_init`` the initial function is approximately ||x|| - ``bias`` on every output
     (SAL/IDR sphere init), applied before weight normalisation.
+
+    Args:
+        conf: the ``model.geometry_network`` block (sizes, init, encoding).
     """
 
-    def __init__(
-        self,
-        feature_vector_size: int,
-        d_in: int,
-        d_out: int,
-        dims: Sequence[int],
-        geometric_init: bool = True,
-        bias: float = 1.0,
-        skip_in: Sequence[int] = (),
-        weight_norm: bool = True,
-        multires: int = 0,
-    ):
+    def __init__(self, conf: GeometryNetworkConf):
         super().__init__()
+        d_in, multires, bias = conf.d_in, conf.multires, conf.bias
         self.embed = PositionalEncoding(multires, d_in)
-        dims = [self.embed.out_dim] + list(dims) + [d_out + feature_vector_size]
+        dims = [self.embed.out_dim] + list(conf.dims) + [conf.d_out + conf.feature_vector_size]
         self.num_layers = len(dims)
-        self.skip_in = tuple(int(s) for s in skip_in)
+        self.skip_in = tuple(int(s) for s in conf.skip_in)
         self.softplus = nn.Softplus(beta=100)
         d0 = dims[0]
         for l in range(self.num_layers - 1):
             # The layer before a skip leaves room for the re-injected encoded input.
             out_dim = dims[l + 1] - d0 if (l + 1) in self.skip_in else dims[l + 1]
             lin = nn.Linear(dims[l], out_dim)
-            if geometric_init:
+            if conf.geometric_init:
                 with torch.no_grad():
                     if l == self.num_layers - 2:
                         nn.init.normal_(lin.weight, mean=math.sqrt(math.pi) / math.sqrt(dims[l]), std=1e-4)
@@ -63,7 +56,7 @@ class GeometryNetwork(nn.Module):
                     else:
                         nn.init.constant_(lin.bias, 0.0)
                         nn.init.normal_(lin.weight, 0.0, math.sqrt(2) / math.sqrt(out_dim))
-            if weight_norm:
+            if conf.weight_norm:
                 lin = _weight_norm(lin, name="weight", dim=0)
             setattr(self, f"lin{l}", lin)
 

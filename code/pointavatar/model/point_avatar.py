@@ -8,19 +8,20 @@ spec §3.5). Images are row-major from the top row, P = H * W pixels, channels l
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pointavatar import render
+from pointavatar.config import ModelConf
 from pointavatar.flame import FLAME
 from pointavatar.model.deformer import ForwardDeformer
 from pointavatar.model.geometry import GeometryNetwork
 from pointavatar.model.knn import nearest_neighbor
+from pointavatar.model.outputs import EvalOutputs, PointAvatarOutputs
 from pointavatar.model.point_cloud import PointCloud
 from pointavatar.model.shading import RenderingNetwork
+from pointavatar.render import PointFragments, alpha_composite, project_points, rasterize_points
 
 POINTS_PER_PIXEL = 10  # K of the point rasterizer (spec §5.10)
 EIKONAL_JITTER = 0.5  # second half of the eikonal samples: x + (U[0,1) - 0.5) * 0.5 (spec §5.6)
@@ -53,38 +54,34 @@ def deformed_normals(cols: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
 
 
 class PointAvatar(nn.Module):
-    """Deformable point-based head avatar (spec §5).
+    """Deformable point-based head avatar (spec §5): the forward pass only, no training state.
 
     Args:
-        model_conf: the ``model`` block (`pointavatar.config.ModelConf` or any object with the same
-            attributes).
+        conf: the ``model`` block; each submodule gets its own part of it.
         shape_params: [1, 100] subject FLAME identity, baked into the template.
         canonical_expression: [1, 50] canonical FLAME expression (mean training expression or zeros).
-        canonical_pose: canonical jaw opening (radians, spec §4.6).
+        canonical_pose: canonical jaw opening (radians, spec §4.6; ``dataset.canonical_pose``).
         img_res: square image size H = W in pixels (an int, or [H, W] with H = W).
-        use_background: learn a per-pixel background colour instead of white.
+        use_background: learn a per-pixel background colour instead of white
+            (``dataset.use_background``).
 
     Submodules, registered in the order of spec Appendix A: ``FLAMEServer``, ``geometry_network``,
     ``deformer_network`` (holding ``FLAMEServer`` again), ``rendering_network``, ``pc`` and, with
     ``use_background``, the Parameter ``background`` [H*W, 3].
 
-    Attributes the trainer uses:
-        radius: current raster radius (float, NDC); saved beside the state dict in checkpoints.
-        visible_points: bool [N] OR-accumulated visibility flags (training forwards only, spec §5.12);
-            not in the state dict. Reset with :meth:`reset_visibility` (done automatically when the
-            point count changes).
-        pc: the PointCloud (``pc.points``, ``pc.prune(mask)``, ``pc.upsample_points(new)``,
-            ``pc.init(n)``).
+    The point cloud ``pc`` holds the points and the raster radius ``pc.radius`` (float, NDC) that the
+    forward renders with; the trainer's point schedule changes both, and checkpoints store the radius
+    beside the state dict.
     """
 
     def __init__(
         self,
-        model_conf: Any,
+        conf: ModelConf,
         shape_params: torch.Tensor,
         canonical_expression: torch.Tensor,
         canonical_pose: float,
         img_res: int | list[int] | tuple[int, int],
-        use_background: bool = False,
+        use_background: bool,
     ):
         super().__init__()
         if not isinstance(img_res, int):
@@ -93,87 +90,25 @@ class PointAvatar(nn.Module):
                 raise ValueError(f"PointAvatar renders square images; img_res {list(img_res)} is not [S, S]")
             img_res = res[0]
         self.img_res = int(img_res)
-        self.prune_thresh = float(model_conf.prune_thresh)
-        self.render_backend = str(getattr(model_conf, "render_backend", "auto"))
+        self.render_backend = conf.render_backend
         self.use_background = bool(use_background)
 
-        gconf = model_conf.geometry_network
-        dconf = model_conf.deformer_network
-        rconf = model_conf.rendering_network
-        pconf = model_conf.point_cloud
-        lmk_path = getattr(model_conf, "flame_landmark_path", None) or None
-
         self.FLAMEServer = FLAME(
-            model_conf.flame_model_path,
-            lmk_path,
+            conf.flame_model_path,
+            conf.flame_landmark_path or None,
             n_shape=100,
             n_exp=50,
             shape_params=shape_params,
             canonical_expression=canonical_expression,
             canonical_pose=canonical_pose,
-            ghostbone=dconf.ghostbone,
+            ghostbone=conf.deformer_network.ghostbone,
         )
-        self.geometry_network = GeometryNetwork(
-            feature_vector_size=gconf.feature_vector_size,
-            d_in=gconf.d_in,
-            d_out=gconf.d_out,
-            dims=gconf.dims,
-            geometric_init=gconf.geometric_init,
-            bias=gconf.bias,
-            skip_in=gconf.skip_in,
-            weight_norm=gconf.weight_norm,
-            multires=gconf.multires,
-        )
-        self.deformer_network = ForwardDeformer(
-            self.FLAMEServer,
-            d_in=dconf.d_in,
-            dims=dconf.dims,
-            multires=dconf.multires,
-            num_exp=dconf.num_exp,
-            deform_c=dconf.deform_c,
-            weight_norm=dconf.weight_norm,
-            ghostbone=dconf.ghostbone,
-        )
-        self.rendering_network = RenderingNetwork(
-            feature_vector_size=rconf.feature_vector_size,
-            d_in=rconf.d_in,
-            d_out=rconf.d_out,
-            dims=rconf.dims,
-            weight_norm=rconf.weight_norm,
-            multires_view=rconf.multires_view,
-            multires_pnts=rconf.multires_pnts,
-        )
-        self.pc = PointCloud(
-            n_init_points=pconf.n_init_points,
-            max_points=pconf.max_points,
-            init_radius=pconf.init_radius,
-            radius_factor=pconf.radius_factor,
-        )
+        self.geometry_network = GeometryNetwork(conf.geometry_network)
+        self.deformer_network = ForwardDeformer(conf.deformer_network, self.FLAMEServer)
+        self.rendering_network = RenderingNetwork(conf.rendering_network)
+        self.pc = PointCloud(conf.point_cloud)
         if self.use_background:
             self.background = nn.Parameter(torch.zeros(self.img_res * self.img_res, 3))
-        self.radius = self.pc.initial_radius()
-        self.visible_points = torch.zeros(self.pc.n_points, dtype=torch.bool)
-
-    # ------------------------------------------------------------------ bookkeeping
-
-    def reset_visibility(self) -> None:
-        """visible_points := all False, sized and placed like ``pc.points``."""
-        p = self.pc.points
-        self.visible_points = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
-
-    def _update_visibility(self, idx: torch.Tensor, weights: torch.Tensor, n_points: int) -> None:
-        """OR in the front-most point of every pixel and every point with weight > prune_thresh.
-
-        idx [B, H, W, K] packed b * N + p (-1 empty); weights [B, H, W, K].
-        """
-        vis = self.visible_points
-        if vis is None or vis.shape != (n_points,) or vis.device != idx.device:
-            self.reset_visibility()
-            vis = self.visible_points
-        front = idx[..., 0]
-        front = front[front >= 0]
-        heavy = idx[(weights > self.prune_thresh) & (idx >= 0)]
-        vis[torch.remainder(torch.cat([front, heavy]), n_points)] = True
 
     # ------------------------------------------------------------------ pieces of the forward pass
 
@@ -248,13 +183,13 @@ class PointAvatar(nn.Module):
 
     def _composite(
         self, points_world: torch.Tensor, features: torch.Tensor, input: dict, radius: float, k: int
-    ) -> tuple[torch.Tensor, Any, torch.Tensor]:
-        """Project, rasterize and composite: -> (images [B, H, W, C], fragments, weights)."""
-        ndc = render.project_points(points_world, input["intrinsics"], input["cam_pose"])
-        fragments = render.rasterize_points(
+    ) -> tuple[torch.Tensor, PointFragments, torch.Tensor]:
+        """Project, rasterize and composite: -> (images [B, H, W, C], fragments, weights [B, H, W, K])."""
+        ndc = project_points(points_world, input["intrinsics"], input["cam_pose"])
+        fragments = rasterize_points(
             ndc, self.img_res, radius, points_per_pixel=k, backend=self.render_backend
         )
-        images, weights = render.alpha_composite(fragments, features, radius, backend=self.render_backend)
+        images, weights = alpha_composite(fragments, features, radius, backend=self.render_backend)
         return images, fragments, weights
 
     def background_rgb(self) -> torch.Tensor | float:
@@ -265,26 +200,16 @@ class PointAvatar(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, input: dict) -> dict:
+    def forward(self, input: dict) -> PointAvatarOutputs:
         """Render B frames.
 
         input: intrinsics [B, 4, 4], cam_pose [B, 3, 4] (converted cameras, spec §3.5),
         expression [B, >=num_exp], flame_pose [B, 15] (other keys are ignored).
 
-        Returns (P = H * W, row-major from the top row):
-            img_res (int), batch_size (int),
-            rgb_image [B, P, 3] over the background, predicted_mask [B, P] accumulated opacity,
-            canonical_points [N, 3] x' of the detached points, index_batch [N] (training only) nearest canonical
-            FLAME vertex of x', posedirs [N, 36, 3], shapedirs [N, 3, num_exp], lbs_weights [N, J]
-            (detached-point query), flame_posedirs [36, 3V], flame_shapedirs [V, 3, 150],
-            flame_lbs_weights [V, 5], sdf_values [N], grad_thetas [2N, 3].
-        In eval mode also:
-            normal_image ((n_d + 1) / 2), shading_image, albedo_image [B, P, 3] over white,
-            pnts_color_deformed [B, N, 3], pnts_normal_deformed [B, N, 3], deformed_points [B, N, 3],
-            canonical_verts [V, 3], deformed_verts [B, V, 3], unconstrained_canonical_points [N, 3]
-            (raw x), pnts_albedo [N, 3]; and, when the FLAME landmark file was given,
-            rendered_landmarks [B, P, 3] (landmark alpha in every channel) and
-            rendered_landmarks_alpha [B, P] (blend: img * (1 - alpha) + alpha * red).
+        Returns the fields of `PointAvatarOutputs` (shapes there). In training mode ``index_batch``,
+        ``fragment_idx`` and ``fragment_weights`` are set and ``eval`` is None; in eval mode the
+        reverse, with ``eval`` holding the debug images, per-point exports and (when the FLAME landmark
+        file was given) the landmark overlay.
         """
         missing = [k for k in _INPUT_KEYS if k not in input]
         if missing:
@@ -315,10 +240,10 @@ class PointAvatar(nn.Module):
             features = torch.cat(
                 [color, ones, (normals_d + 1.0) / 2.0, shading, albedo.expand(b, -1, -1)], dim=-1
             )  # [B, N, 13]
-        images, fragments, weights = self._composite(x_d, features, input, self.radius, POINTS_PER_PIXEL)
-        if self.training:
-            with torch.no_grad():
-                self._update_visibility(fragments.idx, weights, n)
+        images, fragments, weights = self._composite(x_d, features, input, self.pc.radius, POINTS_PER_PIXEL)
+        # The fragments feed the visibility bookkeeping of the point schedule (training only).
+        fragment_idx = fragments.idx.detach() if self.training else None
+        fragment_weights = weights.detach() if self.training else None
         del fragments, weights
         images = images.reshape(b, -1, features.shape[-1])  # [B, P, C]
         mask = images[..., 3]
@@ -336,54 +261,50 @@ class PointAvatar(nn.Module):
             nearest_neighbor(canonical_points.detach(), flame.canonical_verts)[0] if self.training else None
         )
 
-        out = {
-            "img_res": self.img_res,
-            "batch_size": b,
-            "rgb_image": rgb,
-            "predicted_mask": mask,
-            "canonical_points": canonical_points,
-            **({"index_batch": index_batch} if index_batch is not None else {}),
-            "posedirs": posedirs,
-            "shapedirs": shapedirs,
-            "lbs_weights": lbs_weights,
-            "flame_posedirs": flame.posedirs,
-            "flame_shapedirs": flame.shapedirs,
-            "flame_lbs_weights": flame.lbs_weights,
-            "sdf_values": sdf,
-            "grad_thetas": grad_thetas,
-        }
+        eval_outputs = None
         if not self.training:
-            out.update(
-                {
-                    "normal_image": images[..., 4:7] + white_weight,
-                    "shading_image": images[..., 7:10] + white_weight,
-                    "albedo_image": images[..., 10:13] + white_weight,
-                    "pnts_color_deformed": color,
-                    "pnts_normal_deformed": normals_d,
-                    "deformed_points": x_d,
-                    "canonical_verts": flame.canonical_verts,
-                    "deformed_verts": verts,
-                    "unconstrained_canonical_points": points,
-                    "pnts_albedo": albedo,
-                }
+            landmarks = landmarks_alpha = None
+            if flame.has_landmarks:
+                landmarks_alpha = self._render_landmarks(verts, flame_pose, input)
+                landmarks = landmarks_alpha.unsqueeze(-1).expand(-1, -1, 3)
+            eval_outputs = EvalOutputs(
+                normal_image=images[..., 4:7] + white_weight,
+                shading_image=images[..., 7:10] + white_weight,
+                albedo_image=images[..., 10:13] + white_weight,
+                pnts_color_deformed=color,
+                pnts_normal_deformed=normals_d,
+                deformed_points=x_d,
+                deformed_verts=verts,
+                canonical_verts=flame.canonical_verts,
+                unconstrained_canonical_points=points,
+                pnts_albedo=albedo,
+                rendered_landmarks=landmarks,
+                rendered_landmarks_alpha=landmarks_alpha,
             )
-            if getattr(self.FLAMEServer, "has_landmarks", False):
-                out.update(self._render_landmarks(verts, flame_pose, input))
-        return out
+        return PointAvatarOutputs(
+            img_res=self.img_res,
+            rgb_image=rgb,
+            predicted_mask=mask,
+            canonical_points=canonical_points,
+            posedirs=posedirs,
+            shapedirs=shapedirs,
+            lbs_weights=lbs_weights,
+            sdf_values=sdf,
+            grad_thetas=grad_thetas,
+            index_batch=index_batch,
+            fragment_idx=fragment_idx,
+            fragment_weights=fragment_weights,
+            eval=eval_outputs,
+        )
 
-    def _render_landmarks(self, verts: torch.Tensor, flame_pose: torch.Tensor, input: dict) -> dict:
+    def _render_landmarks(self, verts: torch.Tensor, flame_pose: torch.Tensor, input: dict) -> torch.Tensor:
         """The 68 FLAME landmarks as dots (radius 0.007, K = 1; debug overlay, spec §2.10).
 
-        Returns rendered_landmarks [B, P, 3]: the dots' coverage alpha (white dots on black, the same
-        value in each channel) and rendered_landmarks_alpha [B, P]; plots blend
+        Returns the dots' coverage alpha [B, P] (no gradient); plots blend
         img * (1 - alpha) + alpha * red.
         """
         with torch.no_grad():
             lmks = self.FLAMEServer.find_landmarks(verts, flame_pose)  # [B, 68, 3]
             ones = torch.ones_like(lmks[..., :1])  # [B, 68, 1]
             images, _, _ = self._composite(lmks, ones, input, LANDMARK_RADIUS, 1)
-        alpha = images.reshape(lmks.shape[0], -1)  # [B, P]
-        return {
-            "rendered_landmarks": alpha.unsqueeze(-1).expand(-1, -1, 3),
-            "rendered_landmarks_alpha": alpha,
-        }
+        return images.reshape(lmks.shape[0], -1)  # [B, P]

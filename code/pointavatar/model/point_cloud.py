@@ -7,32 +7,35 @@ import math
 import torch
 from torch import nn
 
+from pointavatar.config import PointCloudConf
+
 
 class PointCloud(nn.Module):
-    """Parameter ``points`` [N, 3] in the free canonical x_c space (state-dict key ``pc.points``).
+    """Parameter ``points`` [N, 3] in the free canonical x_c space (state-dict key ``pc.points``) and
+    the raster radius ``radius`` (NDC).
 
-    Points start on the sphere of radius ``init_radius``: U[-1, 1]^3 samples pushed radially onto
+    Points start on the sphere of radius ``conf.init_radius``: U[-1, 1]^3 samples pushed radially onto
     it (so not uniform on the sphere, as in the original). ``max_points`` bounds upsampling (the
-    trainer checks N <= max_points / 2). ``radius_factor`` sets the initial raster radius, see
-    :meth:`initial_radius`.
+    point schedule checks N <= max_points / 2).
 
-    Resizing (``init``, ``prune``, ``upsample_points``) replaces the Parameter, so an optimizer
-    holding the old one must be re-created (the original does exactly that, spec §7).
+    ``radius`` is a plain float attribute, not a buffer, so the state dict holds only ``points`` (the
+    original's layout); checkpoints store it beside the state dict. It starts at
+    :meth:`initial_radius` of the initial N. The resizing methods (``init``, ``prune``,
+    ``upsample_points``) change the points only: the point schedule of the trainer changes the radius
+    together with them, and checkpoint loading sets it.
+
+    Resizing replaces the Parameter, so an optimizer holding the old one must be re-created (the
+    original does exactly that, spec §7).
     """
 
-    def __init__(
-        self,
-        n_init_points: int,
-        max_points: int = 131072,
-        init_radius: float = 0.5,
-        radius_factor: float = 0.3,
-    ):
+    def __init__(self, conf: PointCloudConf):
         super().__init__()
-        self.max_points = int(max_points)
-        self.init_radius = float(init_radius)
-        self.radius_factor = float(radius_factor)
+        self.max_points = int(conf.max_points)
+        self.init_radius = float(conf.init_radius)
+        self.radius_factor = float(conf.radius_factor)
         self.points = nn.Parameter(torch.empty(0, 3))
-        self.init(n_init_points)
+        self.init(conf.n_init_points)
+        self.radius = self.initial_radius()
 
     @property
     def n_points(self) -> int:

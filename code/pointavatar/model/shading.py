@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
+from pointavatar.config import RenderingNetworkConf
 from pointavatar.model.embedder import PositionalEncoding
 
 
@@ -18,30 +17,24 @@ class RenderingNetwork(nn.Module):
     ``multires_view`` encodes the normal input, ``multires_pnts`` > 0 adds encoded point positions
     (then ``points`` must be passed), ``feature_vector_size`` > 0 adds per-point features.
     Linear layers keep PyTorch's default init, with weight norm when asked.
+
+    Args:
+        conf: the ``model.rendering_network`` block.
     """
 
-    def __init__(
-        self,
-        feature_vector_size: int,
-        d_in: int,
-        d_out: int,
-        dims: Sequence[int],
-        weight_norm: bool = True,
-        multires_view: int = 0,
-        multires_pnts: int = 0,
-    ):
+    def __init__(self, conf: RenderingNetworkConf):
         super().__init__()
-        self.feature_vector_size = int(feature_vector_size)
-        self.embedview = PositionalEncoding(multires_view, d_in)
-        self.embedpnts = PositionalEncoding(multires_pnts, 3) if multires_pnts > 0 else None
+        self.feature_vector_size = int(conf.feature_vector_size)
+        self.embedview = PositionalEncoding(conf.multires_view, conf.d_in)
+        self.embedpnts = PositionalEncoding(conf.multires_pnts, 3) if conf.multires_pnts > 0 else None
         d0 = self.embedview.out_dim + self.feature_vector_size
         if self.embedpnts is not None:
             d0 += self.embedpnts.out_dim
-        dims = [d0] + list(dims) + [d_out]
+        dims = [d0] + list(conf.dims) + [conf.d_out]
         self.num_layers = len(dims)
         for l in range(self.num_layers - 1):
             lin = nn.Linear(dims[l], dims[l + 1])
-            if weight_norm:
+            if conf.weight_norm:
                 lin = _weight_norm(lin, name="weight", dim=0)
             setattr(self, f"lin{l}", lin)
         self.relu = nn.ReLU()

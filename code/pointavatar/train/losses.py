@@ -1,4 +1,4 @@
-"""Training losses (spec §6) and the RGB-only tracking loss (spec §2.9).
+"""Training losses (spec §6).
 
 Dimension letters: B frames, P = H*W pixels, N points, V FLAME vertices, J joints (5, or 6 with the
 ghost bone in column 0).
@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from pointavatar.config import LossConf
+from pointavatar.model import PointAvatarOutputs
 from pointavatar.train.vgg import VGGPerceptualLoss
 
 LOSS_KEYS = (
@@ -67,9 +69,15 @@ def rgb_l1(rgb_pred: torch.Tensor, rgb_gt: torch.Tensor) -> torch.Tensor:
     return (rgb_pred.reshape(-1, 3) - rgb_gt.reshape(-1, 3)).abs().mean()
 
 
-def rgb_only_loss(outputs: dict, ground_truth: dict) -> torch.Tensor:
-    """Test-time tracking objective (spec §2.9): the RGB L1 alone, as a scalar tensor."""
-    return rgb_l1(_need(outputs, "rgb_image", "outputs"), _need(ground_truth, "rgb", "ground_truth"))
+class FlamePrior(Protocol):
+    """The FLAME buffers the FLAME-guided losses read; the FLAME module (``model.FLAMEServer``) has them."""
+
+    lbs_weights: torch.Tensor
+    """[V, 5] skinning weights."""
+    posedirs: torch.Tensor
+    """[36, 3V] pose correctives, FLAME's layout (row k = pose feature k, vertex-major xyz)."""
+    shapedirs: torch.Tensor
+    """[V, 3, 150] 100 shape then 50 expression blendshapes."""
 
 
 def flame_prior_targets(
@@ -103,8 +111,9 @@ class Loss(nn.Module):
             + lbs_weight * (0.1*lbs + 10*posedirs + 10*shapedirs)
 
     Args:
-        loss_conf: object with float fields mask_weight, lbs_weight, eikonal_weight,
-            sdf_consistency_weight, vgg_feature_weight (pointavatar.config.LossConf).
+        conf: the ``loss`` block. Its ``lbs_weight`` is the weight at epoch 0 only: the FLAME-prior
+            weight decays during training, so each call passes the current one (the point schedule's
+            epoch values).
         var_expression: [1, 50] per-expression variance over the training frames, or None (then the
             expression-blendshape prior is a plain MSE of the x10 values).
         vgg: a module `(pred [B,3,H,W], gt [B,3,H,W]) -> scalar` to use as the perceptual loss (tests
@@ -112,30 +121,27 @@ class Loss(nn.Module):
             vgg_feature_weight > 0.
         vgg_path: explicit path of `vgg16-397923af.pth` (otherwise searched in the torch hub folder).
 
-    `lbs_weight` is a plain mutable attribute: the trainer halves it at the GT_lbs_milestones.
-    Terms whose weight is 0 are not computed (their logged value is 0); SDF consistency and eikonal are
-    each gated on their own weight.
+    The FLAME pseudo ground truth is not part of the model outputs: each call is given the FLAME
+    module (or any object with its ``lbs_weights``, ``posedirs`` and ``shapedirs`` buffers, see
+    `FlamePrior`). Terms whose weight is 0 are not computed (their logged value is 0); SDF consistency
+    and eikonal are each gated on their own weight.
     """
 
     def __init__(
         self,
-        loss_conf: Any,
+        conf: LossConf,
         var_expression: torch.Tensor | None = None,
         vgg: nn.Module | None = None,
         vgg_path: str | Path | None = None,
     ) -> None:
         super().__init__()
-        self.mask_weight = float(loss_conf.mask_weight)
-        self.lbs_weight = float(loss_conf.lbs_weight)
-        self.eikonal_weight = float(loss_conf.eikonal_weight)
-        self.sdf_consistency_weight = float(loss_conf.sdf_consistency_weight)
-        self.vgg_feature_weight = float(loss_conf.vgg_feature_weight)
+        self.conf = conf
         if var_expression is not None:
             var_expression = usable_expression_variance(var_expression)
         # Not a buffer: it belongs to the dataset, not to any checkpoint.
         self.var_expression = var_expression
         self.vgg: nn.Module | None = None
-        if self.vgg_feature_weight > 0:
+        if conf.vgg_feature_weight > 0:
             self.vgg = vgg if vgg is not None else VGGPerceptualLoss(weight_path=vgg_path)
 
     # -- individual terms ----------------------------------------------------------------------------
@@ -157,30 +163,28 @@ class Loss(nn.Module):
             raise ValueError(f"grad_thetas must be [2N, 3], got {tuple(grad_thetas.shape)}")
         return ((grad_thetas.norm(dim=1) - 1.0) ** 2).mean()
 
-    def vgg_loss(self, outputs: dict, ground_truth: dict) -> torch.Tensor:
+    def vgg_loss(self, outputs: PointAvatarOutputs, ground_truth: dict) -> torch.Tensor:
         assert self.vgg is not None
-        rgb = _need(outputs, "rgb_image", "outputs")
-        res = _need(outputs, "img_res", "outputs")
-        if isinstance(res, list | tuple) or (torch.is_tensor(res) and res.numel() == 2):
-            h, w = int(res[0]), int(res[1])
-        else:  # one int: square images
-            h = w = int(res)
-        pred = rgb.reshape(-1, h, w, 3).permute(0, 3, 1, 2)  # [B, 3, H, W]
+        h = w = int(outputs.img_res)  # square images
+        pred = outputs.rgb_image.reshape(-1, h, w, 3).permute(0, 3, 1, 2)  # [B, 3, H, W]
         gt = _need(ground_truth, "rgb", "ground_truth").reshape(-1, h, w, 3).permute(0, 3, 1, 2)
         return self.vgg(pred, gt)
 
-    def flame_prior_losses(self, outputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def flame_prior_losses(
+        self, outputs: PointAvatarOutputs, flame: FlamePrior
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(lbs_loss, posedirs_loss, shapedirs_loss), unweighted (spec §6)."""
-        lbs = _need(outputs, "lbs_weights", "outputs")  # [N, J]
-        posedirs = _need(outputs, "posedirs", "outputs")  # [N, 36, 3]
-        shapedirs = _need(outputs, "shapedirs", "outputs")  # [N, 3, 50]
+        if outputs.index_batch is None:
+            raise ValueError(
+                "Loss: the FLAME prior needs outputs.index_batch, which the model computes in training "
+                "mode only (call model.train() before the forward)"
+            )
+        lbs = outputs.lbs_weights  # [N, J]
+        posedirs = outputs.posedirs  # [N, 36, 3]
+        shapedirs = outputs.shapedirs  # [N, 3, 50]
         n = lbs.shape[0]
         w_gt, p_gt, e_gt = flame_prior_targets(
-            _need(outputs, "index_batch", "outputs"),
-            _need(outputs, "flame_lbs_weights", "outputs"),
-            _need(outputs, "flame_posedirs", "outputs"),
-            _need(outputs, "flame_shapedirs", "outputs"),
-            num_joints=lbs.shape[1],
+            outputs.index_batch, flame.lbs_weights, flame.posedirs, flame.shapedirs, num_joints=lbs.shape[1]
         )
         lbs_loss = ((lbs - w_gt) ** 2).mean()
         # The x10 inside the square is the original's (spec §10.4): it scales the prior by 100.
@@ -195,43 +199,54 @@ class Loss(nn.Module):
 
     # -- total ---------------------------------------------------------------------------------------
 
-    def forward(self, outputs: dict, ground_truth: dict) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        outputs: PointAvatarOutputs,
+        ground_truth: dict,
+        *,
+        flame: FlamePrior | None,
+        lbs_weight: float,
+    ) -> dict[str, torch.Tensor]:
         """Loss terms for one batch.
 
-        outputs: rgb_image [B, P, 3], predicted_mask [B, P] (or [B*P, 1]), img_res (int or (H, W)),
-            sdf_values [N], grad_thetas [2N, 3], lbs_weights [N, J], posedirs [N, 36, 3],
-            shapedirs [N, 3, 50], index_batch [N], flame_lbs_weights [V, 5], flame_posedirs [36, 3V],
-            flame_shapedirs [V, 3, 150]. Only the entries of enabled terms are read.
-        ground_truth: rgb [B, P, 3] over white, object_mask [B, P] soft alpha.
+        outputs: a training forward's outputs (rgb_image, predicted_mask, img_res, sdf_values,
+            grad_thetas, lbs_weights, posedirs, shapedirs, index_batch; only enabled terms read theirs).
+        ground_truth: rgb [B, P, 3] over the background, object_mask [B, P] soft alpha.
+        flame: source of the FLAME pseudo ground truth (``model.FLAMEServer``); may be None only when
+            ``lbs_weight`` is 0.
+        lbs_weight: current global weight of the three FLAME-guided terms (decayed at
+            train.GT_lbs_milestones by the caller).
         Returns the unweighted terms (LOSS_KEYS) and the weighted total under 'loss'.
         """
-        rgb = _need(outputs, "rgb_image", "outputs")
+        conf = self.conf
+        rgb = outputs.rgb_image
         zero = rgb.new_zeros(())
         out = dict.fromkeys(LOSS_KEYS, zero)
         out["rgb_loss"] = rgb_l1(rgb, _need(ground_truth, "rgb", "ground_truth"))
         total = out["rgb_loss"]
-        if self.mask_weight != 0:
+        if conf.mask_weight != 0:
             out["mask_loss"] = self.mask_loss(
-                _need(outputs, "predicted_mask", "outputs"),
-                _need(ground_truth, "object_mask", "ground_truth"),
+                outputs.predicted_mask, _need(ground_truth, "object_mask", "ground_truth")
             )
-            total = total + self.mask_weight * out["mask_loss"]
-        if self.vgg is not None and self.vgg_feature_weight > 0:
+            total = total + conf.mask_weight * out["mask_loss"]
+        if self.vgg is not None and conf.vgg_feature_weight > 0:
             out["vgg_loss"] = self.vgg_loss(outputs, ground_truth)
-            total = total + self.vgg_feature_weight * out["vgg_loss"]
-        if self.sdf_consistency_weight != 0:
-            out["sdf_consistency"] = self.sdf_consistency_loss(_need(outputs, "sdf_values", "outputs"))
-            total = total + self.sdf_consistency_weight * out["sdf_consistency"]
-        if self.eikonal_weight != 0:
-            out["eikonal"] = self.eikonal_loss(_need(outputs, "grad_thetas", "outputs"))
-            total = total + self.eikonal_weight * out["eikonal"]
-        if self.lbs_weight != 0:
-            lbs_loss, posedirs_loss, shapedirs_loss = self.flame_prior_losses(outputs)
+            total = total + conf.vgg_feature_weight * out["vgg_loss"]
+        if conf.sdf_consistency_weight != 0:
+            out["sdf_consistency"] = self.sdf_consistency_loss(outputs.sdf_values)
+            total = total + conf.sdf_consistency_weight * out["sdf_consistency"]
+        if conf.eikonal_weight != 0:
+            out["eikonal"] = self.eikonal_loss(outputs.grad_thetas)
+            total = total + conf.eikonal_weight * out["eikonal"]
+        if lbs_weight != 0:
+            if flame is None:
+                raise ValueError("Loss: lbs_weight != 0 needs the FLAME module (flame=model.FLAMEServer)")
+            lbs_loss, posedirs_loss, shapedirs_loss = self.flame_prior_losses(outputs, flame)
             out["lbs_loss"], out["posedirs_loss"], out["shapedirs_loss"] = (
                 lbs_loss,
                 posedirs_loss,
                 shapedirs_loss,
             )
-            total = total + self.lbs_weight * (0.1 * lbs_loss + 10.0 * posedirs_loss + 10.0 * shapedirs_loss)
+            total = total + lbs_weight * (0.1 * lbs_loss + 10.0 * posedirs_loss + 10.0 * shapedirs_loss)
         out["loss"] = total
         return out

@@ -1,15 +1,32 @@
-"""Coarse-to-fine point schedule: pruning invisible points and upsampling (spec §2.5, §5.12, §5.14).
+"""The coarse-to-fine point schedule (spec §2.5, §2.7, §5.12, §5.14): one object owns every rule.
 
-The schedule resizes the point tensor and rebuilds the model optimizer. Faithful default: a fresh
-Adam after every resize (the original's behaviour, which also resets the moments of the networks).
-With ``keep_optimizer_state`` the moments survive: network moments are carried over as they are, and
-the point moments are pruned or extended with zeros for the new points.
+`PointSchedule` decides how the point cloud changes during training and resizes whatever depends on
+its size together with it:
+
+- visibility: during an epoch it ORs in, from each forward's fragments, the front-most point of every
+  pixel and every point whose compositing weight exceeds ``model.prune_thresh``;
+- prune: at the start of an epoch (not at the resumed epoch, unless the visibility was restored), the
+  points not visible during the last epoch are removed, while the radius is >= 0.006;
+- upsample: at epochs e % upsample_freq == 0, e != 0, while N <= max_points / 2, every point gets a
+  jittered copy and the radius shrinks by 0.75;
+- the optimizer after a resize: a fresh Adam at the base learning rate (the original; this also resets
+  the networks' moments), or with ``train.keep_optimizer_state`` the old moments, the point moments
+  pruned or extended with zeros for new points;
+- the per-epoch derived values (batch size, FLAME-prior weight) through one function, the same for a
+  fresh start and a resume.
+
+The model only renders: its forward returns the fragments (``fragment_idx``, ``fragment_weights``) and
+the cloud (``model.pc``) holds the points and the raster radius, which only this schedule changes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..config import Conf
+from ..engine.batching import batch_size_for
 from ..errors import PointAvatarError
 
 # Hard-coded in the original (spec §10.4).
@@ -17,94 +34,187 @@ PRUNE_MIN_RADIUS = 0.006
 UPSAMPLE_RADIUS_FACTOR = 0.75
 
 
-def batch_size_for(n_points: int, max_points_training: int, max_batch: int) -> int:
-    """B = min(floor(budget / N), max_batch), at least 1 (spec §2.7)."""
-    return max(1, min(max_points_training // max(n_points, 1), max_batch))
+@dataclass(frozen=True)
+class EpochValues:
+    """Values derived from the epoch and the cloud size, identical for a fresh and a resumed run."""
+
+    batch_size: int
+    """Frames per step: min(max_points_training // N, max_batch), at least 1 (spec §2.7)."""
+    lbs_weight: float
+    """loss.lbs_weight times GT_lbs_factor for every GT_lbs_milestone <= epoch (spec §2.4 step 7)."""
+
+
+@dataclass(frozen=True)
+class EpochChange:
+    """What `PointSchedule.begin_epoch` did to the cloud."""
+
+    pruned: bool
+    upsampled: bool
+
+    @property
+    def resized(self) -> bool:
+        return self.pruned or self.upsampled
 
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(model.parameters(), lr=lr)
 
 
-def rebuild_optimizer(
-    model: torch.nn.Module,
-    old: torch.optim.Optimizer,
-    lr: float,
-    keep_state: bool,
-    old_names: dict[int, str],
-    point_rows: torch.Tensor | None,
-) -> torch.optim.Adam:
-    """A new Adam over the model's current parameters.
+class PointSchedule:
+    """Radius, visibility, prune and upsample rules, optimizer resizing and per-epoch values.
 
-    ``old_names`` maps ``id(param)`` of the parameters before the resize to their names;
-    ``point_rows`` gives, for each row of the new point tensor, the row of the old one it came from
-    (-1 for a new point). Used only with ``keep_state``.
+    ``visible`` [N] bool accumulates over an epoch; `state_dict`/`load_state_dict` carry it across a
+    resume (saved only with ``train.prune_on_resume``, as the ``visible_points`` entry of the model
+    checkpoint).
     """
-    # A fresh Adam at the base lr, as the original (spec §2.5); the trainer applies the decayed lr on
-    # top when train.fix_lr_schedule is set.
-    new = make_optimizer(model, lr)
-    if not keep_state:
+
+    def __init__(self, conf: Conf):
+        self.train = conf.train
+        self.max_points = conf.model.point_cloud.max_points
+        self.prune_thresh = conf.model.prune_thresh
+        self.base_lbs_weight = conf.loss.lbs_weight
+        self.visible: torch.Tensor | None = None
+        self.resumed_visibility = False
+
+    # ------------------------------------------------------------------------------ derived values
+    def epoch_values(self, epoch: int, n_points: int) -> EpochValues:
+        tc = self.train
+        decays = sum(1 for m in tc.GT_lbs_milestones if m <= epoch)
+        return EpochValues(
+            batch_size=batch_size_for(n_points, tc.max_points_training, tc.max_batch),
+            lbs_weight=self.base_lbs_weight * tc.GT_lbs_factor**decays,
+        )
+
+    # ---------------------------------------------------------------------------------- visibility
+    def reset_visibility(self, points: torch.Tensor) -> None:
+        """visible := all False, sized and placed like ``points`` [N, 3]."""
+        self.visible = torch.zeros(points.shape[0], dtype=torch.bool, device=points.device)
+
+    @torch.no_grad()
+    def observe(self, fragment_idx: torch.Tensor, fragment_weights: torch.Tensor, n_points: int) -> None:
+        """OR in the front-most point of every pixel and every point with weight > prune_thresh.
+
+        fragment_idx [B, H, W, K] packed b * N + p (-1 empty); fragment_weights [B, H, W, K].
+        """
+        vis = self.visible
+        if vis is None or vis.shape != (n_points,) or vis.device != fragment_idx.device:
+            vis = self.visible = torch.zeros(n_points, dtype=torch.bool, device=fragment_idx.device)
+        front = fragment_idx[..., 0]
+        front = front[front >= 0]
+        heavy = fragment_idx[(fragment_weights > self.prune_thresh) & (fragment_idx >= 0)]
+        vis[torch.remainder(torch.cat([front, heavy]), n_points)] = True
+
+    def state_dict(self) -> dict:
+        return {} if self.visible is None else {"visible_points": self.visible.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict, points: torch.Tensor) -> None:
+        """Restore the visibility of a checkpoint if it fits ``points`` (then the resumed epoch prunes)."""
+        vis = state.get("visible_points")
+        if vis is not None and vis.shape == (points.shape[0],):
+            self.visible = vis.to(device=points.device, dtype=torch.bool)
+            self.resumed_visibility = True
+
+    # --------------------------------------------------------------------------------- epoch start
+    def begin_epoch(
+        self, epoch: int, start_epoch: int, model, optimizer: torch.optim.Optimizer
+    ) -> tuple[EpochChange, torch.optim.Optimizer]:
+        """Prune and upsample as the rules say, then reset the visibility for the new epoch.
+
+        Returns what changed and the optimizer to use from now on (a new one after any resize).
+        """
+        pruned = upsampled = False
+        if epoch != start_epoch or self.resumed_visibility:
+            optimizer, pruned = self._resize(model, optimizer, self._prune)
+        if epoch % self.train.upsample_freq == 0 and epoch != 0 and model.pc.n_points <= self.max_points / 2:
+            optimizer, upsampled = self._resize(model, optimizer, self._upsample)
+        self.reset_visibility(model.pc.points)
+        return EpochChange(pruned, upsampled), optimizer
+
+    def _resize(self, model, optimizer, op) -> tuple[torch.optim.Optimizer, bool]:
+        old_points = model.pc.points
+        rows = op(model)
+        if rows is None:
+            return optimizer, False
+        return self.rebuild_optimizer(model, optimizer, old_points, rows), True
+
+    def _prune(self, model) -> torch.Tensor | None:
+        """Keep the points visible during the last epoch. Returns the kept rows, or None if skipped."""
+        pc = model.pc
+        if pc.radius < PRUNE_MIN_RADIUS:
+            return None
+        visible = self.visible
+        if visible is None or visible.shape != (pc.n_points,):
+            visible = torch.zeros(pc.n_points, dtype=torch.bool, device=pc.points.device)
+        n_old, n_new = visible.shape[0], int(visible.sum())
+        if n_new == 0:
+            raise PointAvatarError(
+                f"pruning would delete all {n_old} points: no point was visible in any training image during "
+                "the last epoch. This usually means the cameras do not look at the head (wrong intrinsics "
+                "or world_mat convention in flame_params.json) or the masks are empty/inverted. Check one "
+                "frame with scripts/make_synthetic_subject.py's conventions (spec §3.5)."
+            )
+        print(f"Pruning points, original: {n_old}, new: {n_new}")
+        rows = torch.nonzero(visible, as_tuple=False).squeeze(1)
+        pc.prune(visible)
+        return rows
+
+    def _upsample(self, model) -> torch.Tensor:
+        """Double the points with jittered copies and shrink the radius by 0.75 (spec §2.5 step 5).
+
+        The jitter is U(-0.5, 0.5) per coordinate times the current raster radius, an NDC length used
+        as a world-space distance exactly as in the original (spec §10.4). Returns the old-row map.
+        """
+        pc = model.pc
+        points = pc.points.data
+        n_old = points.shape[0]
+        noise = torch.rand(points.shape, device="cpu").to(points)
+        new_points = points + (noise - 0.5) * pc.radius
+        print(f"old radius: {pc.radius:.6f}, new radius: {pc.radius * UPSAMPLE_RADIUS_FACTOR:.6f}")
+        print(f"old points: {n_old}, new points: {2 * n_old}")
+        pc.upsample_points(new_points)
+        pc.radius = pc.radius * UPSAMPLE_RADIUS_FACTOR
+        rows = torch.arange(n_old, device=points.device)
+        return torch.cat([rows, torch.full_like(rows, -1)])
+
+    # ---------------------------------------------------------------------------------- optimizer
+    def rebuild_optimizer(
+        self,
+        model: torch.nn.Module,
+        old: torch.optim.Optimizer,
+        old_points: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.optim.Adam:
+        """A new Adam over the model's current parameters, at the base learning rate.
+
+        ``old_points`` is the point Parameter before the resize and ``rows`` gives, for each row of
+        the new one, the old row it came from (-1 for a new point). With ``keep_optimizer_state`` the
+        networks' moments move over unchanged (same Parameter objects) and the point moments are
+        gathered by ``rows``, zero for new points. The caller applies the scheduled learning rate on
+        top when ``train.fix_lr_schedule`` is set.
+        """
+        new = make_optimizer(model, self.train.learning_rate)
+        if not self.train.keep_optimizer_state:
+            return new
+        points = model.pc.points
+        for param in model.parameters():
+            if param is points:
+                state = old.state.get(old_points)
+                if state:
+                    new.state[param] = resize_point_state(state, rows, param)
+            elif param in old.state:
+                new.state[param] = old.state[param]
         return new
-    by_name = {old_names[id(p)]: old.state[p] for p in old.state if id(p) in old_names}
-    for name, param in model.named_parameters():
-        state = by_name.get(name)
-        if not state:
-            continue
-        if name.endswith("pc.points") or name == "pc.points":
-            state = _resize_state(state, point_rows, param)
-        if state is not None:
-            new.state[param] = state
-    return new
 
 
-def _resize_state(state: dict, rows: torch.Tensor | None, param: torch.Tensor) -> dict | None:
-    if rows is None:
-        return None
+def resize_point_state(state: dict, rows: torch.Tensor, param: torch.Tensor) -> dict:
+    """Adam state of the point tensor gathered by ``rows`` (-1 -> zeros); scalars (``step``) kept."""
     out = {}
     keep = rows >= 0
     for key, value in state.items():
-        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] > 0 and value.dim() == param.dim():
+        if torch.is_tensor(value) and value.dim() == param.dim() and value.shape[0] > 0:
             resized = torch.zeros_like(param)
             resized[keep] = value[rows[keep]]
             out[key] = resized
         else:
             out[key] = value
     return out
-
-
-def prune(model, thresh_radius: float = PRUNE_MIN_RADIUS) -> torch.Tensor | None:
-    """Keep the points flagged visible during the last epoch. Returns the kept rows, or None if skipped."""
-    if model.radius < thresh_radius:
-        return None
-    visible = model.visible_points
-    n_old = visible.shape[0]
-    n_new = int(visible.sum())
-    if n_new == 0:
-        raise PointAvatarError(
-            f"pruning would delete all {n_old} points: no point was visible in any training image during "
-            "the last epoch. This usually means the cameras do not look at the head (wrong intrinsics or "
-            "world_mat convention in flame_params.json) or the masks are empty/inverted. Check one frame "
-            "with scripts/make_synthetic_subject.py's conventions (spec §3.5)."
-        )
-    print(f"Pruning points, original: {n_old}, new: {n_new}")
-    rows = torch.nonzero(visible, as_tuple=False).squeeze(1)
-    model.pc.prune(visible)
-    return rows
-
-
-def upsample(model, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Double the points with jittered copies and shrink the radius by 0.75 (spec §2.5 step 5).
-
-    The jitter is U(-0.5, 0.5) per coordinate times the current raster radius, an NDC length used as a
-    world-space distance exactly as in the original (spec §10.4). Returns the old-row map of the result.
-    """
-    points = model.pc.points.data
-    n_old = points.shape[0]
-    noise = torch.rand(points.shape, generator=generator, device="cpu").to(points)
-    new_points = points + (noise - 0.5) * model.radius
-    print(f"old radius: {model.radius:.6f}, new radius: {model.radius * UPSAMPLE_RADIUS_FACTOR:.6f}")
-    print(f"old points: {n_old}, new points: {2 * n_old}")
-    model.pc.upsample_points(new_points)
-    model.radius = model.radius * UPSAMPLE_RADIUS_FACTOR
-    rows = torch.arange(n_old, device=points.device)
-    return torch.cat([rows, torch.full_like(rows, -1)])

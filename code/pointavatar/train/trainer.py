@@ -17,11 +17,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import Conf, dump_conf, save_conf
+from ..engine import checkpoints as ckpt
+from ..engine.batching import move_to
+from ..engine.device import resolve_device
+from ..engine.experiment import Experiment, build_model
+from ..engine.inputs import FrameInputs
+from ..engine.plots import render_grids
 from ..errors import PointAvatarError
-from . import checkpoints as ckpt
-from .experiment import Experiment, build_model, lbs_weight_at, move_to, resolve_device
-from .inputs import FrameInputs
-from .schedule import batch_size_for, make_optimizer, prune, rebuild_optimizer, upsample
+from .losses import Loss
+from .schedule import PointSchedule, make_optimizer
 
 
 class Trainer:
@@ -56,7 +60,8 @@ class Trainer:
             print("Expression variance:", fmt_vector(self.train_set.var_expression))
 
         self.model = build_model(conf, self.train_set, self.train_set.shape_params).to(self.device)
-        self.loss = self.exp.build_loss(self.train_set.var_expression).to(self.device)
+        self.loss = Loss(conf.loss, var_expression=self.train_set.var_expression).to(self.device)
+        self.schedule = PointSchedule(conf)
         self.optimizer = make_optimizer(self.model, tc.learning_rate)
         # Bound to the first Adam, as in the original: after the first resize it no longer drives the
         # learning rate unless train.fix_lr_schedule is set (spec §10.1).
@@ -69,7 +74,6 @@ class Trainer:
         self.optimizer_cam = self.inputs.make_optimizer(tc.learning_rate_cam) if self.inputs.enabled else None
 
         self.start_epoch = 0
-        self.resumed_visibility = False
         self.skipped_steps = 0
         self.ckpt = ckpt.Checkpoints(self.exp.train_dir)
         if is_continue:
@@ -80,8 +84,7 @@ class Trainer:
                 f"{self.start_epoch}, i.e. after training epochs 0..{self.start_epoch - 1}. Pass --nepoch "
                 f"{self.start_epoch} or more to train further (nothing was written)."
             )
-        self.loss.lbs_weight = lbs_weight_at(conf, self.start_epoch)
-        self.batch_size = batch_size_for(self.model.pc.points.shape[0], tc.max_points_training, tc.max_batch)
+        self.batch_size = self.schedule.epoch_values(self.start_epoch, self.model.pc.n_points).batch_size
 
         self.writer = None
         if self.start_epoch > self.nepoch:
@@ -170,15 +173,9 @@ class Trainer:
         payload = store.load(ckpt.MODEL, checkpoint)
         self.exp.load_model_payload(self.model, payload, store.path(ckpt.MODEL, checkpoint), strict=False)
         self.start_epoch = int(payload["epoch"])
-        vis = payload.get("visible_points")
-        if (
-            self.conf.train.prune_on_resume
-            and vis is not None
-            and vis.shape[0] == self.model.pc.points.shape[0]
-        ):
-            self.model.visible_points = vis.to(self.device)
-            self.resumed_visibility = True
         tc = self.conf.train
+        if tc.prune_on_resume:
+            self.schedule.load_state_dict(payload, self.model.pc.points)
         self.optimizer = make_optimizer(self.model, tc.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, list(tc.sched_milestones), gamma=tc.sched_factor
@@ -205,15 +202,15 @@ class Trainer:
                 print(f"per-frame inputs not restored: {exc}")
         print(
             f"Resumed from {store.path(ckpt.MODEL, checkpoint)} at epoch {self.start_epoch} "
-            f"with {self.model.pc.points.shape[0]} points, radius {self.model.radius:.6f}"
+            f"with {self.model.pc.n_points} points, radius {self.model.pc.radius:.6f}"
         )
 
     # ----------------------------------------------------------------------------------- checkpoints
     def save_checkpoints(self, epoch: int, numbered: bool) -> None:
         """Write every family of this epoch; they become current together (see checkpoints.py)."""
-        model_payload = {"radius": float(self.model.radius), "model_state_dict": self.model.state_dict()}
+        model_payload = {"radius": float(self.model.pc.radius), "model_state_dict": self.model.state_dict()}
         if self.conf.train.prune_on_resume:
-            model_payload["visible_points"] = self.model.visible_points.detach().cpu().clone()
+            model_payload.update(self.schedule.state_dict())
         payloads = {
             ckpt.MODEL: model_payload,
             ckpt.OPTIMIZER: {"optimizer_state_dict": self.optimizer.state_dict()},
@@ -237,22 +234,6 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
 
-    def _resize(self, op) -> None:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        rows = op(self.model)
-        if rows is None:
-            return
-        self.optimizer = rebuild_optimizer(
-            self.model,
-            self.optimizer,
-            self.conf.train.learning_rate,
-            self.conf.train.keep_optimizer_state,
-            names,
-            rows,
-        )
-        if self.conf.train.fix_lr_schedule:
-            self._apply_scheduled_lr()
-
     def _apply_scheduled_lr(self) -> None:
         lr = self.scheduler.get_last_lr()[0]
         for group in self.optimizer.param_groups:
@@ -273,32 +254,20 @@ class Trainer:
             # Every epoch draws from its own seed, so a resumed run repeats the random draws (shuffle,
             # eikonal samples, upsample jitter) of the run it continues.
             torch.manual_seed(epoch_seed(tc.seed, epoch))
-            if epoch in tc.GT_lbs_milestones:
-                self.loss.lbs_weight *= tc.GT_lbs_factor
+            self._checkpoint_and_plot(epoch)
 
-            numbered = epoch % tc.checkpoint_freq == 0 and epoch != self.start_epoch
-            if epoch % tc.save_freq == 0 and (numbered or epoch != self.start_epoch or self.start_epoch == 0):
-                self.save_checkpoints(epoch, numbered)
+            change, self.optimizer = self.schedule.begin_epoch(
+                epoch, self.start_epoch, self.model, self.optimizer
+            )
+            if change.resized and tc.fix_lr_schedule:
+                self._apply_scheduled_lr()  # the schedule's new Adam starts at the base rate
+            values = self.schedule.epoch_values(epoch, self.model.pc.n_points)
+            # The batch follows the cloud size after upsampling only (spec §2.7).
+            if change.upsampled and values.batch_size != self.batch_size:
+                self.batch_size = values.batch_size
+                loader = self._loader()
 
-            if (epoch % tc.plot_freq == 0 and epoch < 5) or epoch % (2 * tc.plot_freq) == 0:
-                self.plot(epoch)
-
-            may_prune = epoch != self.start_epoch or self.resumed_visibility
-            if may_prune:
-                self._resize(prune)
-            n = self.model.pc.points.shape[0]
-            if (
-                epoch % tc.upsample_freq == 0
-                and epoch != 0
-                and n <= self.conf.model.point_cloud.max_points / 2
-            ):
-                self._resize(upsample)
-                new_bs = batch_size_for(self.model.pc.points.shape[0], tc.max_points_training, tc.max_batch)
-                if new_bs != self.batch_size:
-                    self.batch_size = new_bs
-                    loader = self._loader()
-            self.model.reset_visibility()
-            self.train_epoch(epoch, loader)
+            self.train_epoch(epoch, loader, values.lbs_weight)
             self.scheduler.step()
             if tc.fix_lr_schedule:
                 self._apply_scheduled_lr()
@@ -314,7 +283,16 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
 
-    def train_epoch(self, epoch: int, loader: DataLoader) -> None:
+    def _checkpoint_and_plot(self, epoch: int) -> None:
+        """The start-of-epoch outputs (spec §2.5): checkpoints of the state so far, then the plots."""
+        tc = self.conf.train
+        numbered = epoch % tc.checkpoint_freq == 0 and epoch != self.start_epoch
+        if epoch % tc.save_freq == 0 and (numbered or epoch != self.start_epoch or self.start_epoch == 0):
+            self.save_checkpoints(epoch, numbered)
+        if (epoch % tc.plot_freq == 0 and epoch < 5) or epoch % (2 * tc.plot_freq) == 0:
+            self.plot(epoch)
+
+    def train_epoch(self, epoch: int, loader: DataLoader, lbs_weight: float) -> None:
         tc = self.conf.train
         self.model.train()
         inputs_active = self.inputs.enabled and epoch >= tc.input_optimization_start
@@ -331,7 +309,8 @@ class Trainer:
             if self.inputs.enabled:
                 model_input = self.inputs.apply(model_input)
             outputs = self.model(model_input)
-            losses = self.loss(outputs, ground_truth)
+            self.schedule.observe(outputs.fragment_idx, outputs.fragment_weights, self.model.pc.n_points)
+            losses = self.loss(outputs, ground_truth, flame=self.model.FLAMEServer, lbs_weight=lbs_weight)
 
             self.optimizer.zero_grad(set_to_none=True)
             if inputs_active:
@@ -362,16 +341,16 @@ class Trainer:
             if data_index % tc.log_freq == 0:
                 # .item() only here, so the GPU is not synchronised at every step.
                 means = {k: float(v) / count for k, v in sums.items()}
-                means["visible_percentage"] = float(self.model.visible_points.float().mean())
-                self._log(epoch, data_index, means)
+                means["visible_percentage"] = float(self.schedule.visible.float().mean())
+                self._log(epoch, data_index, means, lbs_weight)
                 bar.set_postfix(loss=f"{means['loss']:.4f}", rgb=f"{means['rgb_loss']:.4f}")
                 sums.clear()
                 count = 0
         bar.close()
         elapsed = time.time() - start
         print(
-            f"epoch {epoch}/{self.nepoch} done in {elapsed:.1f} s ({self.model.pc.points.shape[0]} points, "
-            f"radius {self.model.radius:.5f}, batch {self.batch_size})"
+            f"epoch {epoch}/{self.nepoch} done in {elapsed:.1f} s ({self.model.pc.n_points} points, "
+            f"radius {self.model.pc.radius:.5f}, batch {self.batch_size})"
             + (f"; {skipped} of {steps} steps skipped (non-finite gradients)" if skipped else "")
         )
         if self.writer is not None:
@@ -403,7 +382,7 @@ class Trainer:
             f"values. The last checkpoint is {latest} (resume with --is_continue after fixing the cause)."
         )
 
-    def _log(self, epoch: int, data_index: int, means: dict) -> None:
+    def _log(self, epoch: int, data_index: int, means: dict, lbs_weight: float) -> None:
         text = ", ".join(f"{k} = {v:.6f}" for k, v in means.items())
         tqdm.write(f"[{epoch}/{self.nepoch}] {data_index * self.batch_size}/{len(self.train_set)}: {text}")
         if self.writer is None:
@@ -411,16 +390,14 @@ class Trainer:
         step = epoch * len(self.train_set) + data_index * self.batch_size
         for k, v in means.items():
             self.writer.add_scalar(f"train/{k}", v, step)
-        self.writer.add_scalar("train/num_points", self.model.pc.points.shape[0], step)
-        self.writer.add_scalar("train/radius", self.model.radius, step)
+        self.writer.add_scalar("train/num_points", self.model.pc.n_points, step)
+        self.writer.add_scalar("train/radius", self.model.pc.radius, step)
         self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
-        self.writer.add_scalar("train/lbs_weight", self.loss.lbs_weight, step)
+        self.writer.add_scalar("train/lbs_weight", lbs_weight, step)
 
     # ------------------------------------------------------------------------------------------ plots
     def plot(self, epoch: int) -> None:
         """Render the plot split with its JSON inputs (no tracking) into grid images (spec §2.5 step 3)."""
-        from ..evaluate.runner import render_grids
-
         self.model.eval()
         start = time.time()
         n = render_grids(self.model, self.plot_set, self.exp.eval_dir, epoch, self.batch_size, self.device)
@@ -433,10 +410,6 @@ def fmt_vector(t: torch.Tensor, n: int = 8) -> str:
     """The first n entries of a [1, D] tensor on one line."""
     values = ", ".join(f"{v:.3f}" for v in t.reshape(-1)[:n].tolist())
     return f"[{values}{', ...' if t.numel() > n else ''}] ({t.numel()} values)"
-
-
-def default_device() -> torch.device:
-    return resolve_device(None)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -9,14 +9,14 @@ stops the program with a message that says where we looked and how to get it.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pointavatar.engine.weights import find_weight_file
 from pointavatar.errors import PointAvatarError
 
 VGG16_FILE = "vgg16-397923af.pth"
@@ -35,62 +35,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def weight_search_dirs() -> list[Path]:
-    """Folders searched for pretrained weight files, in order, without duplicates.
-
-    `torch.hub.get_dir()/checkpoints` is where torchvision itself caches weights (it already honours
-    `$TORCH_HOME` and `torch.hub.set_dir`); `$TORCH_HOME/hub/checkpoints` and `$TORCH_HOME/checkpoints`
-    are also searched so that a file placed by hand next to an unusual hub setting is still found.
-    """
-    dirs = [Path(torch.hub.get_dir()) / "checkpoints"]
-    torch_home = os.environ.get("TORCH_HOME")
-    if torch_home:
-        dirs += [Path(torch_home) / "hub" / "checkpoints", Path(torch_home) / "checkpoints"]
-    unique: list[Path] = []
-    for d in dirs:
-        d = d.expanduser()
-        if d not in unique:
-            unique.append(d)
-    return unique
-
-
-def locate_weight_file(name: str, extra_candidates: Iterable[Path] = ()) -> tuple[Path | None, list[Path]]:
-    """Look for a weight file called `name`.
-
-    Returns (the first existing path or None, every path that was checked, in order). `extra_candidates`
-    are full file paths checked after the hub folders.
-    """
-    checked = [d / name for d in weight_search_dirs()] + [Path(p) for p in extra_candidates]
-    for path in checked:
-        if path.is_file():
-            return path, checked
-    return None, checked
-
-
-def find_weight_file(name: str, url: str | None = None, disable_hint: str | None = None) -> Path:
-    """Return the path of the pretrained weight file `name`, or raise PointAvatarError.
-
-    The error names the file, every place we looked, how to get it (download_data.bash, or `url` saved
-    into the hub checkpoint folder) and, when given, the conf setting that runs without it. Defaults for
-    `url` and `disable_hint` are those of the VGG16 file.
-    """
-    if url is None and name == VGG16_FILE:
-        url = VGG16_URL
-    if disable_hint is None and name == VGG16_FILE:
-        disable_hint = (
-            "set `loss.vgg_feature_weight = 0` in the conf to train without the VGG perceptual loss"
-        )
-    path, checked = locate_weight_file(name)
-    if path is not None:
-        return path
-    looked = "\n".join(f"  - {p}" for p in checked)
-    how = "run `bash download_data.bash` from the repository root"
-    if url:
-        how += f", or download {url} and place it in {checked[0].parent}"
-    msg = f"Pretrained weight file '{name}' not found. Looked in:\n{looked}\nTo get it: {how}."
-    if disable_hint:
-        msg += f" Alternatively, {disable_hint}."
-    raise PointAvatarError(msg)
+def find_vgg16_file() -> Path:
+    """The VGG16 weight file, or a PointAvatarError saying where we looked and how to get it."""
+    return find_weight_file(
+        VGG16_FILE,
+        url=VGG16_URL,
+        disable_hint="set `loss.vgg_feature_weight = 0` in the conf to train without the VGG perceptual loss",
+    )
 
 
 def make_vgg16_features() -> nn.Sequential:
@@ -111,7 +62,7 @@ def make_vgg16_features() -> nn.Sequential:
 
 def load_vgg16_features(path: str | Path | None = None) -> nn.Sequential:
     """VGG16 `features` with torchvision's ImageNet weights loaded from `path` (found if None)."""
-    path = find_weight_file(VGG16_FILE) if path is None else Path(path)
+    path = find_vgg16_file() if path is None else Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated download or a wrong file: say which file

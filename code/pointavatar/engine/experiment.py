@@ -1,4 +1,4 @@
-"""What training and evaluation share: experiment folders, datasets, model and loss construction.
+"""What training and evaluation share: experiment folders, datasets, model construction and loading.
 
 Folder layout (spec §2.2)::
 
@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 
 from ..config import Conf
+from ..data import FaceDataset
 from ..errors import PointAvatarError
+from ..model import PointAvatar
+from ..model.compat import convert_original_state_dict
 
 
 class Experiment:
@@ -82,7 +85,7 @@ class Experiment:
         ds = self.conf.dataset
         if not ds.synthetic.generate or not self.generate:
             return
-        from ..data.synthetic import ensure_synthetic_subject
+        from ..synthetic import ensure_synthetic_subject
 
         ensure_synthetic_subject(
             ds.data_folder,
@@ -94,8 +97,6 @@ class Experiment:
         )
 
     def _dataset(self, split_conf, **overrides):
-        from ..data import FaceDataset
-
         self.ensure_data()
         ds = self.conf.dataset
         kwargs = dict(
@@ -130,19 +131,13 @@ class Experiment:
         """All test frames, loaded lazily (spec §2.9 step 1)."""
         return self._dataset(self.conf.dataset.test, subsample=1, load_images=False, only_json=only_json)
 
-    # ---------------------------------------------------------------------------------- model, loss
-    def build_loss(self, var_expression):
-        from .losses import Loss
-
-        return Loss(self.conf.loss, var_expression=var_expression)
-
-    def load_model_payload(self, model, payload: dict, path: Path, strict: bool) -> None:
+    # ---------------------------------------------------------------------------------------- model
+    def load_model_payload(self, model: PointAvatar, payload: dict, path: Path, strict: bool) -> None:
         """Load a ModelParameters dict (ours or the original's layout) into ``model``.
 
-        The point tensor is re-created at the stored size first, because N changes during training.
+        The point tensor is re-created at the stored size first, because N changes during training;
+        ``model.pc.radius`` is set from the payload's "radius" (kept when a payload has none).
         """
-        from ..model.compat import convert_original_state_dict
-
         state = payload.get("model_state_dict")
         if state is None:
             raise PointAvatarError(f"{path} is not a ModelParameters checkpoint (no 'model_state_dict').")
@@ -162,13 +157,12 @@ class Experiment:
             ) from exc
         if not strict and result.missing_keys:
             print(f"warning: keys missing from {path}: {', '.join(result.missing_keys[:8])}")
-        model.radius = float(payload.get("radius", model.radius))
+        # The raster radius lives beside the state dict (it is not a tensor of the model).
+        model.pc.radius = float(payload.get("radius", model.pc.radius))
 
 
-def build_model(conf: Conf, train_set, shape_params: torch.Tensor):
+def build_model(conf: Conf, train_set: FaceDataset, shape_params: torch.Tensor) -> PointAvatar:
     """PointAvatar with the subject's identity, the mean training expression and the canonical jaw."""
-    from ..model import PointAvatar
-
     return PointAvatar(
         conf.model,
         shape_params=shape_params,
@@ -177,54 +171,6 @@ def build_model(conf: Conf, train_set, shape_params: torch.Tensor):
         img_res=int(conf.dataset.train.img_res[0]),
         use_background=conf.dataset.use_background,
     )
-
-
-def lbs_weight_at(conf: Conf, start_epoch: int) -> float:
-    """loss.lbs_weight decayed for every milestone strictly before start_epoch (spec §2.4 step 7)."""
-    weight = conf.loss.lbs_weight
-    for milestone in conf.train.GT_lbs_milestones:
-        if milestone < start_epoch:
-            weight *= conf.train.GT_lbs_factor
-    return weight
-
-
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """The --device flag as a torch.device: cpu, cuda or cuda:N (default: cuda when available).
-
-    Raises a PointAvatarError naming the flag and the fix for a name torch does not know or a CUDA
-    device this machine does not have.
-    """
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise PointAvatarError(f"--device {name}: not a device; use cpu, cuda or cuda:N.") from None
-    if device.type not in ("cpu", "cuda"):
-        raise PointAvatarError(f"--device {name}: not supported; use cpu, cuda or cuda:N.")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only PyTorch build" if torch.version.cuda is None else "no visible GPU"
-            raise PointAvatarError(
-                f"--device {name}: CUDA is not available here (torch {torch.__version__}, {build}). Use "
-                "--device cpu, or install a CUDA build of PyTorch (https://pytorch.org/get-started)."
-            )
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise PointAvatarError(
-                f"--device {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}."
-            )
-    return device
-
-
-def move_to(batch, device):
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, list):
-        return [move_to(v, device) for v in batch]
-    return batch
 
 
 def first_line(exc: BaseException) -> str:

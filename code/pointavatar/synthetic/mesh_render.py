@@ -1,6 +1,6 @@
 """A small vectorized numpy triangle-mesh rasterizer for the synthetic subject.
 
-This renderer exists only to draw the synthetic ground truth (`pointavatar.data.synthetic`); it is
+This renderer exists only to draw the synthetic ground truth (`pointavatar.synthetic.generator`); it is
 independent of the point renderer under test. It z-buffers triangles on a supersampled pixel grid and
 returns, per sample, the visible triangle and its perspective-correct barycentric coordinates, so the
 caller can interpolate any per-vertex attribute (normals, texture coordinates, labels) and box-filter

@@ -14,6 +14,10 @@ import cv2
 import imageio.v3 as iio
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
+
+from ..model import PointAvatarOutputs
+from .batching import move_to
 
 LANDMARK_COLOR = (1.0, 0.0, 0.0)  # red (spec §2.10)
 
@@ -89,39 +93,34 @@ def _with_landmarks(rgb: torch.Tensor, landmarks: torch.Tensor | None) -> torch.
     return rgb * (1 - alpha) + alpha * red
 
 
-def _batch_size(outputs: dict) -> int:
-    rgb = outputs["rgb_image"]
-    return rgb.shape[0] if rgb.dim() == 3 else int(outputs.get("batch_size", 1))
-
-
-def grid_rows(outputs: dict, ground_truth: dict | None, img_res: int | Sequence[int]) -> torch.Tensor:
+def grid_rows(outputs: PointAvatarOutputs, ground_truth: dict | None) -> torch.Tensor:
     """The images of the grid, row-major: [R*B, 3, H, W] with rows (spec §2.10)
     1. predicted RGB with the red landmarks, 2. GT RGB with the landmarks (if ground_truth has 'rgb'),
-    3. normal image, 4. shading image, 5. albedo image (rows 3-5 when present in outputs).
+    3. normal image, 4. shading image, 5. albedo image (rows 3-5 from an eval-mode forward only).
 
-    outputs: rgb_image [B, P, 3], optional rendered_landmarks [B, P, 1|3] (landmark alpha),
-    normal_image / shading_image / albedo_image [B, P, 3] (or [B*P, 3]) already in [0, 1] (the model
-    encodes normals as (n + 1) / 2 over white).
+    Reads rgb_image [B, P, 3] and, from ``outputs.eval``, rendered_landmarks (landmark alpha) and the
+    normal / shading / albedo images [B, P, 3], already in [0, 1] (the model encodes normals as
+    (n + 1) / 2 over white).
     """
-    b = _batch_size(outputs)
-    rgb = outputs["rgb_image"].reshape(b, -1, 3)
-    lmk = outputs.get("rendered_landmarks")
+    b = outputs.batch_size
+    rgb = outputs.rgb_image.reshape(b, -1, 3)
+    ev = outputs.eval
+    lmk = ev.rendered_landmarks if ev is not None else None
     rows = [_with_landmarks(rgb, lmk)]
     if ground_truth is not None and "rgb" in ground_truth:
         rows.append(_with_landmarks(ground_truth["rgb"].reshape(b, -1, 3).to(rgb), lmk))
-    for key in ("normal_image", "shading_image", "albedo_image"):
-        if key in outputs:
-            rows.append(outputs[key].reshape(b, -1, 3).to(rgb))
-    return lin2img(torch.cat(rows, dim=0).detach(), img_res)
+    if ev is not None:
+        for image in (ev.normal_image, ev.shading_image, ev.albedo_image):
+            rows.append(image.reshape(b, -1, 3).to(rgb))
+    return lin2img(torch.cat(rows, dim=0).detach(), outputs.img_res)
 
 
 def plot_grid(
-    outputs: dict,
+    outputs: PointAvatarOutputs,
     ground_truth: dict | None,
     eval_subdir: str | Path,
     epoch: int,
     first_img_name: int | str,
-    img_res: int | Sequence[int],
 ) -> Path:
     """Write the grid image eval/<sub_dir>/rendering/epoch_{E:04d}_{firstImgName}.png (spec §2.10).
 
@@ -129,33 +128,34 @@ def plot_grid(
     eval_subdir is the `eval/<sub_dir>` folder. Values are clipped to [0, 1] before the uint8
     conversion (the original did not clip, so out-of-range values wrapped around). Returns the path.
     """
-    images = grid_rows(outputs, ground_truth, img_res)
-    grid = make_grid(images, nrow=_batch_size(outputs)).permute(1, 2, 0)
+    images = grid_rows(outputs, ground_truth)
+    grid = make_grid(images, nrow=outputs.batch_size).permute(1, 2, 0)
     path = Path(eval_subdir) / "rendering" / f"epoch_{int(epoch):04d}_{first_img_name}.png"
     return save_png(path, to_uint8(grid))
 
 
 def write_frame_outputs(
-    outputs: dict,
+    outputs: PointAvatarOutputs,
     img_names: Sequence[int | str] | torch.Tensor,
     eval_subdir: str | Path,
     epoch: int,
-    img_res: int | Sequence[int],
 ) -> Path:
     """Per-frame test outputs in eval/<sub_dir>/epoch_<E>/ (spec §2.2, §2.10):
     rgb/<img>.png (prediction clipped to [0, 1]), rgb_erode_dilate/<img>.png (its opening, on which the
-    metrics are computed) and normal/<img>.png (no opening).
+    metrics are computed) and normal/<img>.png (no opening; eval-mode outputs only).
 
-    outputs: rgb_image and normal_image [B, P, 3] in [0, 1]; img_names: B frame numbers (ints, or a
-    [B] / [B, 1] tensor), written unpadded. Returns the epoch folder (the metrics' output_dir).
+    outputs: B frames (rgb_image and eval.normal_image [B, P, 3] in [0, 1]); img_names: their B frame
+    numbers (ints, or a [B] / [B, 1] tensor), written unpadded. Returns the epoch folder (the metrics'
+    output_dir).
     """
     epoch_dir = Path(eval_subdir) / f"epoch_{int(epoch)}"
     if torch.is_tensor(img_names):
         img_names = [int(v) for v in img_names.reshape(-1).tolist()]
-    rgb = lin2img(outputs["rgb_image"].reshape(len(img_names), -1, 3).detach(), img_res)
+    res = outputs.img_res
+    rgb = lin2img(outputs.rgb_image.reshape(len(img_names), -1, 3).detach(), res)
     normal = None
-    if "normal_image" in outputs:
-        normal = lin2img(outputs["normal_image"].reshape(len(img_names), -1, 3).detach(), img_res)
+    if outputs.eval is not None:
+        normal = lin2img(outputs.eval.normal_image.reshape(len(img_names), -1, 3).detach(), res)
     for i, name in enumerate(img_names):
         rgb_u8 = to_uint8(rgb[i].permute(1, 2, 0))
         save_png(epoch_dir / "rgb" / f"{name}.png", rgb_u8)
@@ -163,3 +163,20 @@ def write_frame_outputs(
         if normal is not None:
             save_png(epoch_dir / "normal" / f"{name}.png", to_uint8(normal[i].permute(1, 2, 0)))
     return epoch_dir
+
+
+def render_grids(model, dataset, eval_dir: Path, epoch: int, batch_size: int, device) -> int:
+    """Render ``dataset`` and write one grid image per batch (spec §2.10). Returns the number of frames.
+
+    The normal, shading and albedo rows appear when ``model`` is in eval mode (the caller's choice).
+    """
+    loader = DataLoader(
+        dataset, batch_size=min(2 * batch_size, 10), shuffle=False, collate_fn=dataset.collate_fn
+    )
+    count = 0
+    for _, model_input, ground_truth in loader:
+        outputs = model(move_to(model_input, device))
+        first = int(model_input["img_name"][0, 0])
+        plot_grid(outputs, ground_truth, Path(eval_dir) / model_input["sub_dir"][0], epoch, first)
+        count += model_input["idx"].shape[0]
+    return count

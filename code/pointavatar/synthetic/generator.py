@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pointavatar.data import mesh_render
 from pointavatar.errors import PointAvatarError
+from pointavatar.flame import FLAME, write_flame_pickle, write_landmark_embedding
+from pointavatar.synthetic import mesh_render
 
 __all__ = [
     "CAPTURE_INTRINSICS",
@@ -795,8 +796,6 @@ def make_synthetic_flame(out_dir: str | os.PathLike, seed: int = 0) -> tuple[Pat
     Returns (generic_model.pkl path, landmark_embedding.npy path). The geometry is fixed; the identity,
     expression and pose-corrective bases are drawn from `seed`.
     """
-    from pointavatar.flame import write_flame_pickle, write_landmark_embedding
-
     t = synthetic_template()
     rng = np.random.default_rng([seed, 1])
     shapedirs = np.concatenate([_identity_bases(t, rng), _expression_bases(t, rng)], axis=2)
@@ -908,8 +907,6 @@ def make_synthetic_subject(
     and flame_params.json); train0 and train1 have `train_frames` frames each, test `test_frames`.
     Returns data_folder/<subject>. Deterministic for a seed.
     """
-    from pointavatar.flame import FLAME
-
     if res < 16 or train_frames < 1 or test_frames < 1:
         raise PointAvatarError(
             f"make_synthetic_subject: res must be >= 16 and the frame counts >= 1 "
@@ -987,6 +984,7 @@ def make_synthetic_subject(
 
 def _manifest_dict(subject_name: str, res: int, train_frames: int, test_frames: int, seed: int) -> dict:
     return {
+        # The module's old name, kept so that subjects generated before the move stay valid.
         "generator": "pointavatar.data.synthetic",
         "version": _FORMAT_VERSION,
         "subject_name": subject_name,

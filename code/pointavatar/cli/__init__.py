@@ -1,0 +1,8 @@
+"""Console scripts (the top layer: may import every other package).
+
+- `pointavatar` (`cli.exp_runner`): train and evaluate, the original's `scripts/exp_runner.py`.
+- `pointavatar-synthetic` (`cli.make_synthetic_subject`): write the synthetic subject.
+
+Each `main(argv)` returns the exit code and turns a `PointAvatarError` into one `error: ...` line on
+stderr, so the console script and the wrapper in `scripts/` behave the same.
+"""
