@@ -71,7 +71,7 @@ class Evaluator:
         only_json: bool = False,
         device: torch.device | str | None = None,
     ):
-        self.conf = conf.override({"dataset.test.subsample": 1, "dataset.test.load_images": False})
+        self.conf = conf  # the test split is read whole and lazily by Experiment.test_dataset (spec §2.9)
         # Evaluation never writes data: a missing synthetic subject is an error, not generated.
         self.exp = Experiment(self.conf, load_path=load_path, generate=False)
         self.device = resolve_device(device)

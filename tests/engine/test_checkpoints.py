@@ -20,7 +20,7 @@ import torch
 from pointavatar.engine import checkpoints as ckpt
 from pointavatar.errors import PointAvatarError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAINING_FAMILIES = (ckpt.MODEL, ckpt.OPTIMIZER, ckpt.SCHEDULER, ckpt.OPTIMIZER_INPUTS, ckpt.INPUTS)
 
 

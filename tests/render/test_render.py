@@ -306,7 +306,7 @@ def test_triton_kernels_under_interpreter():
     """The "cuda" backend's kernels run by the Triton interpreter on the CPU against "torch"."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    code_dir = str(Path(__file__).resolve().parents[1] / "code")
+    code_dir = str(Path(__file__).resolve().parents[2] / "code")
     env["PYTHONPATH"] = code_dir + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=300

@@ -9,7 +9,7 @@ import pytest
 from pointavatar.cli import exp_runner, make_synthetic_subject
 from pointavatar.errors import PointAvatarError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
