@@ -220,7 +220,7 @@ KILLS = [
 def test_sigkill_while_saving_leaves_one_consistent_epoch(tmp_path, function, k, expected):
     script = KILL_SCRIPT.format(
         code=str(ROOT / "code"),
-        tests=str(ROOT / "tests"),
+        tests=str(ROOT / "tests" / "engine"),
         train_dir=str(tmp_path),
         function=function.removeprefix("os."),
         k=k,
