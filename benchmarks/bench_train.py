@@ -36,7 +36,7 @@ from pointavatar.train.trainer import Trainer  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def synthetic_conf(data: Path, out: Path, res: int, backend: str):
+def synthetic_conf(data: Path, out: Path, res: int, backend: str, implementation: str):
     from pointavatar.synthetic import ensure_synthetic_subject
 
     ensure_synthetic_subject(data, "synthetic", res=res, train_frames=8, test_frames=4, seed=0)
@@ -55,6 +55,7 @@ def synthetic_conf(data: Path, out: Path, res: int, backend: str):
             "model.flame_model_path": str(flame / "generic_model.pkl"),
             "model.flame_landmark_path": str(flame / "landmark_embedding.npy"),
             "model.render_backend": backend,
+            "model.implementation": implementation,
         }
     )
 
@@ -78,23 +79,52 @@ def timed(fn, device, warmup: int, repeat: int) -> list[float]:
     return times
 
 
+def profile_steps(step, device, path: Path) -> None:
+    """Two profiled steps: the kernel table by device time, written to ``path`` and its head printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60)
+    path.write_text(table)
+    print("\n".join(table.splitlines()[:25]), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--res", type=int, default=512)
     p.add_argument("--points", type=int, nargs="+", default=[6400, 25600, 102400, 409600])
     p.add_argument("--backend", default="auto")
+    p.add_argument(
+        "--implementation",
+        default="reference",
+        choices=["reference", "fast", "auto"],
+        help="model.implementation",
+    )
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (off in the reference figures)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="also profile two steps at this point count (torch.profiler); the table goes to --out's folder",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--data", default=None, help="folder for the synthetic subject (default: a temp dir)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = Path(tempfile.mkdtemp())
     data = Path(args.data) if args.data else tmp / "data"
-    conf = synthetic_conf(data, tmp / "exp", args.res, args.backend)
+    conf = synthetic_conf(data, tmp / "exp", args.res, args.backend, args.implementation)
     trainer = Trainer(conf, nepoch=0, device=device)
     model, loss_fn = trainer.model, trainer.loss
     batch_iter = None
@@ -134,6 +164,8 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         times = timed(step, device, args.warmup, args.repeat)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        if n == args.profile:
+            profile_steps(step, device, Path(args.out or "bench_train.json").with_suffix(f".profile{n}.txt"))
 
         model.eval()
 
@@ -163,6 +195,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "res": args.res,
+        "implementation": args.implementation,
+        "tf32": args.tf32,
         "rows": rows,
     }
     if args.out:

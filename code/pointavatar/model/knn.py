@@ -1,8 +1,44 @@
-"""Exact 1-nearest-neighbour search (replaces pytorch3d.ops.knn_points with K = 1)."""
+"""Exact 1-nearest-neighbour search (replaces pytorch3d.ops.knn_points with K = 1).
+
+`nearest_neighbor` is the reference (any device); `nearest_neighbor_fast` runs the Triton kernel of
+`_knn_triton` on CUDA for 3-D float32 points and falls back to the reference elsewhere.
+"""
 
 from __future__ import annotations
 
 import torch
+
+_triton_knn = None
+_triton_error: str | None = None
+
+
+def _load_triton():
+    """The Triton 1-NN module, or None (reason in `_triton_error`) if Triton cannot be imported."""
+    global _triton_knn, _triton_error
+    if _triton_knn is None and _triton_error is None:
+        try:
+            from . import _knn_triton
+
+            _triton_knn = _knn_triton
+        except Exception as exc:  # ImportError, or Triton failing to initialise its backend
+            _triton_error = f"{type(exc).__name__}: {exc}"
+    return _triton_knn
+
+
+@torch.no_grad()
+def nearest_neighbor_fast(query: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `nearest_neighbor`; the Triton kernel where it applies, else the reference."""
+    if (
+        query.is_cuda
+        and query.dim() == 2
+        and query.shape[1] == 3
+        and query.dtype == torch.float32
+        and ref.shape[0] > 0
+        and _load_triton() is not None
+    ):
+        return _triton_knn.nearest_neighbor(query, ref)
+    return nearest_neighbor(query, ref)
+
 
 # Elements of the distance temporaries of one block of queries: 2^25 floats = 128 MiB in float32.
 DEFAULT_BLOCK_ELEMENTS = 1 << 25

@@ -17,7 +17,7 @@ from pointavatar.config import ModelConf
 from pointavatar.flame import FLAME
 from pointavatar.model.deformer import ForwardDeformer
 from pointavatar.model.geometry import GeometryNetwork
-from pointavatar.model.knn import nearest_neighbor
+from pointavatar.model.knn import nearest_neighbor, nearest_neighbor_fast
 from pointavatar.model.outputs import EvalOutputs, PointAvatarOutputs
 from pointavatar.model.point_cloud import PointCloud
 from pointavatar.model.shading import RenderingNetwork
@@ -91,6 +91,7 @@ class PointAvatar(nn.Module):
             img_res = res[0]
         self.img_res = int(img_res)
         self.render_backend = conf.render_backend
+        self.implementation = conf.implementation
         self.use_background = bool(use_background)
 
         self.FLAMEServer = FLAME(
@@ -112,6 +113,15 @@ class PointAvatar(nn.Module):
 
     # ------------------------------------------------------------------ pieces of the forward pass
 
+    def uses_fast_path(self, device: torch.device) -> bool:
+        """Whether the forward takes the fast path (``model.implementation``) on ``device``."""
+        return self.implementation == "fast" or (self.implementation == "auto" and device.type == "cuda")
+
+    def _nearest_neighbor(self, query: torch.Tensor, ref: torch.Tensor):
+        if self.uses_fast_path(query.device):
+            return nearest_neighbor_fast(query, ref)
+        return nearest_neighbor(query, ref)
+
     def canonical_geometry(
         self, points: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,7 +140,11 @@ class PointAvatar(nn.Module):
         # The second-order graph only serves training (eikonal, normals -> geometry weights); eval
         # (incl. test-time tracking, which optimises the inputs only) skips it to save memory.
         create_graph = self.training and torch.is_grad_enabled()
-        out, grad = self.geometry_network.forward_with_gradient(y, create_graph=create_graph)
+        if create_graph and self.uses_fast_path(y.device):
+            # Same values and weight gradients, first-order autograd only (no double backward).
+            out, grad = self.geometry_network.forward_with_gradient_explicit(y)
+        else:
+            out, grad = self.geometry_network.forward_with_gradient(y, create_graph=create_graph)
         normals = F.normalize(grad[:n], dim=-1)
         sdf = out[:n, 0]
         albedo = torch.sigmoid(ALBEDO_SCALE * out[:n, 1:4])
@@ -258,7 +272,9 @@ class PointAvatar(nn.Module):
         # The 1-NN only feeds the FLAME prior of the training loss; at N = 409,600 it costs as much as
         # rendering, so eval (renders, test-time tracking) skips it.
         index_batch = (
-            nearest_neighbor(canonical_points.detach(), flame.canonical_verts)[0] if self.training else None
+            self._nearest_neighbor(canonical_points.detach(), flame.canonical_verts)[0]
+            if self.training
+            else None
         )
 
         eval_outputs = None

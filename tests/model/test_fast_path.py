@@ -1,0 +1,78 @@
+"""model.implementation = "fast" against the reference forward: outputs, normals, losses, gradients.
+
+On the CPU the fast path differs from the reference only in how it computes the SDF normals (an
+explicit first-order sweep instead of double backward); the 1-NN falls back to the reference there.
+Compared in float64, with the same random draws (eikonal samples) for both.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from flame_fixtures import make_landmarks
+from test_model import IMG_RES, N_FACES, build, make_flame_arrays, make_input, perturb_
+
+from pointavatar.config import LossConf
+from pointavatar.flame import write_flame_pickle, write_landmark_embedding
+from pointavatar.train.losses import Loss
+
+
+@pytest.fixture(scope="module")
+def flame_files(tmp_path_factory):
+    """The tiny FLAME-format model of test_model.py."""
+    root = tmp_path_factory.mktemp("flame")
+    write_flame_pickle(root / "generic_model.pkl", make_flame_arrays())
+    write_landmark_embedding(root / "landmark_embedding.npy", make_landmarks(N_FACES))
+    return str(root / "generic_model.pkl"), str(root / "landmark_embedding.npy")
+
+
+def forward_and_grads(model, seed: int):
+    """Training forward, the full training loss (VGG off) and the gradients of every parameter."""
+    model.train()
+    torch.manual_seed(seed)
+    inp = make_input(2, dtype=torch.float64)
+    out = model(inp)
+    g = torch.Generator().manual_seed(seed + 1)
+    p = IMG_RES * IMG_RES
+    gt = {
+        "rgb": torch.rand(2, p, 3, generator=g, dtype=torch.float64),
+        "object_mask": (torch.rand(2, p, generator=g) > 0.5).to(torch.float64),
+    }
+    loss_fn = Loss(LossConf(vgg_feature_weight=0.0), var_expression=None)
+    losses = loss_fn(out, gt, flame=model.FLAMEServer, lbs_weight=10.0)
+    model.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, losses, grads
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fast_path_equals_reference_in_float64(flame_files, seed):
+    reference = build(flame_files).double()
+    perturb_(reference, 0.05)
+    fast = copy.deepcopy(reference)
+    reference.implementation, fast.implementation = "reference", "fast"
+    assert fast.uses_fast_path(torch.device("cpu")) and not reference.uses_fast_path(torch.device("cpu"))
+
+    out_r, loss_r, grad_r = forward_and_grads(reference, seed)
+    out_f, loss_f, grad_f = forward_and_grads(fast, seed)
+    # float64 throughout; the two paths sum the same products in a different order: ~1e-13 apart.
+    tol = {"rtol": 1e-9, "atol": 1e-11}
+    for name in ("rgb_image", "predicted_mask", "sdf_values", "grad_thetas", "canonical_points"):
+        torch.testing.assert_close(getattr(out_f, name), getattr(out_r, name), **tol, msg=name)
+    assert torch.equal(out_f.index_batch, out_r.index_batch)
+    assert torch.equal(out_f.fragment_idx, out_r.fragment_idx)
+    for key, value in loss_r.items():
+        torch.testing.assert_close(loss_f[key], value, **tol, msg=key)
+    assert set(grad_f) == set(grad_r)
+    for name, value in grad_r.items():
+        torch.testing.assert_close(grad_f[name], value, **tol, msg=name)
+
+
+def test_auto_is_reference_on_cpu(flame_files):
+    model = build(flame_files)
+    assert model.implementation == "auto"
+    assert not model.uses_fast_path(torch.device("cpu"))
+    assert model.uses_fast_path(torch.device("cuda"))
