@@ -26,6 +26,8 @@ for s in "${seeds[@]}"; do
     echo "include \"$repo/confs/demo.conf\""
     echo "train.exps_folder = \"$(realpath "$out")/exp_$s\""
     echo "dataset.data_folder = \"$data\""
+    echo "model.flame_model_path = \"$data/synthetic/flame/generic_model.pkl\""
+    echo "model.flame_landmark_path = \"$data/synthetic/flame/landmark_embedding.npy\""
     [ -z "${OLD_REPO:-}" ] && echo "train.seed = $s"
     for line in "${extra[@]}"; do echo "$line"; done
   } > "$conf"

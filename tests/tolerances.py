@@ -3,10 +3,16 @@
 The defaults are torch.testing's. A test that needs a looser tolerance than its dtype's default passes
 `reason=`, one line saying why (the float32 summation order, a quantising round trip, ...); the helper
 refuses a looser tolerance without one. Fix the data before loosening a tolerance (STYLE.md, "Tests").
+
+Tensors and arrays compare through `assert_close`. Other tolerances say why on the line (or the line
+above): `np.testing.assert_allclose` where an array is compared against a broadcast scalar,
+`pytest.approx` for Python scalars (its defaults, rel 1e-6 or abs 1e-12, suit a scalar of any scale,
+where float64's atol 1e-7 would not suit a learning rate of 1e-4), and `x < bound + slack` checks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -24,20 +30,28 @@ DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 _SCALAR_DTYPES = {bool: torch.bool, int: torch.int64, float: torch.float64}
 
 
-def _dtype(value: Any) -> torch.dtype:
+def _dtypes(value: Any) -> Iterator[torch.dtype]:
+    """The dtypes of a tensor, array or number, or of those inside a mapping or sequence of them."""
     if isinstance(value, torch.Tensor):
-        return value.dtype
-    if isinstance(value, np.ndarray | np.generic):
-        return torch.from_numpy(np.asarray(value)).dtype
-    if type(value) in _SCALAR_DTYPES:
-        return _SCALAR_DTYPES[type(value)]
-    raise TypeError(f"assert_close compares tensors, arrays and numbers, got {type(value).__name__}")
+        yield value.dtype
+    elif isinstance(value, np.ndarray | np.generic):
+        yield torch.from_numpy(np.asarray(value)).dtype
+    elif type(value) in _SCALAR_DTYPES:
+        yield _SCALAR_DTYPES[type(value)]
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _dtypes(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _dtypes(item)
+    else:
+        raise TypeError(f"assert_close compares tensors, arrays and numbers, got {type(value).__name__}")
 
 
 def default_tolerances(*values: Any) -> tuple[float, float]:
-    """The loosest default (rtol, atol) over the values' dtypes, (0, 0) for integer dtypes."""
-    rtols, atols = zip(*(DEFAULT_TOLERANCES.get(_dtype(v), (0.0, 0.0)) for v in values), strict=True)
-    return max(rtols), max(atols)
+    """The loosest default (rtol, atol) over the values' dtypes; (0, 0) where all are integer or bool."""
+    pairs = [DEFAULT_TOLERANCES.get(d, (0.0, 0.0)) for v in values for d in _dtypes(v)]
+    return max((r for r, _ in pairs), default=0.0), max((a for _, a in pairs), default=0.0)
 
 
 def assert_close(

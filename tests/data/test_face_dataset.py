@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tolerances import assert_close
 
 from pointavatar.data import FaceDataset, collate_fn
 from pointavatar.errors import PointAvatarError
@@ -141,9 +142,9 @@ def test_camera_conversion(subject):
     d = -(X[:, 2] + tz)
     u = cx + fx * (X[:, 0] + tx) / d
     v = cy - fy * (X[:, 1] + ty) / d
-    # float32 round-off of a few operations on values of order 1e3 px
-    torch.testing.assert_close(W * (1 - x_ndc) / 2, u, rtol=0, atol=1e-3)
-    torch.testing.assert_close(H * (1 - y_ndc) / 2, v, rtol=0, atol=1e-3)
+    px = "float32 round-off of a few operations on values of order 1e3 px"
+    assert_close(W * (1 - x_ndc) / 2, u, rtol=0, atol=1e-3, reason=px)
+    assert_close(H * (1 - y_ndc) / 2, v, rtol=0, atol=1e-3, reason=px)
 
 
 def test_camera_positive_focal_is_not_flipped(tmp_path):
@@ -199,10 +200,8 @@ def test_resize_matches_imageio_cv2(subject):
         gt = ds[idx][2]
         assert gt["rgb"].shape == (RES * RES, 3)
         # Same OpenCV call on the same float32 input: equal up to float32 rounding.
-        torch.testing.assert_close(gt["rgb"], torch.from_numpy(ref).reshape(-1, 3), rtol=0, atol=1e-6)
-        torch.testing.assert_close(
-            gt["object_mask"], torch.from_numpy(ref_mask).reshape(-1), rtol=0, atol=1e-6
-        )
+        assert_close(gt["rgb"], torch.from_numpy(ref).reshape(-1, 3), rtol=0, atol=1e-6)
+        assert_close(gt["object_mask"], torch.from_numpy(ref_mask).reshape(-1), rtol=0, atol=1e-6)
 
 
 def test_mask_grey_is_pil_luminance(tmp_path):
@@ -215,9 +214,7 @@ def test_mask_grey_is_pil_luminance(tmp_path):
     # What imageio.imread(as_gray=True) returned: PIL "F" = (299 R + 587 G + 114 B) / 1000.
     grey = (colour.astype(np.int64) @ np.array([299, 587, 114])) / 1000.0 / 255.0
     # float32 rounding of a value in [0, 1]
-    torch.testing.assert_close(
-        ds[0][2]["object_mask"], torch.from_numpy(grey).float().reshape(-1), rtol=0, atol=1e-6
-    )
+    assert_close(ds[0][2]["object_mask"], torch.from_numpy(grey).float().reshape(-1), rtol=0, atol=1e-6)
     pil = np.asarray(Image.open(video / "mask" / "1.png").convert("F")) / np.float32(255)
     assert torch.equal(ds[0][2]["object_mask"], torch.from_numpy(pil).reshape(-1))
 
@@ -286,7 +283,7 @@ def test_mean_and_var_expression(subject):
     assert torch.equal(ds.mean_expression, torch.mean(exp, 0, keepdim=True))
     assert torch.equal(ds.var_expression, torch.var(exp, 0, keepdim=True))
     unbiased = ((exp - exp.mean(0)) ** 2).sum(0) / (len(ds) - 1)
-    torch.testing.assert_close(ds.var_expression[0], unbiased)  # default float32 tolerances
+    assert_close(ds.var_expression[0], unbiased)  # default float32 tolerances
     off = make(folder)
     assert torch.equal(off.mean_expression, torch.zeros(1, 50)) and off.var_expression is None
     sub = make(folder, subsample=2, use_mean_expression=True)

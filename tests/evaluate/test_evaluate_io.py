@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from tolerances import assert_close
 
 from pointavatar.engine.plots import (
     erode_dilate,
@@ -162,7 +163,7 @@ def test_tracking_loss_is_rgb_l1():
     gt = {"rgb": gt["rgb"].double()}
     r = tracking_loss(outputs, gt)
     # float64, the same quantity: equal up to summation order.
-    torch.testing.assert_close(r, (outputs.rgb_image - gt["rgb"]).abs().mean(), rtol=1e-12, atol=1e-12)
+    assert_close(r, (outputs.rgb_image - gt["rgb"]).abs().mean(), rtol=1e-12, atol=1e-12)
     r.backward()
     assert outputs.rgb_image.grad is not None
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flame_fixtures import flame_state_shapes, make_landmarks
+from tolerances import assert_close
 
 from pointavatar.errors import PointAvatarError
 from pointavatar.flame import (
@@ -373,6 +374,7 @@ def test_forward_pts_gradcheck_float64(flame64):
     def fn(x):
         return flame64.forward_pts(x, betas, transforms, pose_feature, exp_dirs, posedirs, weights)
 
+    # gradcheck's default tolerances (atol 1e-5, rtol 1e-3) in float64.
     assert torch.autograd.gradcheck(fn, (pnts,))
 
 
@@ -391,7 +393,8 @@ def test_state_dict_names_and_shapes(flame, files):
     assert not flame.eye_pose.requires_grad and not flame.neck_pose.requires_grad
     assert flame.canonical_transformations.shape == (1, 6, 4, 4)
     assert flame.canonical_verts.shape == (V, 3) and flame.canonical_pose_feature.shape == (1, 36)
-    # Scale 4 on shapedirs/posedirs (spec §4.3); expression columns are 300:350.
+    # Scale 4 on shapedirs/posedirs (spec §4.3); expression columns are 300:350. rtol 1e-6: the buffer
+    # is float32, the file float64.
     np.testing.assert_allclose(
         flame.shapedirs[:, :, 100:].numpy(), 4 * model["shapedirs"][:, :, 300:350], rtol=1e-6
     )
@@ -410,9 +413,9 @@ def test_canonical_state_follows_dtype_and_device(flame64):
 def test_zero_expression_and_pose_gives_template(flame):
     verts, pose_feature, transforms = flame(torch.zeros(2, 50), torch.zeros(2, 15))
     # Rodrigues' 1e-8 angle offset leaves rotations at I up to ~1e-8.
-    torch.testing.assert_close(verts, flame.v_template.expand(2, -1, -1), rtol=0, atol=1e-6)
+    assert_close(verts, flame.v_template.expand(2, -1, -1), rtol=0, atol=1e-6)
     assert pose_feature.abs().max() < 1e-6
-    torch.testing.assert_close(transforms, torch.eye(4).expand(2, 6, 4, 4), rtol=0, atol=1e-6)
+    assert_close(transforms, torch.eye(4).expand(2, 6, 4, 4), rtol=0, atol=1e-6)
 
 
 def test_jaw_rotation_moves_only_jaw_weighted_vertices(flame):
@@ -435,7 +438,7 @@ def test_forward_pts_on_flame_vertices_reproduces_forward(flame):
         flame.canonical_verts, expression, transforms, pose_feature, exp_dirs, posedirs, weights
     )
     # float32: the canonical 4x4 inverse and the round trip lose a few ulps of coordinates ~0.5.
-    torch.testing.assert_close(pts, verts, rtol=0, atol=2e-5)
+    assert_close(pts, verts, rtol=0)
 
 
 def test_pseudo_gt_matches_buffers(flame, files):
@@ -467,7 +470,7 @@ def test_vmap_jacfwd_through_forward_pts(flame):
     jac = torch.func.vmap(torch.func.jacfwd(one))(pts, exp_dirs, posedirs, weights)  # [N, B, 3, 3]
     assert jac.shape == (len(idx), 2, 3, 3)
     ref = torch.autograd.functional.jacobian(lambda x: one(x, exp_dirs[3], posedirs[3], weights[3]), pts[3])
-    torch.testing.assert_close(jac[3], ref, rtol=1e-5, atol=1e-6)  # same float32 ops, two AD modes
+    assert_close(jac[3], ref, atol=1e-6)  # same float32 ops, two AD modes (observed: exact)
 
 
 def test_find_landmarks(flame):
@@ -479,7 +482,7 @@ def test_find_landmarks(flame):
     # The 51 static landmarks are the barycentric mix of their face's corners.
     face = flame.faces_tensor[flame.lmk_faces_idx[0]]
     expected = (flame.lmk_bary_coords[0, :, None] * verts[1, face]).sum(0)
-    torch.testing.assert_close(lmk[1, 17], expected)
+    assert_close(lmk[1, 17], expected)
     assert flame.find_full_landmarks(verts).shape == (2, 68, 3)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from tolerances import assert_close
 
 from pointavatar.config import GeometryNetworkConf
 from pointavatar.model.geometry import GeometryNetwork
@@ -100,7 +101,7 @@ def _param_and_x_grads(net, x, lean=None):
 def _assert_all_close(got: dict, ref: dict, **tol):
     assert got.keys() == ref.keys()
     for name in ref:
-        torch.testing.assert_close(got[name], ref[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
+        assert_close(got[name], ref[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @LEAN
@@ -111,8 +112,8 @@ def test_values_match_reference(kwargs, lean):
     out_ref, grad_ref = net.forward_with_gradient(x, create_graph=True)
     out, grad = _explicit(net, x, lean)
     assert out.shape == out_ref.shape and grad.shape == grad_ref.shape == (N, 3)
-    torch.testing.assert_close(out, out_ref, **TOL64)
-    torch.testing.assert_close(grad, grad_ref, **TOL64)
+    assert_close(out, out_ref, **TOL64)
+    assert_close(grad, grad_ref, **TOL64)
 
 
 @LEAN
@@ -127,6 +128,7 @@ def test_backward_matches_double_backward(kwargs, lean):
 def test_gradcheck_wrt_x(lean):
     net = make_net(dims=(12, 12, 12), skip_in=(1,), multires=1)
     x = make_points(n=5).requires_grad_(True)
+    # gradcheck's and gradgradcheck's default tolerances (atol 1e-5, rtol 1e-3), float64.
     assert torch.autograd.gradcheck(lambda p: _explicit(net, p, lean), (x,))
     # The eikonal/normal losses differentiate grad, so its own derivative is checked too.
     assert torch.autograd.gradgradcheck(lambda p: _explicit(net, p, lean)[1], (x,))
@@ -146,8 +148,8 @@ def test_near_softplus_threshold(lean):
     assert (z0 > threshold).any() and (z0 <= threshold).any()
     out_ref, grad_ref = net.forward_with_gradient(x, create_graph=True)
     out, grad = _explicit(net, x, lean)
-    torch.testing.assert_close(out, out_ref, **TOL64)
-    torch.testing.assert_close(grad, grad_ref, **TOL64)
+    assert_close(out, out_ref, **TOL64)
+    assert_close(grad, grad_ref, **TOL64)
     _assert_all_close(_param_and_x_grads(net, x, lean), _param_and_x_grads(net, x), **TOL64)
 
 
@@ -159,8 +161,8 @@ def test_no_grad_inference(lean):
     with torch.no_grad():
         out, grad = _explicit(net, x, lean)
     assert not out.requires_grad and not grad.requires_grad
-    torch.testing.assert_close(out, out_ref, **TOL64)
-    torch.testing.assert_close(grad, grad_ref, **TOL64)
+    assert_close(out, out_ref, **TOL64)
+    assert_close(grad, grad_ref, **TOL64)
 
 
 @LEAN
@@ -174,7 +176,8 @@ def test_float32_matches_reference(lean):
     # tensor's largest entry (sums over 64 points of 64-wide layers), so 1e-5 of it is the bound.
     def close32(a, b, name=""):
         atol = 1e-5 * float(b.detach().abs().max())
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=lambda m: f"{name}: {m}")
+        order = "float32 sums over 64 points of 64-wide layers in another order"
+        assert_close(a, b, rtol=1e-5, atol=atol, reason=order, msg=lambda m: f"{name}: {m}")
 
     close32(out, out_ref)
     close32(grad, grad_ref)
@@ -192,5 +195,5 @@ def test_default_conf_float64(lean):
     x = make_points(n=16)
     out_ref, grad_ref = net.forward_with_gradient(x, create_graph=True)
     out, grad = _explicit(net, x, lean)
-    torch.testing.assert_close(out, out_ref, **TOL64)
-    torch.testing.assert_close(grad, grad_ref, **TOL64)
+    assert_close(out, out_ref, **TOL64)
+    assert_close(grad, grad_ref, **TOL64)

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from tolerances import assert_close
 
 from pointavatar.render import alpha_composite, rasterize_points
 
@@ -70,13 +71,13 @@ def test_cuda_backend_matches_torch(case):
     # zbuf copies the inputs and dists are the same float32 operations (no fused multiply-add): equal.
     assert torch.equal(fc.zbuf, ft.zbuf)
     assert torch.equal(fc.dists.detach(), ft.dists.detach())
-    # Sums of K <= 10 float32 products; division may differ by an ulp between Triton and PyTorch.
-    torch.testing.assert_close(ic, it, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(wc, wt, rtol=1e-5, atol=1e-6)
-    # Gradients are sums over many pixels accumulated in different orders (atomics vs index_put):
+    ulp = "sums of K <= 10 float32 products; a division may differ by an ulp between Triton and PyTorch"
+    assert_close(ic, it, rtol=1e-5, atol=1e-5, reason=ulp)
+    assert_close(wc, wt, rtol=1e-5, atol=1e-6, reason=ulp)
     # float32 rounding relative to the largest entry.
-    torch.testing.assert_close(gfc, gft, rtol=1e-4, atol=1e-5 * gft.abs().max().item())
-    torch.testing.assert_close(gpc, gpt, rtol=1e-4, atol=1e-5 * gpt.abs().max().item())
+    order = "gradients sum over many pixels in different orders (atomics vs index_put)"
+    assert_close(gfc, gft, rtol=1e-4, atol=1e-5 * gft.abs().max().item(), reason=order)
+    assert_close(gpc, gpt, rtol=1e-4, atol=1e-5 * gpt.abs().max().item(), reason=order)
 
 
 def test_auto_uses_cuda_backend_without_warning():

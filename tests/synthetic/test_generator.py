@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import torch
+from tolerances import assert_close
 
 from pointavatar.data import FaceDataset, collate_fn
 from pointavatar.flame import FLAME, read_flame_file, read_landmark_embedding
@@ -46,7 +47,7 @@ def test_layout_and_json(subject):
         assert [f["file_path"] for f in js["frames"]] == [f"./image/{k}" for k in range(1, n + 1)]
         for f in js["frames"]:
             assert np.array(f["world_mat"]).shape == (3, 4)
-            assert np.allclose(np.array(f["world_mat"])[:, :3], np.eye(3))
+            assert_close(np.array(f["world_mat"])[:, :3], np.eye(3), atol=1e-8)  # written as literals
             assert -4.2 < f["world_mat"][2][3] < -3.8
             assert len(f["expression"]) == 50 and len(f["pose"]) == 15 and len(f["bbox"]) == 4
             kp = np.array(f["flame_keypoints"])
@@ -78,7 +79,8 @@ def test_model_file_reads_back_like_flame(subject):
     assert lmk["dynamic_lmk_faces_idx"].shape == (79, 17)
     assert lmk["dynamic_lmk_bary_coords"].shape == (79, 17, 3)
     assert lmk["full_lmk_faces_idx"].shape == (1, 68)
-    np.testing.assert_allclose(lmk["static_lmk_bary_coords"].sum(1), 1.0, atol=1e-6)
+    # float64 barycentrics [1 - u - v, u, v]: they sum to 1 up to rounding.
+    np.testing.assert_allclose(lmk["static_lmk_bary_coords"].sum(1), 1.0, atol=1e-9)
 
 
 def test_camera_projection_matches_keypoints(subject):
@@ -141,6 +143,7 @@ def test_files_hold_the_trajectories_and_test_frames_are_new(subject):
     for v_idx, video in enumerate(VIDEOS):
         n = len(codes(video))
         expr, pose = _trajectory(n, np.random.default_rng([0, 3, v_idx]))
+        # JSON keeps float64 values exactly (shortest repr round trip).
         np.testing.assert_allclose(codes(video), np.concatenate([expr, pose], 1), atol=1e-12)
     # No test frame repeats a training frame.
     assert np.linalg.norm(test[:, None] - train[None], axis=-1).min() > 0.05
@@ -157,6 +160,7 @@ def test_trajectories_move_jaw_and_neck_together():
     train = np.concatenate([jaw_neck(0, 200), jaw_neck(1, 200)])  # as benchmarks/synthetic512.conf
     test = jaw_neck(2, 20)
     for codes in (train, test):
+        # 1e-12 slack: the signals are weighted means of sines, in [-1, 1] up to float64 rounding.
         assert codes[:, 0].min() >= 0.0 and codes[:, 0].max() <= 0.25 + 1e-12
         assert (np.abs(codes[:, 1:]) <= np.array([0.2, 0.35, 0.08]) + 1e-12).all()
     # Jaw open by more than 0.12 rad with the head turned by more than 0.15 rad, in training.
