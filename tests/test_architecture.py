@@ -123,3 +123,53 @@ def test_no_import_cycle_between_modules():
     for m in sorted(edges):
         if m not in state and (cycle := visit(m)):
             raise AssertionError("import cycle: " + " -> ".join(cycle))
+
+
+# Imports inside functions that are allowed, each for a reason: optional or heavy modules loaded only
+# when used. Any other package import sits at the top of its module, where the layer test sees it.
+LAZY_IMPORTS = {
+    ("pointavatar.engine.experiment", "pointavatar.synthetic"),  # only when a conf asks to generate
+    ("pointavatar.model.knn", "pointavatar.model._knn_triton"),  # needs Triton
+    ("pointavatar.render.api", "pointavatar.render._triton_impl"),  # needs Triton
+    ("pointavatar.cli.exp_runner", "pointavatar.config"),  # `--help` answers without loading torch
+    ("pointavatar.cli.exp_runner", "pointavatar.evaluate.runner"),
+    ("pointavatar.cli.exp_runner", "pointavatar.train.trainer"),
+    ("pointavatar.cli.make_synthetic_subject", "pointavatar.synthetic"),
+}
+
+
+def test_function_level_imports_are_the_listed_lazy_ones():
+    found = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom) and id(node) not in top:
+                for target in imported_modules_of(node, path):
+                    found.add((name, target))
+    unexpected = sorted(found - LAZY_IMPORTS)
+    assert not unexpected, (
+        f"move these imports to the top of the module (or justify in LAZY_IMPORTS): {unexpected}"
+    )
+
+
+def imported_modules_of(node: ast.Import | ast.ImportFrom, path: Path) -> set[str]:
+    """The pointavatar modules one import statement of ``path`` names (as `imported_modules` resolves)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name.split(".")[0] == "pointavatar"}
+    if node.level:
+        base = package.split(".")[: len(package.split(".")) - node.level + 1]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    if target.split(".")[0] != "pointavatar":
+        return set()
+    out = set()
+    for alias in node.names:
+        candidate = f"{target}.{alias.name}"
+        is_module = (PACKAGE.parent / Path(*candidate.split("."))).with_suffix(".py").is_file()
+        out.add(candidate if is_module else target)
+    return out

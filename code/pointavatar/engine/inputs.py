@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checkpoints import inputs_state
+
 
 class FrameInputs(nn.Module):
     """Learnable per-frame expression [F, E], FLAME pose [F, 15] and camera translation [F, 3].
@@ -62,8 +64,6 @@ class FrameInputs(nn.Module):
         return torch.optim.SparseAdam(list(self.parameters()), lr=lr)
 
     def state(self) -> dict:
-        from .checkpoints import inputs_state
-
         return inputs_state(self.expression, self.flame_pose, self.camera_pose)
 
     def load_state(self, payload: dict) -> None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pointavatar.errors import PointAvatarError
+from pointavatar.evaluate.lpips import load_lpips_alex, missing_lpips_message
 
 RESULT_KEYS = (
     "subfolders",
@@ -254,8 +255,6 @@ def evaluate_folder(
         )
 
     if lpips is None:
-        from pointavatar.evaluate.lpips import load_lpips_alex
-
         lpips_net = load_lpips_alex(device)
     elif lpips is False or lpips is True:
         lpips_net = None if lpips is False else _load_or_raise(device)
@@ -322,8 +321,6 @@ def evaluate_folder(
 
 
 def _load_or_raise(device: torch.device | str) -> nn.Module:
-    from pointavatar.evaluate.lpips import load_lpips_alex, missing_lpips_message
-
     net = load_lpips_alex(device, warn=False)
     if net is None:
         raise PointAvatarError(str(missing_lpips_message()))

@@ -34,6 +34,8 @@ from ..engine.inputs import FrameInputs
 from ..errors import PointAvatarError
 from ..model import PointAvatarOutputs
 from . import export, tracking
+from .lpips import load_lpips_alex
+from .metrics import evaluate_folder
 
 # Frames whose deformed point clouds are exported (hard-coded in the original, spec §2.10).
 PLY_FRAMES = (1,)
@@ -227,14 +229,10 @@ class Evaluator:
 
     def _lpips(self):
         if not hasattr(self, "_lpips_module"):
-            from .lpips import load_lpips_alex
-
             self._lpips_module = load_lpips_alex(self.device)
         return self._lpips_module
 
     def _metrics(self, out_dir, gt_dir, no_cloth, lpips, res):
-        from .metrics import evaluate_folder
-
         return evaluate_folder(
             out_dir, gt_dir, pred_file_name="rgb_erode_dilate", no_cloth=no_cloth, lpips=lpips, res=res
         )
