@@ -410,11 +410,12 @@ class ModelConf:
     render_backend: str = field(default="auto", metadata=_choices("auto", "torch", "cuda"))
     """(ours) Point rasterizer/compositor: "torch" (pure-PyTorch reference, any device), "cuda" (fast GPU
     path), "auto" (cuda on a CUDA device when available, else torch)."""
-    implementation: str = field(default="auto", metadata=_choices("auto", "reference", "fast"))
+    implementation: str = field(default="reference", metadata=_choices("auto", "reference", "fast"))
     """(ours) The training-step engine. "reference": the straightforward autograd implementation (SDF
     normals by double backward, deformer Jacobian by forward-mode JVPs, 1-NN by candidate top-k), the
-    truth in tests. "fast": explicit first-order SDF gradients, fused kernels and the Triton 1-NN on
-    CUDA (same results; README "Speed"). "auto": fast on a CUDA device, reference on the CPU."""
+    truth in tests. "fast": explicit first-order SDF gradients and the Triton 1-NN on CUDA (same
+    results; README "Speed"). "auto": fast on a CUDA device, reference on the CPU. The default becomes
+    "auto" once the fast path's 512 run matches the reference's (benchmarks/RESULTS.md)."""
     geometry_network: GeometryNetworkConf = field(default_factory=GeometryNetworkConf)
     """SDF + albedo network."""
     rendering_network: RenderingNetworkConf = field(default_factory=RenderingNetworkConf)
