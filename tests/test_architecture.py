@@ -38,27 +38,11 @@ def module_name(path: Path) -> str:
 
 def imported_modules(path: Path) -> set[str]:
     """Absolute names of the pointavatar modules (or packages) that ``path`` imports anywhere."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.split(".")[0] == "pointavatar")
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            if target.split(".")[0] != "pointavatar":
-                continue
-            found.add(target)
-            # `from pointavatar.x import y` may import the submodule y.
-            for alias in node.names:
-                candidate = f"{target}.{alias.name}"
-                if (PACKAGE.parent / Path(*candidate.split("."))).with_suffix(".py").is_file():
-                    found.add(candidate)
-    found.discard(name)
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            found |= imported_modules_of(node, path)
+    found.discard(module_name(path))
     return found
 
 

@@ -11,22 +11,11 @@ import copy
 
 import pytest
 import torch
-from flame_fixtures import make_landmarks
-from test_model import IMG_RES, N_FACES, build, make_flame_arrays, make_input, perturb_
+from test_model import IMG_RES, build, make_input, perturb_
 from tolerances import assert_close
 
 from pointavatar.config import LossConf
-from pointavatar.flame import write_flame_pickle, write_landmark_embedding
 from pointavatar.train.losses import Loss
-
-
-@pytest.fixture(scope="module")
-def flame_files(tmp_path_factory):
-    """The tiny FLAME-format model of test_model.py."""
-    root = tmp_path_factory.mktemp("flame")
-    write_flame_pickle(root / "generic_model.pkl", make_flame_arrays())
-    write_landmark_embedding(root / "landmark_embedding.npy", make_landmarks(N_FACES))
-    return str(root / "generic_model.pkl"), str(root / "landmark_embedding.npy")
 
 
 def forward_and_grads(model, seed: int):

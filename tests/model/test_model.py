@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flame_fixtures import flame_state_shapes, make_landmarks
+from flame_fixtures import flame_state_shapes
 from tolerances import assert_close
 
 import pointavatar.render as render
@@ -20,7 +20,6 @@ from pointavatar.config import (
     PointCloudConf,
     RenderingNetworkConf,
 )
-from pointavatar.flame import write_flame_pickle, write_landmark_embedding
 from pointavatar.model.compat import convert_original_state_dict, to_original_state_dict
 from pointavatar.model.deformer import ForwardDeformer
 from pointavatar.model.embedder import PositionalEncoding
@@ -60,14 +59,6 @@ def make_flame_arrays(seed: int = 0) -> dict[str, np.ndarray]:
         "weights": weights,
         "kintree_table": np.array([[-1, 0, 1, 1, 1], [0, 1, 2, 3, 4]], dtype=np.int64),
     }
-
-
-@pytest.fixture(scope="module")
-def flame_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flame")
-    write_flame_pickle(root / "generic_model.pkl", make_flame_arrays())
-    write_landmark_embedding(root / "landmark_embedding.npy", make_landmarks(N_FACES))
-    return str(root / "generic_model.pkl"), str(root / "landmark_embedding.npy")
 
 
 def model_conf(flame_files, landmarks: bool = True, **point_cloud) -> ModelConf:
