@@ -50,7 +50,7 @@ class Trainer:
         tc = conf.train
         # Nothing is written before the run is known to start: every check and every load comes first.
         self.exp.check_writable()
-        self._check_fresh_start(is_continue, load_path, move_old_run)
+        move_aside = self._check_fresh_start(is_continue, load_path, move_old_run)
         torch.manual_seed(tc.seed)
 
         self.train_set = self.exp.train_dataset()
@@ -90,9 +90,8 @@ class Trainer:
         if self.start_epoch > self.nepoch:
             return  # nothing to train (run() says so): nothing is written
         # The run starts: now the folders, the conf record, the code backup and the logger.
-        self._moved_to = self.exp.move_run_aside() if self._move_aside else None
-        if self._moved_to is not None:
-            print(f"The previous run was moved to {self._moved_to} (nothing was deleted).")
+        if move_aside:
+            print(f"The previous run was moved to {self.exp.move_run_aside()} (nothing was deleted).")
         self.exp.train_dir.mkdir(parents=True, exist_ok=True)
         self.exp.eval_dir.mkdir(parents=True, exist_ok=True)
         self._record_conf()
@@ -100,21 +99,20 @@ class Trainer:
             self._backup_code()
         self.writer = self._tensorboard()
 
-    def _check_fresh_start(self, is_continue: bool, load_path: str, move_old_run: bool) -> None:
+    def _check_fresh_start(self, is_continue: bool, load_path: str, move_old_run: bool) -> bool:
         """A run that would write over checkpoints it did not load stops here, unless asked to move them.
 
         Fresh start: the conf's train folder must hold no checkpoint. Resume from --load_path (another
-        folder): the same, since the resumed run writes into the conf's train folder.
+        folder): the same, since the resumed run writes into the conf's train folder. Returns whether
+        the old run folder is to be moved aside (``--move_old_run``) once the run is known to start.
         """
-        self._move_aside = False
         writes_over = not is_continue or (
             load_path and Path(load_path).resolve() != self.exp.train_dir.resolve()
         )
         if not writes_over or not self.exp.has_checkpoints():
-            return
+            return False
         if move_old_run:
-            self._move_aside = True
-            return
+            return True
         found = ckpt.Checkpoints(self.exp.train_dir).available()
         raise PointAvatarError(
             f"{self.exp.train_dir} already holds a run (checkpoints: {', '.join(found) or 'partial files'}). "
