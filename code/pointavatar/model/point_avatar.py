@@ -92,6 +92,8 @@ class PointAvatar(nn.Module):
         self.img_res = int(img_res)
         self.render_backend = conf.render_backend
         self.implementation = conf.implementation
+        self._compiled_geometry = None  # built on the first fast CUDA forward
+        self._compile_failed = False
         self.use_background = bool(use_background)
 
         self.FLAMEServer = FLAME(
@@ -122,6 +124,25 @@ class PointAvatar(nn.Module):
             return nearest_neighbor_fast(query, ref)
         return nearest_neighbor(query, ref)
 
+    def _explicit_geometry(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The explicit SDF sweep; on CUDA compiled once with ``torch.compile`` (dynamic point count),
+        which the double-backward reference cannot be. Falls back to eager, once, with a message, if
+        compilation fails."""
+        fn = self.geometry_network.forward_with_gradient_explicit
+        if y.device.type != "cuda" or self._compile_failed:
+            return fn(y)
+        if self._compiled_geometry is None:
+            self._compiled_geometry = torch.compile(fn, dynamic=True)
+        try:
+            return self._compiled_geometry(y)
+        except Exception as exc:  # a compiler problem must not stop training: the eager sweep is exact
+            self._compile_failed = True
+            warnings.warn(
+                f"torch.compile of the SDF sweep failed ({type(exc).__name__}); running it eagerly",
+                stacklevel=2,
+            )
+            return fn(y)
+
     def canonical_geometry(
         self, points: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,7 +163,7 @@ class PointAvatar(nn.Module):
         create_graph = self.training and torch.is_grad_enabled()
         if create_graph and self.uses_fast_path(y.device):
             # Same values and weight gradients, first-order autograd only (no double backward).
-            out, grad = self.geometry_network.forward_with_gradient_explicit(y)
+            out, grad = self._explicit_geometry(y)
         else:
             out, grad = self.geometry_network.forward_with_gradient(y, create_graph=create_graph)
         normals = F.normalize(grad[:n], dim=-1)
