@@ -15,6 +15,7 @@ from torch import nn
 
 from pointavatar.config import ModelConf
 from pointavatar.flame import FLAME
+from pointavatar.model.deform_explicit import deform_with_jacobian_explicit
 from pointavatar.model.deformer import ForwardDeformer
 from pointavatar.model.geometry import GeometryNetwork
 from pointavatar.model.knn import nearest_neighbor, nearest_neighbor_fast
@@ -262,7 +263,13 @@ class PointAvatar(nn.Module):
         n = points.shape[0]
         normals_c, sdf, albedo, grad_thetas = self.canonical_geometry(points)
 
-        x_d, cols = self.deform_with_jacobian(points, betas, transformations, pose_feature)
+        if self.uses_fast_path(points.device):
+            # The same Jacobian columns with the three tangents propagated by hand (no vmap/JVP).
+            x_d, cols = deform_with_jacobian_explicit(
+                self.deformer_network, self.FLAMEServer, points, betas, transformations, pose_feature
+            )
+        else:
+            x_d, cols = self.deform_with_jacobian(points, betas, transformations, pose_feature)
         normals_d = deformed_normals(cols, normals_c)  # [B, N, 3]
         del cols
         shading = self.rendering_network(normals_d.reshape(-1, 3)).reshape(b, n, 3)

@@ -1,0 +1,164 @@
+"""Deformed points and their Jacobian columns with the tangents propagated by hand (spec §5.7-5.8).
+
+A twin of ``PointAvatar.deform_with_jacobian`` (vmapped ``torch.func.jvp``) that writes the forward-mode
+derivative of the deformer query and of FLAME's ``forward_pts`` out explicitly. The three tangents
+(e_x, e_y, e_z at every point) share a leading axis of size 3, so each layer is one matmul for all of
+them. Everything is ordinary differentiable torch ops: first-order autograd through ``x_d`` and
+``cols`` gives the gradients w.r.t. the deformer weights, the points and the FLAME inputs.
+
+Dimension letters: B frames, N points, J joints (bones), E expressions, D hidden width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pointavatar.model.deformer import N_POSE_FEATURES, SKINNING_TEMPERATURE, ForwardDeformer
+
+
+def _first_layer(deformer: ForwardDeformer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, 3] -> (pre-activation z [N, D] of lin0, d z / d x_k [3, N, D]) for k = x, y, z.
+
+    d enc / d x_k is zero outside coordinate k of each encoding block (d sin(f x)/dx = f cos(f x),
+    d cos(f x)/dx = -f sin(f x)), so the tangent is one batched matmul over the blocks,
+    [3, N, blocks] @ [3, blocks, D], instead of a dense [3, N, C] @ [C, D].
+    """
+    lin = deformer.lin0
+    weight = lin.weight  # [D, C], C = 3 * blocks; evaluates the weight-norm parametrisation once
+    parts = [x]
+    coefs = [torch.ones_like(x)]
+    for i in range(deformer.embed.multires):
+        freq = float(2.0**i)
+        s, c = torch.sin(freq * x), torch.cos(freq * x)
+        parts += [s, c]
+        coefs += [freq * c, -freq * s]
+    z = F.linear(torch.cat(parts, dim=-1), weight, lin.bias)
+    coef = torch.stack(coefs, dim=-1).permute(1, 0, 2)  # [3, N, blocks]
+    w_blocks = weight.t().reshape(len(coefs), 3, -1).transpose(0, 1)  # [3, blocks, D]
+    return z, torch.bmm(coef, w_blocks)
+
+
+def _linear(lin: nn.Linear, h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Primal h [N, Din] and tangents t [3, N, Din] through a Linear (the bias has no tangent)."""
+    weight = lin.weight  # evaluates the weight-norm parametrisation once
+    return F.linear(h, weight, lin.bias), torch.matmul(t, weight.t())
+
+
+def _softplus(act: nn.Softplus, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softplus and its tangent, t * torch's own slope (sigmoid(beta z), 1 where beta z > threshold)."""
+    return F.softplus(z, act.beta, act.threshold), torch.ops.aten.softplus_backward(
+        t, z, act.beta, act.threshold
+    )
+
+
+def deform_with_jacobian_explicit(
+    deformer: ForwardDeformer,
+    flame: nn.Module,
+    points: torch.Tensor,
+    betas: torch.Tensor,
+    transformations: torch.Tensor,
+    pose_feature: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same values as ``PointAvatar.deform_with_jacobian``, explicit forward mode.
+
+    Args:
+        deformer: the ``ForwardDeformer`` (its ``query_weights`` is what is differentiated).
+        flame: the FLAME module whose ``forward_pts`` follows (canonical buffers are read from it).
+        points: [N, 3] canonical points x_c.
+        betas: [B, E] frame expression (E = the deformer's num_exp).
+        transformations: [B, J, 4, 4] frame joint transforms (ghost bone included when ghostbone).
+        pose_feature: [B, 36] frame pose feature.
+
+    Returns:
+        x_d [B, N, 3] deformed points and cols [3, B, N, 3] with cols[k] = d x_d / d x_k.
+    """
+    n = points.shape[0]
+    dtype = points.dtype
+
+    # ---- deformer query: primal h [N, D] and tangents t [3, N, D] ----
+    z, t = _first_layer(deformer, points)
+    h, t = _softplus(deformer.softplus, z, t)
+    for l in range(1, deformer.num_layers - 1):
+        z, t = _linear(getattr(deformer, f"lin{l}"), h, t)
+        h, t = _softplus(deformer.softplus, z, t)
+    # The head is applied block by block (rows of its weight) rather than sliced afterwards: the
+    # backward of a slice of a [3, N, C] tangent would allocate and fill a full zero tensor per slice.
+    n_p, n_s, n_e = deformer.n_posedirs, deformer.n_shapedirs, deformer.num_exp
+    head_w, head_b = deformer.blendshapes.weight, deformer.blendshapes.bias
+
+    def head(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = head_w[lo:hi]
+        return F.linear(h, w, head_b[lo:hi]), torch.matmul(t, w.t())
+
+    posedirs, t_posedirs = head(0, n_p)
+    posedirs = posedirs.reshape(n, N_POSE_FEATURES, 3)
+    t_posedirs = t_posedirs.reshape(3, n, N_POSE_FEATURES, 3)
+    shapedirs, t_shapedirs = head(n_p, n_p + n_s)
+    shapedirs = shapedirs.reshape(n, 3, n_e)
+    t_shapedirs = t_shapedirs.reshape(3, n, 3, n_e)
+
+    z, ts = _linear(deformer.skinning_linear, h, t)
+    hs, ts = _softplus(deformer.softplus, z, ts)
+    logits, t_logits = _linear(deformer.skinning, hs, ts)
+    weights = torch.softmax(SKINNING_TEMPERATURE * logits, dim=-1)  # [N, J]
+    t_l = SKINNING_TEMPERATURE * t_logits  # [3, N, J]
+    t_weights = weights * (t_l - (weights * t_l).sum(-1, keepdim=True))  # softmax JVP
+
+    eye = torch.eye(3, dtype=dtype, device=points.device)[:, None, :]  # [3, 1, 3]
+    if deformer.deform_c:
+        offset, t_offset = head(n_p + n_s, n_p + n_s + 3)
+        x_flame = points + offset
+        t_x_flame = eye + t_offset  # [3, N, 3]
+    else:
+        x_flame = points
+        t_x_flame = eye.expand(3, n, 3)
+
+    # ---- FLAME forward_pts, as flame.forward_pts (same padding of psi_c) ----
+    canonical_exp = flame.canonical_exp.to(betas.dtype)
+    if n_e > canonical_exp.shape[1]:
+        canonical_exp = F.pad(canonical_exp, [0, n_e - canonical_exp.shape[1]])
+    else:
+        canonical_exp = canonical_exp[:, :n_e]
+    canonical_tf = flame.canonical_transformations.to(dtype)[0]  # [J, 4, 4]
+    canonical_pf = flame.canonical_pose_feature.to(dtype)  # [1, 36]
+
+    # Inverse skinning: y = M_c^-1 [x'; 1] with M_c = sum_j W_j A_c_j (full 4x4 inverse, as the
+    # original). d(M^-1) = -M^-1 dM M^-1, so dy = M^-1 ([dx'; 0] - dM y), dM y = sum_j dW_j (A_c_j y).
+    m_c = torch.einsum("nj,jxy->nxy", weights, canonical_tf)  # [N, 4, 4]
+    m_inv = torch.linalg.inv(m_c)
+    x_h = torch.cat([x_flame, torch.ones_like(x_flame[:, :1])], dim=-1)  # [N, 4]
+    y = torch.einsum("nxy,ny->nx", m_inv, x_h)  # [N, 4]
+    a_y = torch.einsum("jxy,ny->njx", canonical_tf, y)  # [N, J, 4]
+    t_in = F.pad(t_x_flame, [0, 1]) - torch.einsum("knj,njx->knx", t_weights, a_y)  # [3, N, 4]
+    t_y = torch.einsum("nxy,kny->knx", m_inv[:, :3, :], t_in)  # [3, N, 3]
+
+    # x_posed = x0 + blend(psi) + corr(p) with x0 = y - blend(psi_c) - corr(p_c).
+    x0 = y[:, :3] - torch.einsum("bl,nkl->bnk", canonical_exp, shapedirs)[0]
+    x0 = x0 - torch.einsum("bi,nik->bnk", canonical_pf, posedirs)[0]
+    x_posed = (
+        x0
+        + torch.einsum("bl,nkl->bnk", betas, shapedirs)
+        + torch.einsum("bi,nik->bnk", pose_feature, posedirs)
+    )  # [B, N, 3]
+    d_betas = betas - canonical_exp  # [B, E]
+    d_pf = pose_feature - canonical_pf  # [B, 36]
+    t_posed = (
+        t_y[:, None]
+        + torch.einsum("bl,knxl->kbnx", d_betas, t_shapedirs)
+        + torch.einsum("bi,knix->kbnx", d_pf, t_posedirs)
+    )  # [3, B, N, 3]
+
+    # Skinning: x_d = R(W) x_posed + T(W), (R, T) = sum_j W_j A_j; the weight tangent enters as
+    # sum_j dW_j (A_j [x_posed; 1]).
+    mats = torch.einsum("nj,bjxy->bnxy", weights, transformations[:, :, :3, :])  # [B, N, 3, 4]
+    x_d = torch.einsum("bnxy,bny->bnx", mats[..., :3], x_posed) + mats[..., 3]
+    a_x = (
+        torch.einsum("bjxy,bny->bnjx", transformations[:, :, :3, :3], x_posed)
+        + transformations[:, None, :, :3, 3]
+    )  # [B, N, J, 3]
+    cols = torch.einsum("bnxy,kbny->kbnx", mats[..., :3], t_posed) + torch.einsum(
+        "knj,bnjx->kbnx", t_weights, a_x
+    )
+    return x_d, cols

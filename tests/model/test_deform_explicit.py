@@ -1,0 +1,109 @@
+"""Explicit forward-mode deformation Jacobian vs the vmapped torch.func.jvp reference (spec §5.7-5.8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model import IMG_RES, make_input, model_conf, perturb_
+from tolerances import assert_close
+
+from pointavatar.model.deform_explicit import deform_with_jacobian_explicit
+from pointavatar.model.point_avatar import PointAvatar
+
+
+def build_variant(flame_files, ghostbone: bool, deform_c: bool, seed: int = 0) -> PointAvatar:
+    """The tiny float64 PointAvatar of test_model.py, with all weights moved off their init."""
+    conf = model_conf(flame_files)
+    conf.deformer_network.ghostbone = ghostbone
+    conf.deformer_network.deform_c = deform_c
+    torch.manual_seed(seed)
+    model = PointAvatar(
+        conf,
+        shape_params=torch.randn(1, 100) * 0.3,
+        canonical_expression=torch.randn(1, 50) * 0.3,
+        canonical_pose=0.4,
+        img_res=IMG_RES,
+        use_background=False,
+    ).double()
+    # The zero-initialised heads need a push to exercise E, P, o and non-uniform W.
+    perturb_(model.deformer_network, 0.05)
+    return model
+
+
+def frame_inputs(model: PointAvatar, b: int = 2):
+    """betas, transformations, pose_feature as PointAvatar.forward computes them."""
+    inp = make_input(b, dtype=torch.float64)
+    expression = inp["expression"].requires_grad_(True)
+    flame_pose = inp["flame_pose"].requires_grad_(True)
+    betas = expression[:, : model.deformer_network.num_exp]
+    _, pose_feature, transformations = model.FLAMEServer(expression, flame_pose)
+    return (expression, flame_pose), betas, transformations, pose_feature
+
+
+VARIANTS = [(True, True), (False, True), (True, False), (False, False)]
+
+
+@pytest.mark.parametrize(("ghostbone", "deform_c"), VARIANTS)
+def test_values_and_gradients_match_reference(flame_files, ghostbone, deform_c):
+    model = build_variant(flame_files, ghostbone, deform_c)
+    points = model.pc.points.detach().clone().requires_grad_(True)
+    leaves, betas, tfs, pf = frame_inputs(model)
+    x_ref, cols_ref = model.deform_with_jacobian(points, betas, tfs, pf)
+    x_d, cols = deform_with_jacobian_explicit(
+        model.deformer_network, model.FLAMEServer, points, betas, tfs, pf
+    )
+    assert x_d.shape == x_ref.shape and cols.shape == cols_ref.shape
+    # Same float64 arithmetic in a different order (inverse, einsum grouping): round-off only.
+    assert_close(x_d, x_ref, rtol=1e-12, atol=1e-12)
+    assert_close(cols, cols_ref, rtol=1e-12, atol=1e-12)
+    # The Jacobian is not trivially the identity (the perturbed deformer is exercised).
+    assert (cols_ref - torch.eye(3, dtype=cols.dtype)[:, None, None, :]).abs().max() > 1e-3
+
+    g = torch.Generator().manual_seed(7)
+    w_x = torch.randn(x_d.shape, generator=g, dtype=x_d.dtype)
+    w_c = torch.randn(cols.shape, generator=g, dtype=cols.dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    inputs = [points, *leaves, *params]
+
+    def grads(x, c):
+        # Nonlinear in cols as the normals are; squares make the loss depend on the values too.
+        loss = (w_x * x).sum() + (w_c * c).sum() + (c**2).sum()
+        return torch.autograd.grad(loss, inputs, allow_unused=True, retain_graph=True)
+
+    g_ref = grads(x_ref, cols_ref)
+    g_new = grads(x_d, cols)
+    for i, (a, b) in enumerate(zip(g_new, g_ref, strict=True)):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            # Round-off of the reordered float64 sums, accumulated over N points in the weight grads.
+            assert_close(a, b, rtol=1e-12, atol=1e-12, reason="float64 reordered sums over all points")
+    assert g_new[0].abs().max() > 0  # points receive gradients
+
+
+def test_no_grad_values(flame_files):
+    model = build_variant(flame_files, True, True)
+    points = model.pc.points.detach()
+    with torch.no_grad():
+        _, betas, tfs, pf = frame_inputs(model)
+        x_ref, cols_ref = model.deform_with_jacobian(points, betas, tfs, pf)
+        x_d, cols = deform_with_jacobian_explicit(
+            model.deformer_network, model.FLAMEServer, points, betas, tfs, pf
+        )
+    assert not x_d.requires_grad and not cols.requires_grad
+    # Same float64 arithmetic in a different order: round-off only.
+    assert_close(x_d, x_ref, rtol=1e-12, atol=1e-12)
+    assert_close(cols, cols_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_softplus_threshold_branch(flame_files):
+    """Large pre-activations (beta z > 20 where softplus is the identity) keep the same derivative."""
+    model = build_variant(flame_files, True, True)
+    points = (model.pc.points.detach() * 20.0).requires_grad_(True)
+    _, betas, tfs, pf = frame_inputs(model)
+    x_ref, cols_ref = model.deform_with_jacobian(points, betas, tfs, pf)
+    x_d, cols = deform_with_jacobian_explicit(
+        model.deformer_network, model.FLAMEServer, points, betas, tfs, pf
+    )
+    # Same float64 arithmetic in a different order: round-off only (values grow with the scale).
+    assert_close(x_d, x_ref, rtol=1e-11, atol=1e-11, reason="float64 round-off at 20x larger coordinates")
+    assert_close(cols, cols_ref, rtol=1e-11, atol=1e-11, reason="float64 round-off at 20x larger coordinates")
