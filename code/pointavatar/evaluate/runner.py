@@ -82,9 +82,6 @@ class Evaluator:
 
         # The checkpoint first: without one there is nothing to evaluate, whatever the data.
         self.store = ckpt.Checkpoints(self.exp.load_dir)
-        message = self.store.recover()
-        if message:
-            print(message)
         path = self.store.path(ckpt.MODEL, checkpoint)
         if not path.is_file():
             found = self.store.available()

@@ -156,9 +156,6 @@ class Trainer:
     def _resume(self, checkpoint: str, explicit_source: bool) -> None:
         source = self.exp.load_dir
         store = ckpt.Checkpoints(source)
-        message = store.recover()
-        if message:
-            print(message)
         if not store.exists(ckpt.MODEL, checkpoint):
             found = store.available()
             if not found and not explicit_source:
