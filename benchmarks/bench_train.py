@@ -36,7 +36,8 @@ from pointavatar.train.trainer import Trainer  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def synthetic_conf(data: Path, out: Path, res: int, backend: str, implementation: str):
+def synthetic_conf(data: Path, out: Path, res: int, backend: str, implementation: str, **model_keys):
+    """subject1.conf on the synthetic subject; ``model_keys`` are further ``model.<key>`` overrides."""
     from pointavatar.synthetic import ensure_synthetic_subject
 
     ensure_synthetic_subject(data, "synthetic", res=res, train_frames=8, test_frames=4, seed=0)
@@ -56,6 +57,7 @@ def synthetic_conf(data: Path, out: Path, res: int, backend: str, implementation
             "model.flame_landmark_path": str(flame / "landmark_embedding.npy"),
             "model.render_backend": backend,
             "model.implementation": implementation,
+            **{f"model.{k}": v for k, v in model_keys.items()},
         }
     )
 
@@ -77,6 +79,33 @@ def timed(fn, device, warmup: int, repeat: int) -> list[float]:
             fn()
             times.append((time.perf_counter() - t) * 1000)
     return times
+
+
+def memory_split(model, loss_fn, conf, model_input, ground_truth, optimizer) -> dict:
+    """Where one step's memory goes (GiB): what the forward keeps for the backward, what the loss adds,
+    and the backward's peak above that; the resident part (weights, points, Adam moments) besides."""
+    gib = 2**-30
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = model(model_input)
+    after_forward = torch.cuda.memory_allocated()
+    forward_peak = torch.cuda.max_memory_allocated()
+    losses = loss_fn(out, ground_truth, flame=model.FLAMEServer, lbs_weight=conf.loss.lbs_weight)
+    after_loss = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    losses["loss"].backward()
+    backward_peak = torch.cuda.max_memory_allocated()
+    del out, losses
+    optimizer.zero_grad(set_to_none=True)
+    return {
+        "resident_gib": base * gib,
+        "forward_kept_gib": (after_forward - base) * gib,
+        "forward_transient_gib": (forward_peak - after_forward) * gib,
+        "loss_kept_gib": (after_loss - after_forward) * gib,
+        "backward_extra_gib": (backward_peak - after_loss) * gib,
+    }
 
 
 def profile_steps(step, device, path: Path) -> None:
@@ -106,7 +135,14 @@ def main() -> None:
         choices=["reference", "fast", "auto"],
         help="model.implementation",
     )
-    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (off in the reference figures)")
+    p.add_argument("--tf32", action="store_true", help="model.tf32 (off in the reference figures)")
+    p.add_argument("--recompute-chunk", type=int, default=0, help="model.recompute_chunk (fast path)")
+    p.add_argument(
+        "--compile-scope",
+        default="per_point",
+        choices=["per_point", "geometry", "none"],
+        help="what the fast path compiles on CUDA",
+    )
     p.add_argument(
         "--profile",
         type=int,
@@ -119,14 +155,21 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
 
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.allow_tf32 = args.tf32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = Path(tempfile.mkdtemp())
     data = Path(args.data) if args.data else tmp / "data"
-    conf = synthetic_conf(data, tmp / "exp", args.res, args.backend, args.implementation)
-    trainer = Trainer(conf, nepoch=0, device=device)
+    conf = synthetic_conf(
+        data,
+        tmp / "exp",
+        args.res,
+        args.backend,
+        args.implementation,
+        tf32=args.tf32,
+        recompute_chunk=args.recompute_chunk,
+    )
+    trainer = Trainer(conf, nepoch=0, device=device)  # applies model.tf32
     model, loss_fn = trainer.model, trainer.loss
+    model.compile_scope = args.compile_scope
     batch_iter = None
     rows = []
     for n in args.points:
@@ -164,6 +207,11 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         times = timed(step, device, args.warmup, args.repeat)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        memory = (
+            memory_split(model, loss_fn, conf, model_input, ground_truth, optimizer)
+            if device.type == "cuda"
+            else {}
+        )
         if n == args.profile:
             profile_steps(step, device, Path(args.out or "bench_train.json").with_suffix(f".profile{n}.txt"))
 
@@ -181,6 +229,7 @@ def main() -> None:
             "train_step_ms": statistics.median(times),
             "peak_gib": peak,
             "render_ms_per_frame": statistics.median(render_times) / bs,
+            **memory,
         }
         rows.append(row)
         print(
@@ -197,6 +246,8 @@ def main() -> None:
         "res": args.res,
         "implementation": args.implementation,
         "tf32": args.tf32,
+        "recompute_chunk": args.recompute_chunk,
+        "compile_scope": args.compile_scope,
         "rows": rows,
     }
     if args.out:

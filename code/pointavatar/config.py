@@ -416,6 +416,15 @@ class ModelConf:
     truth in tests. "fast": explicit first-order SDF gradients and the Triton 1-NN on CUDA (same
     results; README "Speed"). "auto": fast on a CUDA device, reference on the CPU. The default becomes
     "auto" once the fast path's 512 run matches the reference's (benchmarks/RESULTS.md)."""
+    recompute_chunk: int = field(default=0, metadata=_range(min=0))
+    """(ours) Fast path, training only: the per-point work (SDF sweep, deformer, FLAME, shading) runs in
+    chunks of this many points whose activations are recomputed in the backward instead of stored
+    (torch.utils.checkpoint): far less GPU memory for about one more forward pass. 0: one pass, all
+    stored. Same values and gradients either way."""
+    tf32: bool = False
+    """(ours) Allow TF32 tensor-core matmuls on CUDA (fp32 storage and accumulation, inputs rounded to
+    10 mantissa bits): faster matmuls; canonical normals move by about 0.07 degrees on average
+    (benchmarks/RESULTS.md). Sets torch.backends.cuda.matmul.allow_tf32 for the whole process."""
     geometry_network: GeometryNetworkConf = field(default_factory=GeometryNetworkConf)
     """SDF + albedo network."""
     rendering_network: RenderingNetworkConf = field(default_factory=RenderingNetworkConf)

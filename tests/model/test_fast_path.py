@@ -38,12 +38,15 @@ def forward_and_grads(model, seed: int):
     return out, losses, grads
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_fast_path_equals_reference_in_float64(flame_files, seed):
+@pytest.mark.parametrize(("seed", "chunk"), [(0, 0), (1, 0), (0, 37)])
+def test_fast_path_equals_reference_in_float64(flame_files, seed, chunk):
     reference = build(flame_files).double()
     perturb_(reference, 0.05)
     fast = copy.deepcopy(reference)
     reference.implementation, fast.implementation = "reference", "fast"
+    fast.recompute_chunk = chunk  # 37: several chunks of points, the last one shorter
+    if chunk:
+        assert fast.pc.n_points > 2 * chunk and fast.pc.n_points % chunk
     assert fast.uses_fast_path(torch.device("cpu")) and not reference.uses_fast_path(torch.device("cpu"))
 
     out_r, loss_r, grad_r = forward_and_grads(reference, seed)
@@ -73,11 +76,15 @@ def test_auto_is_reference_on_cpu(flame_files):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fast_path_equals_reference_on_gpu_in_float32(flame_files):
+@pytest.mark.parametrize(
+    ("scope", "chunk"), [("per_point", 0), ("per_point", 37), ("geometry", 37), ("none", 0)]
+)
+def test_fast_path_equals_reference_on_gpu_in_float32(flame_files, scope, chunk):
     reference = build(flame_files).cuda()
     perturb_(reference, 0.05)
     fast = copy.deepcopy(reference)
     reference.implementation, fast.implementation = "reference", "fast"
+    fast.compile_scope, fast.recompute_chunk = scope, chunk
 
     def run(model):
         model.train()
@@ -94,6 +101,7 @@ def test_fast_path_equals_reference_on_gpu_in_float32(flame_files):
 
     out_r, grad_r = run(reference)
     out_f, grad_f = run(fast)
+    assert not fast._compile_failed
     assert torch.equal(out_f.index_batch, out_r.index_batch)  # the Triton 1-NN is exact
     why = "fp32 on the GPU: the explicit sweep and double backward sum in different orders (~1e-6)"
     for name in ("rgb_image", "predicted_mask", "sdf_values", "grad_thetas"):

@@ -34,3 +34,10 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
                 f"--device {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}."
             )
     return device
+
+
+def apply_matmul_precision(tf32: bool) -> None:
+    """``model.tf32``: allow (or forbid) TF32 tensor-core matmuls and convolutions on CUDA for this
+    process. fp32 storage and accumulation either way; no effect on the CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)

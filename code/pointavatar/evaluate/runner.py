@@ -28,7 +28,7 @@ from ..config import Conf
 from ..engine import checkpoints as ckpt
 from ..engine import plots
 from ..engine.batching import batch_size_for, move_to
-from ..engine.device import resolve_device
+from ..engine.device import apply_matmul_precision, resolve_device
 from ..engine.experiment import Experiment, build_model
 from ..engine.inputs import FrameInputs
 from ..errors import PointAvatarError
@@ -77,6 +77,7 @@ class Evaluator:
         # Evaluation never writes data: a missing synthetic subject is an error, not generated.
         self.exp = Experiment(self.conf, load_path=load_path, generate=False)
         self.device = resolve_device(device)
+        apply_matmul_precision(self.conf.model.tf32)
         self.only_json = only_json
         self.checkpoint = checkpoint
 

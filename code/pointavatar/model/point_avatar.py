@@ -93,8 +93,12 @@ class PointAvatar(nn.Module):
         self.img_res = int(img_res)
         self.render_backend = conf.render_backend
         self.implementation = conf.implementation
-        self._compiled_geometry = None  # built on the first fast CUDA forward
+        self.recompute_chunk = int(conf.recompute_chunk)
+        self._compiled = {}  # torch.compile'd fast-path pieces, built on the first fast CUDA forward
         self._compile_failed = False
+        # What the fast path compiles on CUDA: "per_point" (geometry, deformer, FLAME, shading of a
+        # chunk of points as one graph), "geometry" (the SDF sweep only) or "none". Benchmarks set it.
+        self.compile_scope = "per_point"
         self.use_background = bool(use_background)
 
         self.FLAMEServer = FLAME(
@@ -125,24 +129,111 @@ class PointAvatar(nn.Module):
             return nearest_neighbor_fast(query, ref)
         return nearest_neighbor(query, ref)
 
-    def _explicit_geometry(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The explicit SDF sweep; on CUDA compiled once with ``torch.compile`` (dynamic point count),
-        which the double-backward reference cannot be. Falls back to eager, once, with a message, if
+    def _compiled_call(self, name: str, fn, *args):
+        """``fn(*args)``, on CUDA compiled once with ``torch.compile`` (dynamic point count), which the
+        double-backward reference cannot be. Falls back to eager, once, with a message, if
         compilation fails."""
-        fn = self.geometry_network.forward_with_gradient_explicit
-        if y.device.type != "cuda" or self._compile_failed:
-            return fn(y)
-        if self._compiled_geometry is None:
-            self._compiled_geometry = torch.compile(fn, dynamic=True)
+        if args[0].device.type != "cuda" or self._compile_failed:
+            return fn(*args)
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(fn, dynamic=True)
         try:
-            return self._compiled_geometry(y)
-        except Exception as exc:  # a compiler problem must not stop training: the eager sweep is exact
+            return self._compiled[name](*args)
+        except Exception as exc:  # a compiler problem must not stop training: the eager code is exact
             self._compile_failed = True
             warnings.warn(
-                f"torch.compile of the SDF sweep failed ({type(exc).__name__}); running it eagerly",
+                f"torch.compile of the fast path failed ({type(exc).__name__}); running it eagerly",
                 stacklevel=2,
             )
-            return fn(y)
+            return fn(*args)
+
+    def _explicit_geometry(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The explicit SDF sweep (compiled on CUDA unless ``compile_scope`` is "none")."""
+        if self.compile_scope == "none":
+            return self.geometry_network.forward_with_gradient_explicit(y)
+        return self._compiled_call("geometry", self.geometry_network.forward_with_gradient_explicit, y)
+
+    def _per_point_fast(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``_per_point_fast_eager``, compiled as one graph on CUDA with ``compile_scope`` "per_point"."""
+        if self.compile_scope == "per_point":
+            return self._compiled_call("per_point", self._per_point_fast_eager, *args)
+        return self._per_point_fast_eager(*args)
+
+    def _per_point_fast_eager(
+        self,
+        points: torch.Tensor,
+        jittered: torch.Tensor,
+        betas: torch.Tensor,
+        transformations: torch.Tensor,
+        pose_feature: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """Everything of the training forward that is per point, for a chunk of c points (fast path).
+
+        points [c, 3] (differentiable), jittered [c, 3] eikonal samples, frame tensors as
+        ``deform_with_jacobian`` -> (x_d [B, c, 3], color [B, c, 3], sdf [c], grad [2c, 3] (SDF
+        gradients at the points, then at the jittered samples)).
+
+        Points are independent of each other here, so chunks of points can be recomputed in the
+        backward instead of stored (``model.recompute_chunk``).
+        """
+        c = points.shape[0]
+        y = torch.cat([points.detach(), jittered], dim=0)
+        if self.compile_scope == "geometry":
+            out, grad = self._explicit_geometry(y)
+        else:  # eager, or traced as a part of the compiled per-point graph
+            out, grad = self.geometry_network.forward_with_gradient_explicit(y)
+        normals_c = F.normalize(grad[:c], dim=-1)
+        albedo = torch.sigmoid(ALBEDO_SCALE * out[:c, 1:4])
+        x_d, cols = deform_with_jacobian_explicit(
+            self.deformer_network, self.FLAMEServer, points, betas, transformations, pose_feature
+        )
+        normals_d = deformed_normals(cols, normals_c)  # [B, c, 3]
+        b = x_d.shape[0]
+        shading = self.rendering_network(normals_d.reshape(-1, 3)).reshape(b, c, 3)
+        color = torch.clamp(2.0 * shading * albedo, 0.0, 1.0)
+        return x_d, color, out[:c, 0], grad
+
+    def _per_point_fast_chunked(
+        self,
+        points: torch.Tensor,
+        betas: torch.Tensor,
+        transformations: torch.Tensor,
+        pose_feature: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_per_point_fast`` over all points, by chunks of ``recompute_chunk`` points whose
+        activations are recomputed in the backward (``torch.utils.checkpoint``) instead of stored;
+        one pass without recomputation when ``recompute_chunk`` is 0. Same values and gradients
+        either way (the eikonal jitter is drawn once, outside the chunks)."""
+        x = points.detach()
+        jittered = x + (torch.rand_like(x) - 0.5) * EIKONAL_JITTER
+        chunk = self.recompute_chunk
+        if chunk <= 0 or not torch.is_grad_enabled():
+            x_d, color, sdf, grad = self._per_point_fast(
+                points, jittered, betas, transformations, pose_feature
+            )
+            return x_d, color, sdf, grad
+        parts = []
+        for start in range(0, points.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            parts.append(
+                torch.utils.checkpoint.checkpoint(
+                    self._per_point_fast,
+                    points[sl],
+                    jittered[sl],
+                    betas,
+                    transformations,
+                    pose_feature,
+                    use_reentrant=False,
+                    preserve_rng_state=False,  # nothing random inside
+                )
+            )
+        x_d = torch.cat([p[0] for p in parts], dim=1)
+        color = torch.cat([p[1] for p in parts], dim=1)
+        sdf = torch.cat([p[2] for p in parts], dim=0)
+        grad = torch.cat(
+            [p[3][: p[2].shape[0]] for p in parts] + [p[3][p[2].shape[0] :] for p in parts], dim=0
+        )
+        return x_d, color, sdf, grad
 
     def canonical_geometry(
         self, points: torch.Tensor
@@ -261,19 +352,27 @@ class PointAvatar(nn.Module):
 
         points = self.pc.points  # [N, 3], not detached: positions get gradients via x_d and n_d
         n = points.shape[0]
-        normals_c, sdf, albedo, grad_thetas = self.canonical_geometry(points)
-
-        if self.uses_fast_path(points.device):
-            # The same Jacobian columns with the three tangents propagated by hand (no vmap/JVP).
-            x_d, cols = deform_with_jacobian_explicit(
-                self.deformer_network, self.FLAMEServer, points, betas, transformations, pose_feature
+        fast = self.uses_fast_path(points.device)
+        if fast and self.training and torch.is_grad_enabled():
+            # Same values and gradients, first-order autograd only: explicit SDF sweep (no double
+            # backward) and explicit deformer Jacobian, optionally recomputed by chunks of points.
+            x_d, color, sdf, grad_thetas = self._per_point_fast_chunked(
+                points, betas, transformations, pose_feature
             )
+            normals_d = shading = albedo = None  # eval-only exports
         else:
-            x_d, cols = self.deform_with_jacobian(points, betas, transformations, pose_feature)
-        normals_d = deformed_normals(cols, normals_c)  # [B, N, 3]
-        del cols
-        shading = self.rendering_network(normals_d.reshape(-1, 3)).reshape(b, n, 3)
-        color = torch.clamp(2.0 * shading * albedo, 0.0, 1.0)  # [B, N, 3]
+            normals_c, sdf, albedo, grad_thetas = self.canonical_geometry(points)
+            if fast:
+                # The same Jacobian columns with the three tangents propagated by hand (no vmap/JVP).
+                x_d, cols = deform_with_jacobian_explicit(
+                    self.deformer_network, self.FLAMEServer, points, betas, transformations, pose_feature
+                )
+            else:
+                x_d, cols = self.deform_with_jacobian(points, betas, transformations, pose_feature)
+            normals_d = deformed_normals(cols, normals_c)  # [B, N, 3]
+            del cols
+            shading = self.rendering_network(normals_d.reshape(-1, 3)).reshape(b, n, 3)
+            color = torch.clamp(2.0 * shading * albedo, 0.0, 1.0)  # [B, N, 3]
 
         ones = torch.ones_like(color[..., :1])
         if self.training:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..config import Conf, dump_conf, save_conf
 from ..engine import checkpoints as ckpt
 from ..engine.batching import move_to
-from ..engine.device import resolve_device
+from ..engine.device import apply_matmul_precision, resolve_device
 from ..engine.experiment import Experiment, build_model
 from ..engine.inputs import FrameInputs
 from ..engine.plots import render_grids
@@ -44,6 +44,7 @@ class Trainer:
         self.conf = conf
         self.exp = Experiment(conf, load_path=load_path)
         self.device = resolve_device(device)
+        apply_matmul_precision(conf.model.tf32)
         self.nepoch = conf.train.nepoch if nepoch is None else nepoch
         if self.nepoch < 0:
             raise PointAvatarError(f"--nepoch {self.nepoch}: the last epoch must be >= 0.")
