@@ -1,3 +1,3 @@
 """IMavatar-format dataset (spec §3)."""
 
-from .face_dataset import FaceDataset, collate_fn  # noqa: F401
+from .face_dataset import FaceDataset, FlameParams, collate_fn, read_flame_params  # noqa: F401

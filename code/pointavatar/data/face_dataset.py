@@ -53,6 +53,21 @@ MAX_CAMERA_DISTANCE = 1e3
 ASPECT_TOLERANCE = 0.01
 
 
+# The per-frame lists that parsing fills (`_parse_frame`).
+_FRAME_KEYS = (
+    "image_paths",
+    "mask_paths",
+    "semantic_paths",
+    "img_name",
+    "sub_dir",
+    "world_mats",
+    "expressions",
+    "flame_pose",
+    "keypoints",
+    "bbox",
+)
+
+
 class FrameInfo(NamedTuple):
     """Where one dataset frame comes from, for metrics and plots (not part of the training sample)."""
 
@@ -85,6 +100,78 @@ def collate_fn(batch: list[tuple]) -> tuple:
         else:
             parsed.append(torch.LongTensor(entry))
     return tuple(parsed)
+
+
+class FlameParams(NamedTuple):
+    """The model inputs of every frame of one IMavatar-format JSON (`read_flame_params`)."""
+
+    json_path: str
+    img_name: list[int]  # frame numbers, from each frame's file_path ("./image/<n>")
+    expression: torch.Tensor  # [F, 50] FLAME expression
+    flame_pose: torch.Tensor  # [F, 15] axis-angle: global, neck, jaw, left eye, right eye (radians)
+    cam_pose: torch.Tensor  # [F, 3, 4] converted cameras (spec §3.5)
+    intrinsics: torch.Tensor  # [4, 4] NDC intrinsics (spec §3.5), shared by the frames
+    shape_params: torch.Tensor  # [1, 100] FLAME identity of the tracked subject
+
+
+def read_flame_params(json_path: str | os.PathLike) -> FlameParams:
+    """Read one IMavatar-format flame_params.json on its own, from any folder (no images are read).
+
+    The same parser, checks and camera conversion as `FaceDataset` (spec §3.3-§3.5), e.g. to drive an
+    avatar with another video's expressions, poses and cameras. Raises a PointAvatarError naming the
+    file (and frame and field) for a missing or malformed file.
+    """
+    json_path = os.fspath(json_path)
+    if not os.path.isfile(json_path):
+        raise PointAvatarError(f"{json_path}: no such file (working directory {os.getcwd()}).")
+    video_dir = os.path.dirname(os.path.abspath(json_path))
+    data: dict[str, list[Any]] = {k: [] for k in _FRAME_KEYS}
+    intrinsics, shape_params = _read_video(
+        json_path, os.path.basename(json_path), os.path.basename(video_dir), video_dir, data
+    )
+    world_mats = torch.from_numpy(np.stack(data["world_mats"]))  # [F, 3, 4] float32
+    K, cam_pose = ndc_cameras(intrinsics, world_mats, json_path)
+    return FlameParams(
+        json_path=json_path,
+        img_name=list(data["img_name"]),
+        expression=torch.from_numpy(np.stack(data["expressions"])),
+        flame_pose=torch.from_numpy(np.stack(data["flame_pose"])),
+        cam_pose=cam_pose,
+        intrinsics=K,
+        shape_params=torch.from_numpy(shape_params).float().unsqueeze(0),
+    )
+
+
+def ndc_cameras(
+    intrinsics: np.ndarray, world_mats: torch.Tensor, json_path: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMavatar cameras -> the renderer's (spec §3.5): intrinsics [4] = [-fx/W, fy/H, cx/W, cy/H] and
+    world_mats [F, 3, 4] -> (NDC intrinsics K [4, 4] float32, converted cameras [F, 3, 4]).
+
+    ``world_mats`` is converted in place and returned.
+    """
+    # NDC intrinsics, built in float64 like the original and cast once.
+    K = np.zeros((4, 4))
+    K[0, 0] = intrinsics[0] * 2
+    K[1, 1] = intrinsics[1] * 2
+    K[0, 2] = -(intrinsics[2] * 2 - 1.0)
+    K[1, 2] = -(intrinsics[3] * 2 - 1.0)
+    K[3, 2] = 1.0
+    K[2, 3] = 1.0
+    if K[0, 0] == 0 or K[1, 1] <= 0:
+        raise PointAvatarError(
+            f"{json_path}: field 'intrinsics' {intrinsics.tolist()} needs a focal length fx/W != 0 "
+            "(its sign is IMavatar's x-axis convention) and fy/H > 0; expected [-fx/W, fy/H, cx/W, cy/H]."
+        )
+    # IMavatar stores -fx/W: flipping the x axis of both K and the cameras keeps the projection
+    # and makes K00 positive. Then OpenGL (looks along -z) -> pytorch3d (looks along +z): negate
+    # the rotation's third column and t_z. Exact only for diagonal R (IMavatar writes R = I).
+    if K[0, 0] < 0:
+        K[:, 0] *= -1
+        world_mats[:, 0, :] *= -1
+    world_mats[:, :3, 2] *= -1
+    world_mats[:, 2, 3] *= -1
+    return torch.from_numpy(K).float(), world_mats
 
 
 class FaceDataset(Dataset):
@@ -163,18 +250,7 @@ class FaceDataset(Dataset):
                 "synthetic subject instead."
             )
 
-        data: dict[str, list[Any]] = {
-            "image_paths": [],
-            "mask_paths": [],
-            "semantic_paths": [],
-            "img_name": [],
-            "sub_dir": [],
-            "world_mats": [],
-            "expressions": [],
-            "flame_pose": [],
-            "keypoints": [],
-            "bbox": [],
-        }
+        data: dict[str, list[Any]] = {k: [] for k in _FRAME_KEYS}
         intrinsics = shape_params = None
         for video in sub_dir:
             video_dir = os.path.join(subject_dir, video)
@@ -187,21 +263,7 @@ class FaceDataset(Dataset):
                     f"{available or 'none'}. Fix dataset.train.sub_dir / dataset.test.sub_dir."
                 )
             json_path = os.path.join(video_dir, json_name)
-            params = _read_json(json_path, json_name)
-            intrinsics = _numbers(params["intrinsics"], (4,), json_path, "intrinsics")
-            shape_params = _numbers(params["shape_params"], (N_SHAPE,), json_path, "shape_params")
-            _check_bound(
-                shape_params,
-                MAX_ABS_COEFFICIENT,
-                json_path,
-                "field shape_params",
-                "FLAME coefficients, in standard deviations",
-            )
-            frames = params["frames"]
-            if not isinstance(frames, list) or len(frames) == 0:
-                raise PointAvatarError(f"{json_path}: field 'frames' must be a non-empty list of frames.")
-            for i, frame in enumerate(frames):
-                _parse_frame(frame, i, json_path, video, video_dir, data)
+            intrinsics, shape_params = _read_video(json_path, json_name, video, video_dir, data)
         # shape_params, intrinsics and gt_dir come from the last video only (spec §3.4, §10.9).
         self.gt_dir = video_dir
 
@@ -213,29 +275,7 @@ class FaceDataset(Dataset):
         data["keypoints"] = _stack_optional(data["keypoints"])  # [F, K, 2] or None
         data["bbox"] = _stack_optional(data["bbox"])  # [F, 4] or None
 
-        # NDC intrinsics (spec §3.5), built in float64 like the original and cast once.
-        K = np.zeros((4, 4))
-        K[0, 0] = intrinsics[0] * 2
-        K[1, 1] = intrinsics[1] * 2
-        K[0, 2] = -(intrinsics[2] * 2 - 1.0)
-        K[1, 2] = -(intrinsics[3] * 2 - 1.0)
-        K[3, 2] = 1.0
-        K[2, 3] = 1.0
-        if K[0, 0] == 0 or K[1, 1] <= 0:
-            raise PointAvatarError(
-                f"{json_path}: field 'intrinsics' {intrinsics.tolist()} needs a focal length fx/W != 0 "
-                "(its sign is IMavatar's x-axis convention) and fy/H > 0; expected [-fx/W, fy/H, cx/W, cy/H]."
-            )
-        # IMavatar stores -fx/W: flipping the x axis of both K and the cameras keeps the projection
-        # and makes K00 positive. Then OpenGL (looks along -z) -> pytorch3d (looks along +z): negate
-        # the rotation's third column and t_z. Exact only for diagonal R (IMavatar writes R = I).
-        if K[0, 0] < 0:
-            K[:, 0] *= -1
-            world_mats[:, 0, :] *= -1
-        world_mats[:, :3, 2] *= -1
-        world_mats[:, 2, 3] *= -1
-        data["world_mats"] = world_mats
-        self.intrinsics = torch.from_numpy(K).float()  # [4, 4]
+        self.intrinsics, data["world_mats"] = ndc_cameras(intrinsics, world_mats, json_path)  # [4, 4]
         self.shape_params = torch.from_numpy(shape_params).float().unsqueeze(0)  # [1, 100] float32
         self.data = data
 
@@ -420,6 +460,28 @@ def _read_json(json_path: str, json_name: str) -> dict[str, Any]:
             "intrinsics, shape_params and frames (spec §3.3)."
         )
     return params
+
+
+def _read_video(
+    json_path: str, json_name: str, video: str, video_dir: str, data: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """Parse one video's JSON into ``data`` (per-frame lists); returns its (intrinsics [4], shape_params [100])."""
+    params = _read_json(json_path, json_name)
+    intrinsics = _numbers(params["intrinsics"], (4,), json_path, "intrinsics")
+    shape_params = _numbers(params["shape_params"], (N_SHAPE,), json_path, "shape_params")
+    _check_bound(
+        shape_params,
+        MAX_ABS_COEFFICIENT,
+        json_path,
+        "field shape_params",
+        "FLAME coefficients, in standard deviations",
+    )
+    frames = params["frames"]
+    if not isinstance(frames, list) or len(frames) == 0:
+        raise PointAvatarError(f"{json_path}: field 'frames' must be a non-empty list of frames.")
+    for i, frame in enumerate(frames):
+        _parse_frame(frame, i, json_path, video, video_dir, data)
+    return intrinsics, shape_params
 
 
 def _numbers(value: Any, shape: tuple[int, ...], json_path: str, field: str) -> np.ndarray:
