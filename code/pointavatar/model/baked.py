@@ -121,7 +121,7 @@ class BakedAvatar(nn.Module):
     "torch" or "cuda"), ``num_exp`` (E), ``n_points`` (N).
     """
 
-    def __init__(self, model: PointAvatar, chunk_size: int = BAKE_CHUNK, compile: bool = False):
+    def __init__(self, model: PointAvatar, chunk_size: int = BAKE_CHUNK, compile: bool | str = False):
         super().__init__()
         flame = model.FLAMEServer
         deformer = model.deformer_network
@@ -177,18 +177,20 @@ class BakedAvatar(nn.Module):
         self.shading = _plain_copy(model.rendering_network)
 
         self._compile = bool(compile)
+        self._compile_mode = compile if isinstance(compile, str) and compile != "default" else None
         self._compiled = None
         self._compile_failed = False
 
     @classmethod
     def from_model(
-        cls, model: PointAvatar, chunk_size: int = BAKE_CHUNK, compile: bool = False
+        cls, model: PointAvatar, chunk_size: int = BAKE_CHUNK, compile: bool | str = False
     ) -> BakedAvatar:
         """Bake ``model`` (any mode; its weights are read, not changed) on its device and dtype.
 
         chunk_size: points per bake step (memory bound of the bake only). compile: run the per-frame
-        work before rasterization through ``torch.compile`` (one fused graph; eager, with one warning,
-        if compilation fails). The results are the same either way, up to float rounding.
+        work before rasterization through ``torch.compile`` (True or "default", or a torch.compile
+        mode such as "reduce-overhead", which adds CUDA graphs); eager, with one warning, if
+        compilation fails. The results are the same either way, up to float rounding.
         """
         return cls(model, chunk_size=chunk_size, compile=compile)
 
@@ -294,7 +296,7 @@ class BakedAvatar(nn.Module):
         if not self._compile or self._compile_failed:
             return self._frame_points(*args)
         if self._compiled is None:
-            self._compiled = torch.compile(self._frame_points, dynamic=False)
+            self._compiled = torch.compile(self._frame_points, dynamic=False, mode=self._compile_mode)
         try:
             return self._compiled(*args)
         except Exception as exc:  # a compiler problem must not stop rendering: the eager code is exact
