@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +19,21 @@ from ..data import FaceDataset
 from ..errors import PointAvatarError
 from ..model import PointAvatar
 from ..model.compat import convert_original_state_dict
+from . import checkpoints as ckpt
+
+
+@dataclass
+class TrainedModel:
+    """A run's model as `Experiment.load_trained_model` loads it."""
+
+    model: PointAvatar
+    """The model at the checkpoint, on the requested device, in training mode (``.eval()`` is the caller's)."""
+    epoch: int
+    """The epoch the checkpoint was written at."""
+    path: Path
+    """The ModelParameters file it was read from."""
+    test_set: FaceDataset
+    """The conf's test split (all frames, loaded lazily), whose JSON gave the identity."""
 
 
 class Experiment:
@@ -132,6 +148,41 @@ class Experiment:
         return self._dataset(self.conf.dataset.test, subsample=1, load_images=False, only_json=only_json)
 
     # ---------------------------------------------------------------------------------------- model
+    def load_trained_model(
+        self,
+        store: ckpt.Checkpoints,
+        checkpoint: str | int,
+        device: torch.device,
+        only_json: bool = True,
+        flag: str = "--is_eval",
+    ) -> TrainedModel:
+        """The trained model of ``store`` (the run's checkpoints) at ``checkpoint`` ("latest" or an epoch),
+        built from this conf with the identity of the test split and the mean training expression.
+
+        The checkpoint is checked first (without one there is nothing to load, whatever the data); a
+        missing one is a PointAvatarError starting with ``flag`` (the command asking) that lists the
+        checkpoints there. ``only_json``: build the test split without its images.
+        """
+        path = store.path(ckpt.MODEL, checkpoint)
+        if not path.is_file():
+            found = store.available()
+            how = (
+                "run without --is_eval" if flag == "--is_eval" else f"pointavatar --conf <conf> before {flag}"
+            )
+            hint = (
+                f"Checkpoints there: {', '.join(found)}; pass one with --checkpoint."
+                if found
+                else f"No run there (working directory {Path.cwd()}): train first ({how}), "
+                "or point --load_path at the train/ folder of a run."
+            )
+            raise PointAvatarError(f"{flag}: no checkpoint {path}. {hint}")
+        payload = store.load(ckpt.MODEL, checkpoint)
+        train_set = self.train_dataset(only_json=True)  # only for the canonical (mean) expression
+        test_set = self.test_dataset(only_json=only_json)
+        model = build_model(self.conf, train_set, test_set.shape_params).to(device)
+        self.load_model_payload(model, payload, path, strict=True)
+        return TrainedModel(model=model, epoch=int(payload["epoch"]), path=path, test_set=test_set)
+
     def load_model_payload(self, model: PointAvatar, payload: dict, path: Path, strict: bool) -> None:
         """Load a ModelParameters dict (ours or the original's layout) into ``model``.
 

@@ -29,7 +29,7 @@ from ..engine import checkpoints as ckpt
 from ..engine import plots
 from ..engine.batching import batch_size_for, move_to
 from ..engine.device import apply_matmul_precision, resolve_device
-from ..engine.experiment import Experiment, build_model
+from ..engine.experiment import Experiment
 from ..engine.inputs import FrameInputs
 from ..errors import PointAvatarError
 from ..model import PointAvatarOutputs
@@ -81,28 +81,12 @@ class Evaluator:
         self.only_json = only_json
         self.checkpoint = checkpoint
 
-        # The checkpoint first: without one there is nothing to evaluate, whatever the data.
         self.store = ckpt.Checkpoints(self.exp.load_dir)
-        path = self.store.path(ckpt.MODEL, checkpoint)
-        if not path.is_file():
-            found = self.store.available()
-            hint = (
-                f"Checkpoints there: {', '.join(found)}; pass one with --checkpoint."
-                if found
-                else f"No run there (working directory {Path.cwd()}): train first (run without --is_eval), "
-                "or point --load_path at the train/ folder of a run."
-            )
-            raise PointAvatarError(f"--is_eval: no checkpoint {path}. {hint}")
-        payload = self.store.load(ckpt.MODEL, checkpoint)
-
-        train_set = self.exp.train_dataset(only_json=True)  # only for the canonical (mean) expression
-        self.test_set = self.exp.test_dataset(only_json=only_json)
-        self.model = build_model(self.conf, train_set, self.test_set.shape_params).to(self.device)
-        self.exp.load_model_payload(self.model, payload, path, strict=True)
-        self.epoch = int(payload["epoch"])
+        loaded = self.exp.load_trained_model(self.store, checkpoint, self.device, only_json=only_json)
+        self.model, self.epoch, self.test_set = loaded.model, loaded.epoch, loaded.test_set
         n = self.model.pc.points.shape[0]
         self.batch_size = batch_size_for(n, self.conf.train.max_points_training, self.conf.train.max_batch)
-        print(f"Loaded {path}: epoch {self.epoch}, {n} points, radius {self.model.pc.radius:.5f}")
+        print(f"Loaded {loaded.path}: epoch {self.epoch}, {n} points, radius {self.model.pc.radius:.5f}")
 
         tc = self.conf.train
         self.inputs = None
