@@ -131,21 +131,26 @@ class PointAvatar(nn.Module):
 
     def _compiled_call(self, name: str, fn, *args):
         """``fn(*args)``, on CUDA compiled once with ``torch.compile`` (dynamic point count), which the
-        double-backward reference cannot be. Falls back to eager, once, with a message, if
-        compilation fails."""
+        double-backward reference cannot be. If the first, compiling call fails, the fast path runs
+        eagerly from then on, with a message. Later calls are not guarded: an exception there is
+        real (or belongs to ``torch.utils.checkpoint``'s recomputation, which must see it)."""
         if args[0].device.type != "cuda" or self._compile_failed:
             return fn(*args)
-        if name not in self._compiled:
-            self._compiled[name] = torch.compile(fn, dynamic=True)
+        compiled = self._compiled.get(name)
+        if compiled is not None:
+            return compiled(*args)
+        compiled = torch.compile(fn, dynamic=True)
         try:
-            return self._compiled[name](*args)
+            result = compiled(*args)
         except Exception as exc:  # a compiler problem must not stop training: the eager code is exact
             self._compile_failed = True
             warnings.warn(
-                f"torch.compile of the fast path failed ({type(exc).__name__}); running it eagerly",
+                f"torch.compile of the fast path failed ({type(exc).__name__}: {exc}); running it eagerly",
                 stacklevel=2,
             )
             return fn(*args)
+        self._compiled[name] = compiled
+        return result
 
     def _explicit_geometry(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The explicit SDF sweep (compiled on CUDA unless ``compile_scope`` is "none")."""
