@@ -2,6 +2,8 @@
 
 - `pointavatar` (`cli.exp_runner`): train and evaluate, the original's `scripts/exp_runner.py`.
 - `pointavatar-synthetic` (`cli.make_synthetic_subject`): write the synthetic subject.
+- `pointavatar-render` (`cli.render`): render a trained avatar driven by an IMavatar-format JSON
+  (reenactment) on the baked renderer, to an MP4 and optionally PNGs.
 
 Each `main(argv)` returns the exit code and turns a `PointAvatarError` into one `error: ...` line on
 stderr, so the console script and the wrapper in `scripts/` behave the same.
