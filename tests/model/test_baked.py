@@ -182,3 +182,22 @@ def test_baked_render_equals_eval_forward_on_gpu_in_float32(flame_files, compile
     assert not baked._compile_failed
     assert_images_close(frame, ref)
     assert 0.05 < ref["mask"].mean() < 0.95
+
+
+def test_a_failing_compile_falls_back_to_eager(flame_files, monkeypatch):
+    model = trained_like(flame_files)
+    eager = BakedAvatar.from_model(model)
+    inp = make_input(1)
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no compiler here")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    baked = BakedAvatar.from_model(model, compile="reduce-overhead")
+    with pytest.warns(UserWarning, match="no compiler here.*rendering eagerly"):
+        frame = render(baked, inp)
+    assert torch.equal(frame.rgb, render(eager, inp).rgb)
+    assert torch.equal(render(baked, inp).rgb, frame.rgb)  # eager from then on, without a new warning

@@ -179,6 +179,7 @@ class BakedAvatar(nn.Module):
         self._compile = bool(compile)
         self._compile_mode = compile if isinstance(compile, str) and compile != "default" else None
         self._compiled = None
+        self._compiled_for: set[tuple] = set()  # (B, all_channels, device) already compiled
         self._compile_failed = False
 
     @classmethod
@@ -292,13 +293,21 @@ class BakedAvatar(nn.Module):
         return project_points(x_d, intrinsics, cam_pose), features
 
     def _points_stage(self, *args):
-        """``_frame_points``, through ``torch.compile`` when asked (eager after a failure)."""
+        """``_frame_points``, through ``torch.compile`` when asked.
+
+        A call that compiles (the first for a frame count B and channel set: the graph is specialised
+        to them) is guarded: if it fails, rendering goes on eagerly, with one warning. Later calls are
+        not: an exception there is real.
+        """
         if not self._compile or self._compile_failed:
             return self._frame_points(*args)
         if self._compiled is None:
             self._compiled = torch.compile(self._frame_points, dynamic=False, mode=self._compile_mode)
-        try:
+        signature = (args[0].shape[0], args[-1], args[0].device)
+        if signature in self._compiled_for:
             return self._compiled(*args)
+        try:
+            result = self._compiled(*args)
         except Exception as exc:  # a compiler problem must not stop rendering: the eager code is exact
             self._compile_failed = True
             warnings.warn(
@@ -306,6 +315,8 @@ class BakedAvatar(nn.Module):
                 stacklevel=3,
             )
             return self._frame_points(*args)
+        self._compiled_for.add(signature)
+        return result
 
     def _inputs(self, where: str, expression, flame_pose, intrinsics=None, cam_pose=None) -> list:
         """The frame tensors on the avatar's device and dtype, shapes checked; expression zero-padded to
