@@ -6,8 +6,8 @@ cloud re-initialised at N points with the radius the original would have at N), 
 - the bake time (first bake, which includes the device's warm-up, and a second one);
 - render() of one frame (B = 1), "rgb" (4 channels composited) and "all" (13 channels): the latency of
   a call (CUDA events around it, warm-up then median of --repeat; the test frames in turn), and the
-  steady-state time per frame over --repeat frames rendered back to back; with --compile also the
-  torch.compile'd per-frame stage;
+  steady-state time per frame over --repeat frames rendered back to back; on CUDA also with the
+  per-frame stage captured in a CUDA graph, and torch.compile'd (--compile modes);
 - where the time goes: the per-frame stage before rasterization, the rasterizer, the compositor (each
   timed alone);
 - the baked avatar's memory, and the peak memory of a render;
@@ -183,7 +183,13 @@ def main() -> None:
         nargs="*",
         default=None,
         help="also measure the torch.compile'd per-frame stage in these torch.compile modes ('default', "
-        "'reduce-overhead', 'max-autotune-no-cudagraphs'); default: 'default' on CUDA, none on CPU",
+        "'reduce-overhead', 'max-autotune-no-cudagraphs'); default: 'default' and 'reduce-overhead' on "
+        "CUDA, none on CPU",
+    )
+    p.add_argument(
+        "--no_cuda_graph",
+        action="store_true",
+        help="skip the CUDA-graph variant (measured by default on CUDA)",
     )
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeat", type=int, default=100)
@@ -201,7 +207,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     res = args.res or (512 if cuda else 128)
     n = args.points or (409600 if cuda else 6400)
-    modes = args.compile if args.compile is not None else (["default"] if cuda else [])
+    modes = args.compile if args.compile is not None else (["default", "reduce-overhead"] if cuda else [])
 
     tmp = Path(tempfile.mkdtemp())
     data = Path(args.data) if args.data else tmp / "data"
@@ -245,15 +251,16 @@ def main() -> None:
         "model_parameters_mib": sum(t.numel() * t.element_size() for t in model.parameters()) / 2**20,
         "render": {},
     }
-    variants = [("eager", baked)] + [
-        (f"compiled_{m}", BakedAvatar.from_model(model, compile=m)) for m in modes
-    ]
+    variants = [("eager", baked)]
+    if cuda and not args.no_cuda_graph:
+        variants.append(("cuda_graph", BakedAvatar.from_model(model, cuda_graph=True)))
+    variants += [(f"compiled_{m}", BakedAvatar.from_model(model, compile=m)) for m in modes]
     for name, avatar in variants:
         for channels in ("rgb", "all"):
             key = f"{name}/{channels}"
             figures = render_figures(avatar, frames, device, channels, args.warmup, args.repeat)
-            if avatar._compile_failed:
-                figures["compile_failed"] = True
+            if avatar._compile_failed or avatar._graph_failed:
+                figures["fell_back_to_eager"] = True
             figures["stages_ms"] = stage_figures(avatar, frames, device, channels, args.warmup, args.repeat)
             result["render"][key] = figures
             print(

@@ -171,17 +171,31 @@ def test_render_checks_and_pads_inputs(flame_files):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_baked_render_equals_eval_forward_on_gpu_in_float32(flame_files, compile):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"compile": True}, {"compile": "reduce-overhead"}, {"cuda_graph": True}],
+    ids=["eager", "compiled", "compiled_cuda_graphs", "cuda_graph"],
+)
+def test_baked_render_equals_eval_forward_on_gpu_in_float32(flame_files, options):
     model = trained_like(flame_files, use_background=True).cuda()
     model.render_backend = "auto"  # the Triton rasterizer and compositor on CUDA, for both
-    inp = {k: v.cuda() for k, v in make_input(B).items()}
-    ref = eval_images(model, inp)
-    baked = BakedAvatar.from_model(model, compile=compile)
-    frame = render(baked, inp)
-    assert not baked._compile_failed
-    assert_images_close(frame, ref)
-    assert 0.05 < ref["mask"].mean() < 0.95
+    inputs = [{k: v.cuda() for k, v in make_input(B, seed=s).items()} for s in (3, 4)]
+    baked = BakedAvatar.from_model(model, **options)
+    for inp in inputs:  # a second frame set: replays and cached graphs see new inputs
+        ref = eval_images(model, inp)
+        for channels in ("all", "rgb"):
+            frame = render(baked, inp, channels)
+            assert not baked._compile_failed and not baked._graph_failed
+            if channels == "all":
+                assert_images_close(frame, ref)
+            else:
+                assert_close(frame.rgb, ref["rgb"], rtol=0, atol=IMAGE_ATOL, reason=IMAGE_WHY)
+        assert 0.05 < ref["mask"].mean() < 0.95
+    if options.get("cuda_graph"):
+        assert len(baked._graphs) == 2  # one capture per channel set, replayed for the second frames
+    # Moved to the CPU (graphs and compiled code dropped) it renders the same images.
+    cpu_frame = render(baked.cpu(), {k: v.cpu() for k, v in inputs[1].items()})
+    assert_close(cpu_frame.rgb, ref["rgb"].cpu(), rtol=0, atol=IMAGE_ATOL, reason=IMAGE_WHY)
 
 
 def test_a_failing_compile_falls_back_to_eager(flame_files, monkeypatch):

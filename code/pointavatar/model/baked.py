@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pointavatar.errors import PointAvatarError
-from pointavatar.flame.lbs import batch_rigid_transform, batch_rodrigues
+from pointavatar.flame.lbs import batch_rodrigues, transform_mat
 from pointavatar.model.deform_explicit import _first_layer, _linear, _softplus
 from pointavatar.model.deformer import N_POSE_FEATURES, SKINNING_TEMPERATURE
 from pointavatar.model.point_avatar import ALBEDO_SCALE, POINTS_PER_PIXEL, PointAvatar, deformed_normals
@@ -121,8 +121,18 @@ class BakedAvatar(nn.Module):
     "torch" or "cuda"), ``num_exp`` (E), ``n_points`` (N).
     """
 
-    def __init__(self, model: PointAvatar, chunk_size: int = BAKE_CHUNK, compile: bool | str = False):
+    def __init__(
+        self,
+        model: PointAvatar,
+        chunk_size: int = BAKE_CHUNK,
+        compile: bool | str = False,
+        cuda_graph: bool = False,
+    ):
         super().__init__()
+        if compile and cuda_graph:
+            raise ValueError(
+                "BakedAvatar: choose compile or cuda_graph (compile='reduce-overhead' does both)"
+            )
         flame = model.FLAMEServer
         deformer = model.deformer_network
         points = model.pc.points.detach()
@@ -134,6 +144,8 @@ class BakedAvatar(nn.Module):
         self.n_exp_flame = int(flame.n_exp)
         self.ghostbone = bool(flame.ghostbone)
         self._parents = list(flame._parent_list)
+        if any(p >= i for i, p in enumerate(self._parents[1:], start=1)):
+            raise ValueError(f"BakedAvatar: the FLAME parents {self._parents} are not in topological order")
 
         with torch.no_grad():
             parts = [_bake_points(model, x) for x in points.split(max(1, int(chunk_size)))]
@@ -165,6 +177,9 @@ class BakedAvatar(nn.Module):
             joints = torch.einsum("ji,ik->jk", regressor, flame.v_template.double())
             joints_dirs = torch.einsum("ji,ikl->jkl", regressor, exp_dirs)
             self.register_buffer("joints_template", joints.to(dtype))
+            # The joints' parents as an index tensor, made once: no host-to-device copy in a frame.
+            parent_index = torch.tensor(self._parents[1:], dtype=torch.long, device=device)
+            self.register_buffer("parent_index", parent_index)
             self.register_buffer("joints_shapedirs", joints_dirs.to(dtype))
             self.register_buffer("canonical_expression", flame.canonical_exp.to(dtype).clone())
             self.register_buffer("canonical_pose", flame.canonical_pose.to(dtype).clone())
@@ -181,19 +196,28 @@ class BakedAvatar(nn.Module):
         self._compiled = None
         self._compiled_for: set[tuple] = set()  # (B, all_channels, device) already compiled
         self._compile_failed = False
+        self._cuda_graph = bool(cuda_graph)
+        self._graphs: dict[tuple, tuple] = {}  # (B, all_channels, device) -> (graph, inputs, outputs)
+        self._graph_failed = False
 
     @classmethod
     def from_model(
-        cls, model: PointAvatar, chunk_size: int = BAKE_CHUNK, compile: bool | str = False
+        cls,
+        model: PointAvatar,
+        chunk_size: int = BAKE_CHUNK,
+        compile: bool | str = False,
+        cuda_graph: bool = False,
     ) -> BakedAvatar:
         """Bake ``model`` (any mode; its weights are read, not changed) on its device and dtype.
 
         chunk_size: points per bake step (memory bound of the bake only). compile: run the per-frame
         work before rasterization through ``torch.compile`` (True or "default", or a torch.compile
         mode such as "reduce-overhead", which adds CUDA graphs); eager, with one warning, if
-        compilation fails. The results are the same either way, up to float rounding.
+        compilation fails. cuda_graph: on CUDA, capture that work (eager kernels) in a CUDA graph
+        per frame count and channel set, replayed per frame: no per-kernel launch cost (eager, with
+        one warning, if capture fails). The results are the same either way, up to float rounding.
         """
-        return cls(model, chunk_size=chunk_size, compile=compile)
+        return cls(model, chunk_size=chunk_size, compile=compile, cuda_graph=cuda_graph)
 
     # ------------------------------------------------------------------------------------ info
 
@@ -233,11 +257,25 @@ class BakedAvatar(nn.Module):
         rot_mats = batch_rodrigues(flame_pose.reshape(-1, 3)).reshape(b, -1, 3, 3)
         ident = torch.eye(3, dtype=flame_pose.dtype, device=flame_pose.device)
         pose_feature = (rot_mats[:, 1:] - ident).reshape(b, -1)
-        _, transforms = batch_rigid_transform(rot_mats, joints, self._parents)
+        transforms = self._rigid_transforms(rot_mats, joints)
         if self.ghostbone:
             ghost = torch.eye(4, dtype=transforms.dtype, device=transforms.device).expand(b, 1, 4, 4)
             transforms = torch.cat([ghost, transforms], dim=1)
         return pose_feature, transforms
+
+    def _rigid_transforms(self, rot_mats: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
+        """The relative joint transforms [B, 5, 4, 4] from rot_mats [B, 5, 3, 3] and joints [B, 5, 3]:
+        ``lbs.batch_rigid_transform`` with the parent index made once (so a frame makes no
+        host-to-device copy, which a CUDA graph capture refuses)."""
+        b, j = joints.shape[:2]
+        rel_joints = torch.cat([joints[:, :1], joints[:, 1:] - joints[:, self.parent_index]], dim=1)
+        local = transform_mat(rot_mats.reshape(-1, 3, 3), rel_joints.reshape(-1, 3, 1)).reshape(b, j, 4, 4)
+        chain = [local[:, 0]]
+        for i in range(1, j):
+            chain.append(torch.matmul(chain[self._parents[i]], local[:, i]))
+        transforms = torch.stack(chain, dim=1)  # [B, J, 4, 4] global G_j
+        joints_homogen = F.pad(joints.unsqueeze(-1), [0, 0, 0, 1])  # [B, J, 4, 1], w = 0
+        return transforms - F.pad(torch.matmul(transforms, joints_homogen), [3, 0])
 
     def _deform(
         self, expression: torch.Tensor, pose_feature: torch.Tensor, transforms: torch.Tensor
@@ -299,6 +337,8 @@ class BakedAvatar(nn.Module):
         to them) is guarded: if it fails, rendering goes on eagerly, with one warning. Later calls are
         not: an exception there is real.
         """
+        if self._cuda_graph and not self._graph_failed and args[0].device.type == "cuda":
+            return self._graphed(*args)
         if not self._compile or self._compile_failed:
             return self._frame_points(*args)
         if self._compiled is None:
@@ -317,6 +357,55 @@ class BakedAvatar(nn.Module):
             return self._frame_points(*args)
         self._compiled_for.add(signature)
         return result
+
+    def _graphed(self, *args):
+        """``_frame_points`` replayed from a CUDA graph captured on the first call per (B, channels).
+
+        The outputs are the graph's own tensors, overwritten by its next replay: ``render`` consumes
+        them at once.
+        """
+        signature = (args[0].shape[0], args[-1], args[0].device)
+        entry = self._graphs.get(signature)
+        if entry is None:
+            try:
+                entry = self._capture(args)
+            except Exception as exc:  # a capture problem must not stop rendering: the eager code is exact
+                self._graph_failed = True
+                self._graphs.clear()
+                warnings.warn(
+                    f"CUDA graph capture of the baked renderer failed ({type(exc).__name__}: {exc}); "
+                    "rendering eagerly",
+                    stacklevel=3,
+                )
+                return self._frame_points(*args)
+            self._graphs[signature] = entry
+        graph, static_inputs, outputs = entry
+        for static, value in zip(static_inputs, args[:-1], strict=True):
+            static.copy_(value)
+        graph.replay()
+        return outputs
+
+    def _capture(self, args: tuple) -> tuple:
+        tensors, all_channels = [a.clone() for a in args[:-1]], args[-1]
+        device = tensors[0].device
+        # Warm-up on a side stream (cuBLAS handles and workspaces), as torch.cuda.graph asks.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._frame_points(*tensors, all_channels)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self._frame_points(*tensors, all_channels)
+        return graph, tensors, outputs
+
+    def _apply(self, fn, *args, **kwargs):
+        # Captured graphs and compiled code hold the old tensors: moved or cast buffers need new ones.
+        self._graphs.clear()
+        self._compiled = None
+        self._compiled_for.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def _inputs(self, where: str, expression, flame_pose, intrinsics=None, cam_pose=None) -> list:
         """The frame tensors on the avatar's device and dtype, shapes checked; expression zero-padded to
