@@ -113,7 +113,8 @@ class BakedAvatar(nn.Module):
     ``hidden`` [N, 4, D] (h and dh/dx_k), ``rest`` [N, 4, 3] (y and dy/dx_k), ``skin`` [N, 4, J]
     (W and dW/dx_k). Frame-independent constants: ``coef_weight`` [Q, 3 D] and ``coef_bias`` [Q, 3]
     (the head rows of E and P), ``canonical_coef`` [Q] (psi_c, p_c), FLAME's joint regression
-    ``joints_template`` [5, 3] and ``joints_shapedirs`` [5, 3, 50], ``canonical_expression`` [1, 50],
+    ``joints_template`` [5, 3] and ``joints_shapedirs`` [5, 3, 50] (``parent_index`` [4] the kinematic
+    tree), ``canonical_expression`` [1, 50],
     ``canonical_pose`` [1, 15] (the avatar's neutral frame), ``background`` [H, W, 3] (learned
     background, or an empty tensor for white).
 
@@ -177,10 +178,10 @@ class BakedAvatar(nn.Module):
             joints = torch.einsum("ji,ik->jk", regressor, flame.v_template.double())
             joints_dirs = torch.einsum("ji,ikl->jkl", regressor, exp_dirs)
             self.register_buffer("joints_template", joints.to(dtype))
+            self.register_buffer("joints_shapedirs", joints_dirs.to(dtype))
             # The joints' parents as an index tensor, made once: no host-to-device copy in a frame.
             parent_index = torch.tensor(self._parents[1:], dtype=torch.long, device=device)
             self.register_buffer("parent_index", parent_index)
-            self.register_buffer("joints_shapedirs", joints_dirs.to(dtype))
             self.register_buffer("canonical_expression", flame.canonical_exp.to(dtype).clone())
             self.register_buffer("canonical_pose", flame.canonical_pose.to(dtype).clone())
             bg = model.background_rgb()
