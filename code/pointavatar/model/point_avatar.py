@@ -96,8 +96,8 @@ class PointAvatar(nn.Module):
         self.recompute_chunk = int(conf.recompute_chunk)
         self._compiled = {}  # torch.compile'd fast-path pieces, built on the first fast CUDA forward
         self._compile_failed = False
-        # What the fast path compiles on CUDA: "per_point" (geometry, deformer, FLAME, shading of a
-        # chunk of points as one graph), "geometry" (the SDF sweep only) or "none". Benchmarks set it.
+        # What the fast path compiles on CUDA: "per_point" (the geometry piece and the deformer piece,
+        # two graphs), "geometry" (the geometry piece only) or "none". Benchmarks set it.
         self.compile_scope = "per_point"
         self.use_background = bool(use_background)
 
@@ -156,47 +156,72 @@ class PointAvatar(nn.Module):
         """The explicit SDF sweep (compiled on CUDA unless ``compile_scope`` is "none")."""
         if self.compile_scope == "none":
             return self.geometry_network.forward_with_gradient_explicit(y)
-        return self._compiled_call("geometry", self.geometry_network.forward_with_gradient_explicit, y)
+        return self._compiled_call("sweep", self.geometry_network.forward_with_gradient_explicit, y)
 
-    def _per_point_fast(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``_per_point_fast_eager``, compiled as one graph on CUDA with ``compile_scope`` "per_point"."""
-        if self.compile_scope == "per_point":
-            return self._compiled_call("per_point", self._per_point_fast_eager, *args)
-        return self._per_point_fast_eager(*args)
+    def _geometry_piece(
+        self, points: torch.Tensor, jittered: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Canonical geometry of c points (fast path): the explicit SDF sweep at the points and at
+        their eikonal samples -> (normals n_c [c, 3], albedo [c, 3], sdf [c], grad [2c, 3])."""
+        c = points.shape[0]
+        out, grad = self.geometry_network.forward_with_gradient_explicit(
+            torch.cat([points.detach(), jittered], dim=0)
+        )
+        normals_c = F.normalize(grad[:c], dim=-1)
+        albedo = torch.sigmoid(ALBEDO_SCALE * out[:c, 1:4])
+        return normals_c, albedo, out[:c, 0], grad
 
-    def _per_point_fast_eager(
+    def _deform_piece(
+        self,
+        points: torch.Tensor,
+        betas: torch.Tensor,
+        transformations: torch.Tensor,
+        pose_feature: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deformed points and Jacobian columns of c points (fast path, explicit tangents)."""
+        return deform_with_jacobian_explicit(
+            self.deformer_network, self.FLAMEServer, points, betas, transformations, pose_feature
+        )
+
+    def _per_point_fast(
         self,
         points: torch.Tensor,
         jittered: torch.Tensor,
         betas: torch.Tensor,
         transformations: torch.Tensor,
         pose_feature: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Everything of the training forward that is per point, for a chunk of c points (fast path).
 
         points [c, 3] (differentiable), jittered [c, 3] eikonal samples, frame tensors as
         ``deform_with_jacobian`` -> (x_d [B, c, 3], color [B, c, 3], sdf [c], grad [2c, 3] (SDF
         gradients at the points, then at the jittered samples)).
 
+        On CUDA the geometry piece and, with ``compile_scope`` "per_point", the deformer piece are
+        compiled with ``torch.compile`` (dynamic point count). They are compiled as two graphs: as
+        one graph, the compiled backward specialised on the point count (torch 2.11), so every prune
+        recompiled (about 40 s each on the H200 machine's CPU).
+
         Points are independent of each other here, so chunks of points can be recomputed in the
         backward instead of stored (``model.recompute_chunk``).
         """
-        c = points.shape[0]
-        y = torch.cat([points.detach(), jittered], dim=0)
-        if self.compile_scope == "geometry":
-            out, grad = self._explicit_geometry(y)
-        else:  # eager, or traced as a part of the compiled per-point graph
-            out, grad = self.geometry_network.forward_with_gradient_explicit(y)
-        normals_c = F.normalize(grad[:c], dim=-1)
-        albedo = torch.sigmoid(ALBEDO_SCALE * out[:c, 1:4])
-        x_d, cols = deform_with_jacobian_explicit(
-            self.deformer_network, self.FLAMEServer, points, betas, transformations, pose_feature
-        )
+        scope = self.compile_scope
+        if scope == "none":
+            normals_c, albedo, sdf, grad = self._geometry_piece(points, jittered)
+        else:
+            normals_c, albedo, sdf, grad = self._compiled_call(
+                "geometry", self._geometry_piece, points, jittered
+            )
+        frame = (betas, transformations, pose_feature)
+        if scope == "per_point":
+            x_d, cols = self._compiled_call("deform", self._deform_piece, points, *frame)
+        else:
+            x_d, cols = self._deform_piece(points, *frame)
         normals_d = deformed_normals(cols, normals_c)  # [B, c, 3]
-        b = x_d.shape[0]
+        b, c = x_d.shape[0], points.shape[0]
         shading = self.rendering_network(normals_d.reshape(-1, 3)).reshape(b, c, 3)
         color = torch.clamp(2.0 * shading * albedo, 0.0, 1.0)
-        return x_d, color, out[:c, 0], grad
+        return x_d, color, sdf, grad
 
     def _per_point_fast_chunked(
         self,
