@@ -116,6 +116,7 @@ LAZY_IMPORTS = {
     ("pointavatar.model.knn", "pointavatar.model._knn_triton"),  # needs Triton
     ("pointavatar.render.api", "pointavatar.render._triton_impl"),  # needs Triton
     ("pointavatar.cli.exp_runner", "pointavatar.config"),  # `--help` answers without loading torch
+    ("pointavatar.cli.exp_runner", "pointavatar.engine.distributed"),
     ("pointavatar.cli.exp_runner", "pointavatar.evaluate.runner"),
     ("pointavatar.cli.exp_runner", "pointavatar.train.trainer"),
     ("pointavatar.cli.make_synthetic_subject", "pointavatar.synthetic"),

@@ -5,6 +5,9 @@
 
 `pointavatar` (installed with the package) is the same command: pointavatar --conf ./confs/subject1.conf
 
+On K GPUs of one host: torchrun --nproc_per_node K scripts/exp_runner.py --conf ./confs/subject1.conf
+(one process per GPU; the conf's batch is per GPU; rank 0 writes the run folder and evaluates).
+
 Run from the repository root: the confs' relative paths (./data/..., ./code/flame/...) are resolved
 against the working directory. Training ends with an evaluation of the last checkpoint.
 """
@@ -60,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     """Train (unless --is_eval), then evaluate; errors propagate to `main`."""
     from pointavatar.config import load_conf
+    from pointavatar.engine.distributed import env_rank, env_world_size, init_ranks
     from pointavatar.evaluate.runner import Evaluator, summary_line
 
     torch_threads = os.environ.get("POINTAVATAR_THREADS")
@@ -71,19 +75,36 @@ def run(args: argparse.Namespace) -> int:
         print("note: wandb is not used; scalars go to TensorBoard under <run>/train/tensorboard")
 
     conf = load_conf(args.conf)
+    device = args.device
+    if env_world_size() > 1:
+        # Started by torchrun with several ranks: rank 0 prints, writes and evaluates; the others
+        # train silently (their errors still go to stderr) and leave after training.
+        if env_rank() != 0:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        if args.is_eval:
+            if env_rank() != 0:
+                return 0
+            print("note: evaluation runs on rank 0 only; the other ranks have left")
     if not args.is_eval:
         from pointavatar.train.trainer import Trainer
 
-        trainer = Trainer(
-            conf,
-            nepoch=args.nepoch,
-            is_continue=args.is_continue,
-            checkpoint=args.checkpoint,
-            load_path=args.load_path,
-            device=args.device,
-            move_old_run=args.move_old_run,
-        )
-        trainer.run()
+        ranks = init_ranks(args.device)
+        try:
+            trainer = Trainer(
+                conf,
+                nepoch=args.nepoch,
+                is_continue=args.is_continue,
+                checkpoint=args.checkpoint,
+                load_path=args.load_path,
+                move_old_run=args.move_old_run,
+                ranks=ranks,
+            )
+            trainer.run()
+        finally:
+            ranks.close()
+        if not ranks.is_main:
+            return 0
+        device = ranks.device
         # After training, evaluate the checkpoint just written (spec §2.1). The original passed
         # --load_path on to the test runner, which then scored the run it had resumed from rather than
         # the one it had just trained; we score the new one.
@@ -94,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         load_path=args.load_path,
         only_json=args.only_json,
-        device=args.device,
+        device=device,
     )
     results = evaluator.run()
     if results:

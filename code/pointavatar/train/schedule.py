@@ -15,6 +15,11 @@ its size together with it:
 - the per-epoch derived values (batch size, FLAME-prior weight) through one function, the same for a
   fresh start and a resume.
 
+On several ranks (engine/distributed.py) every rank runs the same schedule on the same cloud: the
+visibility is OR-ed over the ranks at the end of each epoch (`finish_epoch`), the upsample jitter comes
+from the generator state that all ranks share, and after every prune and upsample the ranks compare a
+digest of the points and radius, stopping with a message if they differ.
+
 The model only renders: its forward returns the fragments (``fragment_idx``, ``fragment_weights``) and
 the cloud (``model.pc``) holds the points and the raster radius, which only this schedule changes.
 """
@@ -27,6 +32,7 @@ import torch
 
 from ..config import Conf
 from ..engine.batching import batch_size_for
+from ..engine.distributed import Ranks
 from ..errors import PointAvatarError
 
 # Hard-coded in the original (spec §10.4).
@@ -65,10 +71,11 @@ class PointSchedule:
 
     ``visible`` [N] bool accumulates over an epoch; `state_dict`/`load_state_dict` carry it across a
     resume (saved only with ``train.prune_on_resume``, as the ``visible_points`` entry of the model
-    checkpoint).
+    checkpoint). ``ranks``: the ranks of a run on several processes (default: a single process).
     """
 
-    def __init__(self, conf: Conf):
+    def __init__(self, conf: Conf, ranks: Ranks | None = None):
+        self.ranks = ranks if ranks is not None else Ranks()
         self.train = conf.train
         self.max_points = conf.model.point_cloud.max_points
         self.prune_thresh = conf.model.prune_thresh
@@ -104,6 +111,12 @@ class PointSchedule:
         heavy = fragment_idx[(fragment_weights > self.prune_thresh) & (fragment_idx >= 0)]
         vis[torch.remainder(torch.cat([front, heavy]), n_points)] = True
 
+    def finish_epoch(self) -> None:
+        """End of an epoch's steps: on several ranks, a point is visible if any rank saw it (so the
+        checkpoint and the next prune see the visibility of all the epoch's frames)."""
+        if self.ranks.distributed and self.visible is not None:
+            self.visible = self.ranks.any(self.visible)
+
     def state_dict(self) -> dict:
         return {} if self.visible is None else {"visible_points": self.visible.detach().cpu().clone()}
 
@@ -124,17 +137,20 @@ class PointSchedule:
         """
         pruned = upsampled = False
         if epoch != start_epoch or self.resumed_visibility:
-            optimizer, pruned = self._resize(model, optimizer, self._prune)
+            optimizer, pruned = self._resize(model, optimizer, self._prune, f"pruning at epoch {epoch}")
         if epoch % self.train.upsample_freq == 0 and epoch != 0 and model.pc.n_points <= self.max_points / 2:
-            optimizer, upsampled = self._resize(model, optimizer, self._upsample)
+            optimizer, upsampled = self._resize(
+                model, optimizer, self._upsample, f"upsampling at epoch {epoch}"
+            )
         self.reset_visibility(model.pc.points)
         return EpochChange(pruned, upsampled), optimizer
 
-    def _resize(self, model, optimizer, op) -> tuple[torch.optim.Optimizer, bool]:
+    def _resize(self, model, optimizer, op, label: str) -> tuple[torch.optim.Optimizer, bool]:
         old_points = model.pc.points
         rows = op(model)
         if rows is None:
             return optimizer, False
+        self.ranks.check_agreement(f"the point cloud after {label}", [model.pc.points], [model.pc.radius])
         return self.rebuild_optimizer(model, optimizer, old_points, rows), True
 
     def _prune(self, model) -> torch.Tensor | None:

@@ -3,6 +3,11 @@
 The trainer knows the loop; the model knows the forward pass (pointavatar.model); the loss knows the
 loss (pointavatar.train.losses). Defaults reproduce the released code; the quirk fixes of spec §10 are
 the ``train.*`` keys documented in the README.
+
+Several ranks (torchrun, engine/distributed.py): every rank runs this loop on its slice of each global
+batch; the gradients are averaged after the backward, so all ranks apply the same updates. Rank 0 alone
+writes the run folder (conf record, code backup, TensorBoard, checkpoints, plots) and prints; a single
+process (``ranks`` left out) runs exactly the single-process loop.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from ..config import Conf, dump_conf, save_conf
 from ..engine import checkpoints as ckpt
 from ..engine.batching import move_to
 from ..engine.device import apply_matmul_precision, resolve_device
+from ..engine.distributed import Ranks, ShardedBatches
 from ..engine.experiment import Experiment, build_model
 from ..engine.inputs import FrameInputs
 from ..engine.plots import render_grids
@@ -40,10 +46,14 @@ class Trainer:
         load_path: str = "",
         device: torch.device | str | None = None,
         move_old_run: bool = False,
+        ranks: Ranks | None = None,
     ):
+        """``ranks``: this process's place in a run on several processes (`init_ranks`); its device
+        replaces ``device``. Default: a single process on ``device``."""
         self.conf = conf
         self.exp = Experiment(conf, load_path=load_path)
-        self.device = resolve_device(device)
+        self.ranks = ranks if ranks is not None else Ranks()
+        self.device = self.ranks.device if ranks is not None else resolve_device(device)
         apply_matmul_precision(conf.model.tf32)
         self.nepoch = conf.train.nepoch if nepoch is None else nepoch
         if self.nepoch < 0:
@@ -51,6 +61,13 @@ class Trainer:
         tc = conf.train
         # Nothing is written before the run is known to start: every check and every load comes first.
         self.exp.check_writable()
+        if self.ranks.distributed:
+            # Rank 0 alone repairs an interrupted save and generates a missing synthetic subject; the
+            # others read after it.
+            if self.ranks.is_main:
+                ckpt.Checkpoints(self.exp.load_dir).recover()
+                self.exp.ensure_data()
+            self.ranks.barrier()
         move_aside = self._check_fresh_start(is_continue, load_path, move_old_run)
         torch.manual_seed(tc.seed)
 
@@ -62,7 +79,7 @@ class Trainer:
 
         self.model = build_model(conf, self.train_set, self.train_set.shape_params).to(self.device)
         self.loss = Loss(conf.loss, var_expression=self.train_set.var_expression).to(self.device)
-        self.schedule = PointSchedule(conf)
+        self.schedule = PointSchedule(conf, self.ranks)
         self.optimizer = make_optimizer(self.model, tc.learning_rate)
         # Bound to the first Adam, as in the original: after the first resize it no longer drives the
         # learning rate unless train.fix_lr_schedule is set (spec §10.1).
@@ -86,10 +103,15 @@ class Trainer:
                 f"{self.start_epoch} or more to train further (nothing was written)."
             )
         self.batch_size = self.schedule.epoch_values(self.start_epoch, self.model.pc.n_points).batch_size
+        self._check_ranks_agree("the model, per-frame inputs and optimizer state at the start")
 
         self.writer = None
         if self.start_epoch > self.nepoch:
             return  # nothing to train (run() says so): nothing is written
+        # Every rank has read what it needs before rank 0 writes (or moves the old run aside).
+        self.ranks.barrier()
+        if not self.ranks.is_main:
+            return
         # The run starts: now the folders, the conf record, the code backup and the logger.
         if move_aside:
             print(f"The previous run was moved to {self.exp.move_run_aside()} (nothing was deleted).")
@@ -219,10 +241,17 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- epochs
     def _loader(self) -> DataLoader:
+        if self.ranks.distributed:
+            # This rank's slices of the global batches (ShardedBatches: one permutation on all ranks).
+            shards = ShardedBatches(
+                len(self.train_set), self.batch_size, self.ranks.rank, self.ranks.world_size
+            )
+            batching = {"batch_sampler": shards}
+        else:
+            batching = {"batch_size": self.batch_size, "shuffle": True}
         return DataLoader(
             self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
+            **batching,
             collate_fn=self.train_set.collate_fn,
             num_workers=self.conf.train.num_workers,
             # Workers live across epochs (the loader is rebuilt only when the batch size changes).
@@ -251,6 +280,7 @@ class Trainer:
             # eikonal samples, upsample jitter) of the run it continues.
             torch.manual_seed(epoch_seed(tc.seed, epoch))
             self._checkpoint_and_plot(epoch)
+            self.ranks.sync_rng()  # the plots drew on rank 0 only
 
             change, self.optimizer = self.schedule.begin_epoch(
                 epoch, self.start_epoch, self.model, self.optimizer
@@ -264,6 +294,7 @@ class Trainer:
                 loader = self._loader()
 
             self.train_epoch(epoch, loader, values.lbs_weight)
+            self.schedule.finish_epoch()
             self.scheduler.step()
             if tc.fix_lr_schedule:
                 self._apply_scheduled_lr()
@@ -272,7 +303,10 @@ class Trainer:
             eta = (time.time() - run_start) / done * left
             print(f"  {done}/{done + left} epochs of this run done; about {fmt_duration(eta)} left")
 
-        self.save_checkpoints(self.nepoch + 1, numbered=True)
+        self._check_ranks_agree(f"the state saved at epoch {self.nepoch + 1}")
+        if self.ranks.is_main:
+            self.save_checkpoints(self.nepoch + 1, numbered=True)
+        self.ranks.barrier()  # every rank returns with the final checkpoint on disk
         self._close()
 
     def _close(self) -> None:
@@ -284,9 +318,29 @@ class Trainer:
         tc = self.conf.train
         numbered = epoch % tc.checkpoint_freq == 0 and epoch != self.start_epoch
         if epoch % tc.save_freq == 0 and (numbered or epoch != self.start_epoch or self.start_epoch == 0):
-            self.save_checkpoints(epoch, numbered)
-        if (epoch % tc.plot_freq == 0 and epoch < 5) or epoch % (2 * tc.plot_freq) == 0:
+            self._check_ranks_agree(f"the state saved at epoch {epoch}")
+            if self.ranks.is_main:
+                self.save_checkpoints(epoch, numbered)
+        if (
+            (epoch % tc.plot_freq == 0 and epoch < 5) or epoch % (2 * tc.plot_freq) == 0
+        ) and self.ranks.is_main:
             self.plot(epoch)
+
+    def _check_ranks_agree(self, what: str) -> None:
+        """On several ranks: stop unless every rank holds the same model, optimizer states, per-frame
+        inputs and visibility (what rank 0 saves for all). No-op for a single process."""
+        if not self.ranks.distributed:
+            return
+        tensors = list(self.model.state_dict().values())
+        for opt in (self.optimizer, self.optimizer_cam):
+            if opt is not None:
+                for state in opt.state.values():
+                    tensors += [v for v in state.values() if torch.is_tensor(v)]
+        tensors += [p.detach() for p in self.inputs.parameters()]
+        if self.schedule.visible is not None:
+            tensors.append(self.schedule.visible)
+        values = (self.model.pc.radius, self.start_epoch, self.batch_size, len(self.train_set))
+        self.ranks.check_agreement(what, tensors, values)
 
     def train_epoch(self, epoch: int, loader: DataLoader, lbs_weight: float) -> None:
         tc = self.conf.train
@@ -298,7 +352,13 @@ class Trainer:
         skipped = 0
         steps = 0
         start = time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch}/{self.nepoch}", leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch}/{self.nepoch}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not self.ranks.is_main,
+        )
         for data_index, (_, model_input, ground_truth) in enumerate(bar):
             model_input = move_to(model_input, self.device)
             ground_truth = move_to(ground_truth, self.device)
@@ -312,19 +372,30 @@ class Trainer:
             if inputs_active:
                 self.optimizer_cam.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            # One device sync per step for both checks (the rasterizer synchronises anyway).
-            loss_ok, grads_ok = finite_flags(losses["loss"], self._trainable_parameters(inputs_active))
+            bad_ranks: list[int] = []
+            if self.ranks.distributed:
+                # Every rank ends with the same averaged gradients and the same two flags.
+                loss_ok, grads_ok, bad_ranks = self.ranks.reduce_gradients(
+                    [p for p in self.model.parameters() if p.requires_grad],
+                    list(self.inputs.parameters()) if inputs_active else [],
+                    losses["loss"],
+                )
+            else:
+                # One device sync per step for both checks (the rasterizer synchronises anyway).
+                loss_ok, grads_ok = finite_flags(losses["loss"], self._trainable_parameters(inputs_active))
             if not loss_ok:
-                self._stop_non_finite_loss(epoch, data_index, losses)
+                self._stop_non_finite_loss(epoch, data_index, losses, bad_ranks)
             steps += 1
             if not grads_ok:
                 # No update from this batch: a non-finite gradient would poison the weights and Adam's
                 # moments for good. Counted and reported; see the README.
                 skipped += 1
                 self.skipped_steps += 1
+                frames = f"frames {batch_frames(model_input)}"
+                if self.ranks.distributed:
+                    frames = f"on one or more of the {self.ranks.world_size} ranks; rank 0's {frames}"
                 tqdm.write(
-                    f"warning: epoch {epoch}, step {data_index}: non-finite gradients; step skipped "
-                    f"(frames {batch_frames(model_input)})"
+                    f"warning: epoch {epoch}, step {data_index}: non-finite gradients; step skipped ({frames})"
                 )
                 continue
             self.optimizer.step()
@@ -335,18 +406,25 @@ class Trainer:
                 sums[k] += v.detach()
             count += 1
             if data_index % tc.log_freq == 0:
-                # .item() only here, so the GPU is not synchronised at every step.
-                means = {k: float(v) / count for k, v in sums.items()}
-                means["visible_percentage"] = float(self.schedule.visible.float().mean())
+                # .item() only here, so the GPU is not synchronised at every step. On several ranks
+                # the logged values are those of the global batch: means over the ranks, and the
+                # visibility of all ranks.
+                keys = list(sums)
+                totals = self.ranks.mean(torch.stack([sums[k] for k in keys])).tolist()
+                means = {k: v / count for k, v in zip(keys, totals, strict=True)}
+                means["visible_percentage"] = float(self.ranks.any(self.schedule.visible).float().mean())
                 self._log(epoch, data_index, means, lbs_weight)
                 bar.set_postfix(loss=f"{means['loss']:.4f}", rgb=f"{means['rgb_loss']:.4f}")
                 sums.clear()
                 count = 0
         bar.close()
         elapsed = time.time() - start
+        batch = f"batch {self.batch_size}"
+        if self.ranks.distributed:
+            batch += f" per rank x {self.ranks.world_size} ranks"
         print(
             f"epoch {epoch}/{self.nepoch} done in {elapsed:.1f} s ({self.model.pc.n_points} points, "
-            f"radius {self.model.pc.radius:.5f}, batch {self.batch_size})"
+            f"radius {self.model.pc.radius:.5f}, {batch})"
             + (f"; {skipped} of {steps} steps skipped (non-finite gradients)" if skipped else "")
         )
         if self.writer is not None:
@@ -366,13 +444,21 @@ class Trainer:
             params += list(self.inputs.parameters())
         return params
 
-    def _stop_non_finite_loss(self, epoch: int, data_index: int, losses: dict) -> None:
+    def _stop_non_finite_loss(
+        self, epoch: int, data_index: int, losses: dict, bad_ranks: list[int] | None = None
+    ) -> None:
         """Stop before a NaN or infinite loss reaches the weights. The last checkpoint stays the one to
-        resume from."""
+        resume from. On several ranks every rank stops; ``bad_ranks``: those whose loss is not finite."""
         bad = [k for k, v in losses.items() if not bool(torch.isfinite(v))]
         latest = self.ckpt.path(ckpt.MODEL, "latest")
+        where = f"terms: {', '.join(bad)}"
+        if self.ranks.distributed:
+            if bad:
+                where = f"on rank {self.ranks.rank}, " + where
+            else:
+                where = f"on rank(s) {', '.join(map(str, bad_ranks or []))}; their messages name the terms"
         raise PointAvatarError(
-            f"The training loss is not finite at epoch {epoch}, step {data_index} (terms: {', '.join(bad)}). "
+            f"The training loss is not finite at epoch {epoch}, step {data_index} ({where}). "
             "Nothing was updated with it. Usual causes: a learning rate too high for the schedule, a "
             "loss weight of the wrong scale, or NaN/inf in the dataset's expression, pose or camera "
             f"values. The last checkpoint is {latest} (resume with --is_continue after fixing the cause)."
@@ -380,10 +466,11 @@ class Trainer:
 
     def _log(self, epoch: int, data_index: int, means: dict, lbs_weight: float) -> None:
         text = ", ".join(f"{k} = {v:.6f}" for k, v in means.items())
-        tqdm.write(f"[{epoch}/{self.nepoch}] {data_index * self.batch_size}/{len(self.train_set)}: {text}")
+        seen = data_index * self.batch_size * self.ranks.world_size  # frames of the epoch before this step
+        tqdm.write(f"[{epoch}/{self.nepoch}] {seen}/{len(self.train_set)}: {text}")
         if self.writer is None:
             return
-        step = epoch * len(self.train_set) + data_index * self.batch_size
+        step = epoch * len(self.train_set) + seen
         for k, v in means.items():
             self.writer.add_scalar(f"train/{k}", v, step)
         self.writer.add_scalar("train/num_points", self.model.pc.n_points, step)
