@@ -4,6 +4,7 @@
 - `pointavatar-synthetic` (`cli.make_synthetic_subject`): write the synthetic subject.
 - `pointavatar-render` (`cli.render`): render a trained avatar driven by an IMavatar-format JSON
   (reenactment) on the baked renderer, to an MP4 and optionally PNGs.
+- `pointavatar-viewer` (`cli.viewer`): the interactive browser viewer (the optional extra `viewer`).
 
 Each `main(argv)` returns the exit code and turns a `PointAvatarError` into one `error: ...` line on
 stderr, so the console script and the wrapper in `scripts/` behave the same.
