@@ -16,7 +16,10 @@ import torch
 from tolerances import assert_close
 
 from pointavatar.data import read_flame_params
+from pointavatar.engine import checkpoints as ckpt
+from pointavatar.engine.experiment import Experiment
 from pointavatar.errors import PointAvatarError
+from pointavatar.model.baked import BakedAvatar
 from pointavatar.render import project_points
 from pointavatar.viewer.camera import (
     ViewCamera,
@@ -163,3 +166,31 @@ def test_crop_window_and_errors():
         ViewRenderer.render(
             ViewRenderer.__new__(ViewRenderer), camera, np.zeros((1, 50)), np.zeros((1, 15)), "depth"
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("image", list(VIEWS))
+def test_the_viewers_cuda_image_is_the_cpu_image(tiny_run, sequence_json, image):
+    """The viewer's path on a GPU (avatar baked there with CUDA graphs, as the command does) draws
+    what the CPU draws for the same browser camera."""
+    conf, _ = tiny_run
+    exp = Experiment(conf, generate=False)
+    store = ckpt.Checkpoints(exp.load_dir)
+    images = []
+    for device, graphs in ((torch.device("cpu"), False), (torch.device("cuda"), True)):
+        model = exp.load_trained_model(store, "latest", device).model.eval()
+        params = read_flame_params(sequence_json)
+        renderer = ViewRenderer(BakedAvatar.from_model(model, cuda_graph=graphs), params.intrinsics)
+        camera, _, _ = view_from_frame(params.intrinsics, params.cam_pose[0], np.zeros(3))
+        shots = [
+            renderer.render(
+                camera, params.expression[j : j + 1].numpy(), params.flame_pose[j : j + 1].numpy(), image
+            )
+            for j in range(2)
+        ]
+        images.append(torch.stack([s.image for s in shots]))
+    assert images[1].device.type == "cpu"  # the viewer sends CPU images
+    why = "fp32 on two devices: the products sum in different orders (~1e-6)"
+    assert_close(images[1], images[0], rtol=0, atol=1e-4, reason=why)
+    assert (images[0] < 0.99).any()  # the avatar is in the image
