@@ -18,8 +18,10 @@ the sliders' starting values. Stop with Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
+import threading
 import time
 
 from pointavatar.config import load_conf
@@ -139,12 +141,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    # Ctrl-C and SIGTERM stop the server. The handlers are installed explicitly: a process started in
+    # the background of a non-interactive shell inherits SIGINT as ignored, and Python then never
+    # raises KeyboardInterrupt.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     print(f"Viewer at {viewer.url} (Ctrl-C to stop)", flush=True)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("\nstopping the viewer")
+        while not stop.wait(1.0):
+            pass
+        print("\nstopping the viewer", flush=True)
     finally:
         viewer.stop()
     return 0
