@@ -221,6 +221,11 @@ class TrainConf:
     """(ours) Random seed of training: the model initialisation draws from it, and each epoch's random
     draws (shuffle, eikonal samples, upsample jitter) from (seed, epoch), so a resumed run repeats the
     draws of the run it continues. The original was unseeded."""
+    lr_rank_scaling: str = field(default="linear", metadata=_choices("linear", "sqrt", "none"))
+    """(ours) On K ranks (torchrun) a step sees K times the frames of a one-process step and an epoch has K
+    times fewer steps; learning_rate is multiplied by K ("linear"), sqrt(K) ("sqrt") or 1 ("none"), the
+    MultiStepLR decay included (README "Training on several GPUs": measured). No effect on one process.
+    learning_rate_cam is never scaled: each frame's inputs are still updated once an epoch."""
 
 
 @dataclass

@@ -46,6 +46,7 @@ def snapshot(trainer: Trainer) -> dict:
         "visible": None if visible is None else visible.cpu().clone(),
         "n_points": trainer.model.pc.n_points,
         "radius": trainer.model.pc.radius,
+        "lr": trainer.optimizer.param_groups[0]["lr"],
         "skipped": trainer.skipped_steps,
     }
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from pointavatar.config import save_conf
 from pointavatar.engine.distributed import Ranks, ShardedBatches, init_ranks, rank_device
 from pointavatar.errors import PointAvatarError
+from pointavatar.train.schedule import rank_lr_factor
 from pointavatar.train.trainer import Trainer
 
 WORKER = ROOT / "tests" / "train" / "dist_worker.py"
@@ -86,9 +87,13 @@ def two_ranks(subject, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(subject, tmp_path_factory):
-    """The same run in a single process with batch 2, its first backward poisoned the same way."""
+    """The same run in a single process with batch 2 and twice the learning rate (the 2 ranks' rate:
+    train.lr_rank_scaling "linear"), its first backward poisoned the same way."""
     out = tmp_path_factory.mktemp("one_process")
-    conf = tiny(SUBJECT1, subject, out / "exps", **{**SETTINGS, "train.max_batch": 2})
+    lr = tiny(SUBJECT1, subject, out).train.learning_rate
+    conf = tiny(
+        SUBJECT1, subject, out / "exps", **{**SETTINGS, "train.max_batch": 2, "train.learning_rate": 2 * lr}
+    )
     trainer = Trainer(conf, nepoch=NEPOCH, device="cpu")
     epochs = record_epochs(trainer)
     poison(trainer, 0)
@@ -98,7 +103,7 @@ def one_process(subject, tmp_path_factory):
 
 @pytest.mark.slow
 def test_ranks_hold_identical_state_through_prune_and_upsample(two_ranks):
-    _, (rank0, rank1), output = two_ranks
+    conf, (rank0, rank1), output = two_ranks
     assert len(rank0["epochs"]) == len(rank1["epochs"]) == NEPOCH + 1
     for epoch, (a, b) in enumerate(zip(rank0["epochs"], rank1["epochs"], strict=True)):
         leaves_a, leaves_b = list(tensors(a)), list(tensors(b))
@@ -121,6 +126,8 @@ def test_ranks_hold_identical_state_through_prune_and_upsample(two_ranks):
     assert rank0["epochs"][0]["skipped"] == rank1["epochs"][0]["skipped"] == 1
     assert last["skipped"] == 1
     assert "batch 1 per rank x 2 ranks" in output
+    # train.lr_rank_scaling "linear" (the default): twice the rate on 2 ranks, in every Adam.
+    assert all(e["lr"] == 2 * conf.train.learning_rate for e in rank0["epochs"])
 
 
 @pytest.mark.slow
@@ -167,6 +174,9 @@ def test_two_rank_run_resumes_in_one_process(two_ranks, tmp_path):
     shutil.copytree(Experiment(conf).run_dir, Experiment(moved).run_dir)
     resumed = Trainer(moved, nepoch=NEPOCH + 1, is_continue=True, device="cpu")
     assert resumed.start_epoch == NEPOCH + 1
+    # The 2 ranks' doubled rate (train.lr_rank_scaling) is back to the conf's on one process.
+    lr = conf.train.learning_rate
+    assert resumed.scheduler.base_lrs == [lr] and resumed.optimizer.param_groups[0]["lr"] == lr
     last = rank0["epochs"][-1]
     for key, value in resumed.model.state_dict().items():
         assert torch.equal(value, last["model"][key]), key
@@ -195,6 +205,13 @@ def test_one_process_run_resumes_on_two_ranks_from_the_command_line(subject, tmp
 
     exp = Experiment(conf)
     assert load_model_ckpt(exp.train_dir)["epoch"] == 2
+    # The rate doubled on 2 ranks (train.lr_rank_scaling "linear"), and the checkpoint says so.
+    checkpoints = exp.train_dir / "checkpoints"
+    scheduler = torch.load(checkpoints / "SchedulerParameters" / "latest.pth")
+    optimizer = torch.load(checkpoints / "OptimizerParameters" / "latest.pth")
+    assert scheduler["lr_rank_factor"] == 2.0
+    assert scheduler["scheduler_state_dict"]["base_lrs"] == [2 * conf.train.learning_rate]
+    assert optimizer["optimizer_state_dict"]["param_groups"][0]["lr"] == 2 * conf.train.learning_rate
     # Rank 0 evaluated the new checkpoint (the other ranks print nothing and left after training).
     assert proc.stdout.count("Outputs in") == 1
     epoch_dir = exp.eval_dir / "test" / "epoch_2"
@@ -257,6 +274,18 @@ def test_sharded_batches_cut_the_global_batches():
         for r in range(k):
             assert per_rank[r][s] == chunk[r * share : (r + 1) * share]
     assert sorted({i for r in per_rank for batch in r for i in batch}) == list(range(n))
+
+
+def test_learning_rate_factor_of_the_ranks(subject, tmp_path):
+    train = tiny(SUBJECT1, subject, tmp_path).train
+    assert train.lr_rank_scaling == "linear"  # the default
+    assert rank_lr_factor(train, 1) == 1.0 and rank_lr_factor(train, 4) == 4.0
+    sqrt = tiny(SUBJECT1, subject, tmp_path, **{"train.lr_rank_scaling": "sqrt"}).train
+    assert rank_lr_factor(sqrt, 1) == 1.0 and rank_lr_factor(sqrt, 4) == 2.0
+    none = tiny(SUBJECT1, subject, tmp_path, **{"train.lr_rank_scaling": "none"}).train
+    assert rank_lr_factor(none, 4) == 1.0
+    with pytest.raises(PointAvatarError, match="lr_rank_scaling"):
+        tiny(SUBJECT1, subject, tmp_path, **{"train.lr_rank_scaling": "quadratic"})
 
 
 def test_a_single_process_takes_no_distributed_path(monkeypatch):

@@ -26,11 +26,12 @@ the cloud (``model.pc``) holds the points and the raster radius, which only this
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from ..config import Conf
+from ..config import Conf, TrainConf
 from ..engine.batching import batch_size_for
 from ..engine.distributed import Ranks
 from ..errors import PointAvatarError
@@ -66,6 +67,13 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(model.parameters(), lr=lr)
 
 
+def rank_lr_factor(train: TrainConf, world_size: int) -> float:
+    """The factor of train.learning_rate on ``world_size`` ranks (``train.lr_rank_scaling``); 1 for one."""
+    if world_size <= 1 or train.lr_rank_scaling == "none":
+        return 1.0
+    return float(world_size) if train.lr_rank_scaling == "linear" else math.sqrt(world_size)
+
+
 class PointSchedule:
     """Radius, visibility, prune and upsample rules, optimizer resizing and per-epoch values.
 
@@ -76,6 +84,9 @@ class PointSchedule:
 
     def __init__(self, conf: Conf, ranks: Ranks | None = None):
         self.ranks = ranks if ranks is not None else Ranks()
+        self.lr_factor = rank_lr_factor(conf.train, self.ranks.world_size)
+        # The base learning rate of every Adam (x 1.0 on one process: exactly train.learning_rate).
+        self.learning_rate = conf.train.learning_rate * self.lr_factor
         self.train = conf.train
         self.max_points = conf.model.point_cloud.max_points
         self.prune_thresh = conf.model.prune_thresh
@@ -208,7 +219,7 @@ class PointSchedule:
         gathered by ``rows``, zero for new points. The caller applies the scheduled learning rate on
         top when ``train.fix_lr_schedule`` is set.
         """
-        new = make_optimizer(model, self.train.learning_rate)
+        new = make_optimizer(model, self.learning_rate)
         if not self.train.keep_optimizer_state:
             return new
         points = model.pc.points

@@ -80,7 +80,7 @@ class Trainer:
         self.model = build_model(conf, self.train_set, self.train_set.shape_params).to(self.device)
         self.loss = Loss(conf.loss, var_expression=self.train_set.var_expression).to(self.device)
         self.schedule = PointSchedule(conf, self.ranks)
-        self.optimizer = make_optimizer(self.model, tc.learning_rate)
+        self.optimizer = make_optimizer(self.model, self.schedule.learning_rate)
         # Bound to the first Adam, as in the original: after the first resize it no longer drives the
         # learning rate unless train.fix_lr_schedule is set (spec §10.1).
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -194,16 +194,27 @@ class Trainer:
         tc = self.conf.train
         if tc.prune_on_resume:
             self.schedule.load_state_dict(payload, self.model.pc.points)
-        self.optimizer = make_optimizer(self.model, tc.learning_rate)
+        self.optimizer = make_optimizer(self.model, self.schedule.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, list(tc.sched_milestones), gamma=tc.sched_factor
         )
+        # The learning rates stored below are those of the run's rank count: rescaled to this one's.
+        lr_ratio = 1.0
         if store.exists(ckpt.SCHEDULER, checkpoint):
-            self.scheduler.load_state_dict(store.load(ckpt.SCHEDULER, checkpoint)["scheduler_state_dict"])
+            scheduler_payload = store.load(ckpt.SCHEDULER, checkpoint)
+            self.scheduler.load_state_dict(scheduler_payload["scheduler_state_dict"])
+            lr_ratio = self.schedule.lr_factor / float(scheduler_payload.get("lr_rank_factor", 1.0))
+        if lr_ratio != 1.0:
+            self.scheduler.base_lrs = [lr * lr_ratio for lr in self.scheduler.base_lrs]
+            self.scheduler._last_lr = [lr * lr_ratio for lr in self.scheduler.get_last_lr()]
         if tc.keep_optimizer_state and store.exists(ckpt.OPTIMIZER, checkpoint):
             # Only with the fix: the original saves the Adam state but never loads it (spec §10.2).
             try:
                 self.optimizer.load_state_dict(store.load(ckpt.OPTIMIZER, checkpoint)["optimizer_state_dict"])
+                if lr_ratio != 1.0:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] *= lr_ratio
+                        group["initial_lr"] = self.scheduler.base_lrs[0]
             except (ValueError, KeyError, RuntimeError) as exc:
                 print(f"Adam state not restored ({exc}); starting with fresh moments.")
         if tc.fix_lr_schedule:
@@ -234,6 +245,9 @@ class Trainer:
             ckpt.OPTIMIZER: {"optimizer_state_dict": self.optimizer.state_dict()},
             ckpt.SCHEDULER: {"scheduler_state_dict": self.scheduler.state_dict()},
         }
+        if self.schedule.lr_factor != 1.0:
+            # The rates stored are scaled for this run's rank count; a resume on another count rescales.
+            payloads[ckpt.SCHEDULER]["lr_rank_factor"] = self.schedule.lr_factor
         if self.inputs.enabled:
             payloads[ckpt.OPTIMIZER_INPUTS] = {"optimizer_cam_state_dict": self.optimizer_cam.state_dict()}
             payloads[ckpt.INPUTS] = self.inputs.state()
