@@ -57,20 +57,24 @@ mkdir -p "$work"
 work=$(realpath "$work")
 cd "$repo" || exit 1
 export PYTHONPATH="$repo/code${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}  # the interpreter with PyTorch (the GPU machines have python3 only)
+# NVLink multicast stays off (the GPU machines set these; kept if a caller's environment lacks them).
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
 device_flag=()
 [ $tiny = 1 ] && device_flag=(--device cpu)
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: $(git rev-parse HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | head -c 1 | sed 's/./(with uncommitted changes)/')"
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])"
+  "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  echo "NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE TORCH_SYMM_MEM_DISABLE_MULTICAST=$TORCH_SYMM_MEM_DISABLE_MULTICAST"
   echo "ranks: $gpus, lr_rank_scaling: $lr_scaling, nepoch: ${nepoch:-conf}, tiny: $tiny, work: $work"
 } > "$out/env.txt" 2>&1
 
 # The two confs: the same conf, each run in its own experiment folder (lr_rank_scaling acts on K ranks only).
 if [ $tiny = 1 ]; then
-  python - "$work" "$gpus" "$lr_scaling" <<'EOF' || exit 1
+  "$py" - "$work" "$gpus" "$lr_scaling" <<'EOF' || exit 1
 import sys
 from pathlib import Path
 
@@ -97,7 +101,7 @@ for ranks in (k, 1):
 EOF
 else
   # The subject first, on the CPU, unless the same one is there (the runs would generate it too).
-  python - >> "$out/logs/data.txt" 2>&1 <<'EOF' || { echo "data generation failed: $out/logs/data.txt" >&2; exit 1; }
+  "$py" - >> "$out/logs/data.txt" 2>&1 <<'EOF' || { echo "data generation failed: $out/logs/data.txt" >&2; exit 1; }
 from pointavatar.config import load_conf
 from pointavatar.synthetic import ensure_synthetic_subject
 
@@ -129,9 +133,9 @@ run() {  # run K: train (or resume) and evaluate the K-rank run, within the budg
   [ -n "$nepoch" ] && args+=(--nepoch "$nepoch")
   echo "k$k: started $(date +%H:%M:%S), log $log"
   if [ "$k" = 1 ]; then
-    "${limit[@]}" python "${args[@]}" > "$log" 2>&1
+    "${limit[@]}" "$py" "${args[@]}" > "$log" 2>&1
   else
-    "${limit[@]}" python -m torch.distributed.run --standalone --nproc_per_node "$k" "${args[@]}" > "$log" 2>&1
+    "${limit[@]}" "$py" -m torch.distributed.run --standalone --nproc_per_node "$k" "${args[@]}" > "$log" 2>&1
   fi
   rc=$?
   echo "k$k: exit $rc at $(date +%H:%M:%S)"
@@ -144,6 +148,6 @@ for k in "$gpus" 1; do
   if [ -z "$only" ] || [ "$only" = "$k" ]; then run "$k" || status=1; fi
 done
 cp "$work"/k*/log-*.txt "$work"/k*.conf "$out/logs/" 2>/dev/null
-python benchmarks/multigpu_summary.py --work "$work" --ranks "$gpus" --out "$out/summary.json" > /dev/null || status=1
-echo "summary: $out/summary.json (complete: $(python -c "import json; print(json.load(open('$out/summary.json'))['complete'])"))"
+"$py" benchmarks/multigpu_summary.py --work "$work" --ranks "$gpus" --out "$out/summary.json" > /dev/null || status=1
+echo "summary: $out/summary.json (complete: $("$py" -c "import json; print(json.load(open('$out/summary.json'))['complete'])"))"
 exit $status
