@@ -152,11 +152,13 @@ class PointAvatar(nn.Module):
         self._compiled[name] = compiled
         return result
 
-    def _explicit_geometry(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The explicit SDF sweep (compiled on CUDA unless ``compile_scope`` is "none")."""
+    def _geometry_fast(
+        self, points: torch.Tensor, jittered: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_geometry_piece``, compiled on CUDA unless ``compile_scope`` is "none"."""
         if self.compile_scope == "none":
-            return self.geometry_network.forward_with_gradient_explicit(y)
-        return self._compiled_call("sweep", self.geometry_network.forward_with_gradient_explicit, y)
+            return self._geometry_piece(points, jittered)
+        return self._compiled_call("geometry", self._geometry_piece, points, jittered)
 
     def _geometry_piece(
         self, points: torch.Tensor, jittered: torch.Tensor
@@ -205,15 +207,9 @@ class PointAvatar(nn.Module):
         Points are independent of each other here, so chunks of points can be recomputed in the
         backward instead of stored (``model.recompute_chunk``).
         """
-        scope = self.compile_scope
-        if scope == "none":
-            normals_c, albedo, sdf, grad = self._geometry_piece(points, jittered)
-        else:
-            normals_c, albedo, sdf, grad = self._compiled_call(
-                "geometry", self._geometry_piece, points, jittered
-            )
+        normals_c, albedo, sdf, grad = self._geometry_fast(points, jittered)
         frame = (betas, transformations, pose_feature)
-        if scope == "per_point":
+        if self.compile_scope == "per_point":
             x_d, cols = self._compiled_call("deform", self._deform_piece, points, *frame)
         else:
             x_d, cols = self._deform_piece(points, *frame)
@@ -279,15 +275,16 @@ class PointAvatar(nn.Module):
         """
         x = points.detach()
         n = x.shape[0]
-        y = torch.cat([x, x + (torch.rand_like(x) - 0.5) * EIKONAL_JITTER], dim=0)  # [2N, 3]
+        jittered = x + (torch.rand_like(x) - 0.5) * EIKONAL_JITTER
         # The second-order graph only serves training (eikonal, normals -> geometry weights); eval
         # (incl. test-time tracking, which optimises the inputs only) skips it to save memory.
         create_graph = self.training and torch.is_grad_enabled()
-        if create_graph and self.uses_fast_path(y.device):
+        if create_graph and self.uses_fast_path(x.device):
             # Same values and weight gradients, first-order autograd only (no double backward).
-            out, grad = self._explicit_geometry(y)
-        else:
-            out, grad = self.geometry_network.forward_with_gradient(y, create_graph=create_graph)
+            normals, albedo, sdf, grad = self._geometry_fast(points, jittered)
+            return normals, sdf, albedo, grad
+        y = torch.cat([x, jittered], dim=0)  # [2N, 3]
+        out, grad = self.geometry_network.forward_with_gradient(y, create_graph=create_graph)
         normals = F.normalize(grad[:n], dim=-1)
         sdf = out[:n, 0]
         albedo = torch.sigmoid(ALBEDO_SCALE * out[:n, 1:4])
