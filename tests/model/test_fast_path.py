@@ -65,6 +65,31 @@ def test_fast_path_equals_reference_in_float64(flame_files, seed, chunk):
         assert_close(grad_f[name], value, **tol, msg=name)
 
 
+def test_chunks_are_not_views(flame_files):
+    """The chunks handed to the (compiled) per-point function own their storage: torch.compile guards
+    on a view's base size, so views would compile once for a cloud that fits one chunk and again when
+    it outgrows it (seen on the H200 as a 70-s epoch at the first cloud over 65,536 points)."""
+    model = build(flame_files)
+    model.implementation = "fast"
+    model.train()
+    seen = []
+    inner = model._per_point_fast
+
+    def spy(points, jittered, *frame):
+        seen.append((points.shape[0], points._base is None, jittered._base is None))
+        return inner(points, jittered, *frame)
+
+    model._per_point_fast = spy
+    n = model.pc.n_points
+    for chunk in (n, n + 5, 37):  # one chunk of the whole cloud, one larger chunk, several chunks
+        seen.clear()
+        model.recompute_chunk = chunk
+        out = model(make_input(2))
+        assert sum(c for c, _, _ in seen) == n and all(own for _, *flags in seen for own in flags), seen
+        out.rgb_image.sum().backward()  # the recomputation in the backward sees the same chunks
+        assert sum(c for c, _, _ in seen) == 2 * n and all(own for _, *flags in seen for own in flags)
+
+
 def test_auto_is_reference_on_cpu(flame_files):
     model = build(flame_files)
     assert model.implementation == "reference"  # the default until the fast path's 512 run is recorded

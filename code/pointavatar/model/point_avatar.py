@@ -241,11 +241,13 @@ class PointAvatar(nn.Module):
         parts = []
         for start in range(0, points.shape[0], chunk):
             sl = slice(start, start + chunk)
+            # Copies, not views: torch.compile guards on a view's base size, so a cloud that fits one
+            # chunk (the view is its whole base) and one that does not would compile twice.
             parts.append(
                 torch.utils.checkpoint.checkpoint(
                     self._per_point_fast,
-                    points[sl],
-                    jittered[sl],
+                    points[sl].clone(),
+                    jittered[sl].clone(),
                     betas,
                     transformations,
                     pose_feature,
