@@ -10,6 +10,7 @@ and evaluation are not counted.
 
     python benchmarks/schedule_estimate.py benchmarks/results/2026-11-30_h200_bench_train_reference.json
     python benchmarks/schedule_estimate.py FAST.json --fallback REFERENCE_OR_OTHER.json
+    python benchmarks/schedule_estimate.py SMALL_SIZES.json LARGE_SIZES.json   # one measurement in two files
 """
 
 from __future__ import annotations
@@ -49,12 +50,18 @@ def schedule(frames: int, last_epoch: int, n0: int, max_points: int, every: int,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench_json", help="bench_train.py --out file with the step times")
+    p.add_argument(
+        "bench_json",
+        nargs="+",
+        help="bench_train.py --out files with the step times (merged; a later file wins)",
+    )
     p.add_argument("--fallback", help="another bench JSON for sizes the first does not cover below its range")
     p.add_argument("--frames", type=int, default=3000)
     p.add_argument("--last_epoch", type=int, default=62)
     args = p.parse_args()
-    times = step_times(args.bench_json)
+    times = {}
+    for path in args.bench_json:
+        times.update(step_times(path))
     fallback = step_times(args.fallback) if args.fallback else {}
     total = 0.0
     for epoch, n, batch, steps in schedule(args.frames, args.last_epoch, 400, 409600, 5, 819200, 8):

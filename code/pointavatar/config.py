@@ -415,21 +415,25 @@ class ModelConf:
     render_backend: str = field(default="auto", metadata=_choices("auto", "torch", "cuda"))
     """(ours) Point rasterizer/compositor: "torch" (pure-PyTorch reference, any device), "cuda" (fast GPU
     path), "auto" (cuda on a CUDA device when available, else torch)."""
-    implementation: str = field(default="reference", metadata=_choices("auto", "reference", "fast"))
+    implementation: str = field(default="auto", metadata=_choices("auto", "reference", "fast"))
     """(ours) The training-step engine. "reference": the straightforward autograd implementation (SDF
     normals by double backward, deformer Jacobian by forward-mode JVPs, 1-NN by candidate top-k), the
-    truth in tests. "fast": explicit first-order SDF gradients and the Triton 1-NN on CUDA (same
-    results; README "Speed"). "auto": fast on a CUDA device, reference on the CPU. The default becomes
-    "auto" once the fast path's 512 run matches the reference's (benchmarks/RESULTS.md)."""
+    truth in tests. "fast": explicit first-order SDF gradients and deformer tangents, the per-point work
+    compiled with torch.compile on CUDA, and the Triton 1-NN (same values and gradients, tested; the
+    synthetic512 pair of runs in benchmarks/RESULTS.md). "auto": fast on a CUDA device, reference on
+    the CPU (where the fast path gains nothing)."""
     recompute_chunk: int = field(default=0, metadata=_range(min=0))
     """(ours) Fast path, training only: the per-point work (SDF sweep, deformer, FLAME, shading) runs in
     chunks of this many points whose activations are recomputed in the backward instead of stored
-    (torch.utils.checkpoint): far less GPU memory for about one more forward pass. 0: one pass, all
-    stored. Same values and gradients either way."""
-    tf32: bool = False
-    """(ours) Allow TF32 tensor-core matmuls on CUDA (fp32 storage and accumulation, inputs rounded to
-    10 mantissa bits): faster matmuls; canonical normals move by about 0.07 degrees on average
-    (benchmarks/RESULTS.md). Sets torch.backends.cuda.matmul.allow_tf32 for the whole process."""
+    (torch.utils.checkpoint): far less GPU memory for about one more forward pass (at 409,600 points
+    on an H200: 7.3 GiB and 190 ms a step with 65536, against 44 GiB and 136 ms with 0; README
+    "Speed"). 0: one pass, all stored. Same values and gradients either way."""
+    tf32: bool = True
+    """Allow TF32 tensor-core matmuls on CUDA (fp32 storage and accumulation, inputs rounded to 10
+    mantissa bits). On, as in the original's PyTorch 1.11 (its default on Ampere and later GPUs); canonical
+    normals move by about 0.07 degrees on average, test PSNR within run-to-run spread
+    (benchmarks/RESULTS.md). False: strict fp32 matmuls. Sets torch.backends.cuda.matmul.allow_tf32 for
+    the whole process."""
     geometry_network: GeometryNetworkConf = field(default_factory=GeometryNetworkConf)
     """SDF + albedo network."""
     rendering_network: RenderingNetworkConf = field(default_factory=RenderingNetworkConf)

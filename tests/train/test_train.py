@@ -277,3 +277,19 @@ def test_prune_on_resume_saves_visibility(subject, tmp_path, capsys):
     assert resumed.schedule.resumed_visibility
     resumed.run()
     assert "Pruning points" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_trainer_and_evaluator_apply_model_tf32(subject, tmp_path, tf32):
+    """``model.tf32`` (default on, as the original's PyTorch 1.11) sets the process-wide TF32 flags
+    before any work; the conftest restores them after the test."""
+    conf = tiny(SUBJECT1, subject, tmp_path)
+    assert conf.model.tf32 is True  # the default
+    conf.model.tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+    trainer = Trainer(conf, nepoch=0, device="cpu")
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+    trainer.run()  # one epoch, for the evaluator's checkpoint
+    torch.backends.cuda.matmul.allow_tf32 = not tf32
+    Evaluator(conf, device="cpu")
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32
