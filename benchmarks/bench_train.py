@@ -135,7 +135,11 @@ def main() -> None:
         choices=["reference", "fast", "auto"],
         help="model.implementation",
     )
-    p.add_argument("--tf32", action="store_true", help="model.tf32 (off unless given, as in the reference figures; the conf default is on)")
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="model.tf32 (off unless given, as in the reference figures; the conf default is on)",
+    )
     p.add_argument("--recompute-chunk", type=int, default=0, help="model.recompute_chunk (fast path)")
     p.add_argument(
         "--compile-scope",
