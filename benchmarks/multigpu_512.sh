@@ -4,7 +4,7 @@
 # the final point count and test PSNR of both, as JSON.
 #
 #   bash benchmarks/multigpu_512.sh --out DIR [--gpus K] [--budget SECONDS] [--lr_scaling S] [--nepoch N]
-#                                            [--only K|1] [--work DIR] [--tiny]
+#                                            [--only K|1] [--work DIR] [--set 'KEY = VALUE']... [--tiny]
 #
 #   --out DIR        where the results go: summary.json (benchmarks/multigpu_summary.py), env.txt
 #                    (commit, torch, GPUs), logs/ (each run's output)
@@ -17,6 +17,8 @@
 #   --only K|1       run only that one (the summary covers whatever is done)
 #   --work DIR       run folders, confs and logs (default data/experiments/multigpu512, or
 #                    DIR/work with --tiny); kept between calls, so a second call resumes
+#   --set LINE       a HOCON line added to both runs' confs (repeatable), e.g.
+#                    --set 'model.implementation = "reference"' --set 'model.tf32 = false'
 #   --tiny           smoke test on the CPU with gloo: the tests' tiny subject and conf (32x32, 2 x 2
 #                    frames, small networks), 3 epochs; seconds, not a measurement
 #
@@ -25,13 +27,17 @@
 # cut by --budget or by a time limit resumes at the last checkpoint (every 5 epochs in the conf) on the
 # next call, and "resuming continues exactly" (README) keeps the results those of one run.
 #
+# Both runs use the conf's engine: since commit a1da11b the defaults take the fast path with TF32 on
+# CUDA; the recorded measurement (benchmarks/RESULTS.md, 2026-11-30: 1.91x, -0.16 dB) was of the
+# reference path: repeat it with --set 'model.implementation = "reference"' --set 'model.tf32 = false'.
+#
 # On a two-H200 machine the 1-GPU run takes about 7 min (367 s of training on one H200, README), the
 # 2-GPU run about half of its training time more, plus the subject's generation the first time
 # (~100 s, CPU): about 13 min in all, so with a 10-minute limit per call:
 #     bash benchmarks/multigpu_512.sh --out "$OUT" --budget 570     # repeat until summary.json says "complete": true
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-out=""; gpus=2; budget=0; lr_scaling=linear; nepoch=""; only=""; work=""; tiny=0
+out=""; gpus=2; budget=0; lr_scaling=linear; nepoch=""; only=""; work=""; tiny=0; sets=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out=$2; shift 2 ;;
@@ -41,12 +47,14 @@ while [ $# -gt 0 ]; do
     --nepoch) nepoch=$2; shift 2 ;;
     --only) only=$2; shift 2 ;;
     --work) work=$2; shift 2 ;;
+    --set) sets+=("$2"); shift 2 ;;
     --tiny) tiny=1; shift ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 [ -n "$out" ] || { echo "--out DIR is required (see --help)" >&2; exit 2; }
+if [ $tiny = 1 ] && [ ${#sets[@]} -gt 0 ]; then echo "--set applies to the 512 runs, not to --tiny" >&2; exit 2; fi
 start=$(date +%s)
 mkdir -p "$out/logs"
 out=$(realpath "$out")
@@ -70,6 +78,7 @@ device_flag=()
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   echo "NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE TORCH_SYMM_MEM_DISABLE_MULTICAST=$TORCH_SYMM_MEM_DISABLE_MULTICAST"
   echo "ranks: $gpus, lr_rank_scaling: $lr_scaling, nepoch: ${nepoch:-conf}, tiny: $tiny, work: $work"
+  for line in "${sets[@]}"; do echo "set: $line"; done
 } > "$out/env.txt" 2>&1
 
 # The two confs: the same conf, each run in its own experiment folder (lr_rank_scaling acts on K ranks only).
@@ -114,6 +123,7 @@ EOF
       echo "include \"$repo/benchmarks/synthetic512.conf\""
       echo "train.exps_folder = \"$work/k$ranks\""
       echo "train.lr_rank_scaling = $lr_scaling"
+      for line in "${sets[@]}"; do echo "$line"; done
     } > "$work/k$ranks.conf"
   done
 fi
