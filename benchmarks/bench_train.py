@@ -109,18 +109,24 @@ def memory_split(model, loss_fn, conf, model_input, ground_truth, optimizer) -> 
 
 
 def profile_steps(step, device, path: Path) -> None:
-    """Two profiled steps: the kernel table by device time, written to ``path`` and its head printed."""
+    """Two profiled steps: the kernel table by device time, then the operators by self device time and
+    input shapes (which matmul is which), written to ``path``; the first table's head printed."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(2):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60)
-    path.write_text(table)
+    self_sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    shapes = prof.key_averages(group_by_input_shape=True).table(
+        sort_by=self_sort, row_limit=60, max_name_column_width=40, max_shapes_column_width=90
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{table}\n\nBy operator and input shapes (self time):\n{shapes}\n")
     print("\n".join(table.splitlines()[:25]), flush=True)
 
 
