@@ -40,8 +40,8 @@ from torch.nn.utils import parametrize
 
 from pointavatar.errors import PointAvatarError
 from pointavatar.flame.lbs import batch_rodrigues, transform_mat
-from pointavatar.model.deform_explicit import _first_layer, _linear, _softplus
-from pointavatar.model.deformer import N_POSE_FEATURES, SKINNING_TEMPERATURE
+from pointavatar.model.deform_explicit import skinning_with_tangents, trunk_with_tangents
+from pointavatar.model.deformer import N_POSE_FEATURES
 from pointavatar.model.point_avatar import ALBEDO_SCALE, POINTS_PER_PIXEL, PointAvatar, deformed_normals
 from pointavatar.render import alpha_composite, project_points, rasterize_points
 
@@ -507,19 +507,10 @@ def _bake_points(
     albedo = torch.sigmoid(ALBEDO_SCALE * out[:, 1:4])
 
     deformer, flame = model.deformer_network, model.FLAMEServer
-    z, t = _first_layer(deformer, x)
-    h, t = _softplus(deformer.softplus, z, t)
-    for l in range(1, deformer.num_layers - 1):
-        z, t = _linear(getattr(deformer, f"lin{l}"), h, t)
-        h, t = _softplus(deformer.softplus, z, t)
+    h, t = trunk_with_tangents(deformer, x)
     hidden = torch.cat([h[None], t]).transpose(0, 1)  # [n, 4, D]
 
-    z, ts = _linear(deformer.skinning_linear, h, t)
-    hs, ts = _softplus(deformer.softplus, z, ts)
-    logits, t_logits = _linear(deformer.skinning, hs, ts)
-    weights = torch.softmax(SKINNING_TEMPERATURE * logits, dim=-1)  # [n, J]
-    t_l = SKINNING_TEMPERATURE * t_logits  # [3, n, J]
-    t_weights = weights * (t_l - (weights * t_l).sum(-1, keepdim=True))  # softmax JVP
+    weights, t_weights = skinning_with_tangents(deformer, h, t)  # [n, J], [3, n, J]
     skin = torch.cat([weights[None], t_weights]).transpose(0, 1)  # [n, 4, J]
 
     eye = torch.eye(3, dtype=x.dtype, device=x.device)[:, None, :]  # [3, 1, 3]

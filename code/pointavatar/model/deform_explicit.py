@@ -53,6 +53,28 @@ def _softplus(act: nn.Softplus, z: torch.Tensor, t: torch.Tensor) -> tuple[torch
     )
 
 
+def trunk_with_tangents(deformer: ForwardDeformer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deformer's shared hidden layers at x [N, 3]: (h [N, D], d h / d x_k [3, N, D])."""
+    z, t = _first_layer(deformer, x)
+    h, t = _softplus(deformer.softplus, z, t)
+    for l in range(1, deformer.num_layers - 1):
+        z, t = _linear(getattr(deformer, f"lin{l}"), h, t)
+        h, t = _softplus(deformer.softplus, z, t)
+    return h, t
+
+
+def skinning_with_tangents(
+    deformer: ForwardDeformer, h: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LBS weights from the trunk's (h, t): (weights [N, J], d weights / d x_k [3, N, J])."""
+    z, ts = _linear(deformer.skinning_linear, h, t)
+    hs, ts = _softplus(deformer.softplus, z, ts)
+    logits, t_logits = _linear(deformer.skinning, hs, ts)
+    weights = torch.softmax(SKINNING_TEMPERATURE * logits, dim=-1)
+    t_l = SKINNING_TEMPERATURE * t_logits
+    return weights, weights * (t_l - (weights * t_l).sum(-1, keepdim=True))  # softmax JVP
+
+
 def deform_with_jacobian_explicit(
     deformer: ForwardDeformer,
     flame: nn.Module,
@@ -78,11 +100,7 @@ def deform_with_jacobian_explicit(
     dtype = points.dtype
 
     # ---- deformer query: primal h [N, D] and tangents t [3, N, D] ----
-    z, t = _first_layer(deformer, points)
-    h, t = _softplus(deformer.softplus, z, t)
-    for l in range(1, deformer.num_layers - 1):
-        z, t = _linear(getattr(deformer, f"lin{l}"), h, t)
-        h, t = _softplus(deformer.softplus, z, t)
+    h, t = trunk_with_tangents(deformer, points)
     # The head is applied block by block (rows of its weight) rather than sliced afterwards: the
     # backward of a slice of a [3, N, C] tangent would allocate and fill a full zero tensor per slice.
     n_p, n_s, n_e = deformer.n_posedirs, deformer.n_shapedirs, deformer.num_exp
@@ -99,12 +117,7 @@ def deform_with_jacobian_explicit(
     shapedirs = shapedirs.reshape(n, 3, n_e)
     t_shapedirs = t_shapedirs.reshape(3, n, 3, n_e)
 
-    z, ts = _linear(deformer.skinning_linear, h, t)
-    hs, ts = _softplus(deformer.softplus, z, ts)
-    logits, t_logits = _linear(deformer.skinning, hs, ts)
-    weights = torch.softmax(SKINNING_TEMPERATURE * logits, dim=-1)  # [N, J]
-    t_l = SKINNING_TEMPERATURE * t_logits  # [3, N, J]
-    t_weights = weights * (t_l - (weights * t_l).sum(-1, keepdim=True))  # softmax JVP
+    weights, t_weights = skinning_with_tangents(deformer, h, t)  # [N, J], [3, N, J]
 
     eye = torch.eye(3, dtype=dtype, device=points.device)[:, None, :]  # [3, 1, 3]
     if deformer.deform_c:
