@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -41,7 +43,9 @@ class HeadlessChromium:
     def __init__(self, executable: str, width: int, height: int, timeout: float = 30.0):
         self.executable, self.width, self.height, self.timeout = executable, width, height, timeout
         self._ids = itertools.count(1)
-        self._profile = tempfile.TemporaryDirectory(prefix="chromium-profile-")
+        # Chromium's helper processes can still write to the profile for a moment after the browser
+        # exits; what they leave behind is removed on a best-effort basis (below).
+        self._profile = tempfile.TemporaryDirectory(prefix="chromium-profile-", ignore_cleanup_errors=True)
         self._proc: subprocess.Popen | None = None
         self._ws = None
 
@@ -68,6 +72,7 @@ class HeadlessChromium:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: __exit__ stops the helpers too
         )
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + self.timeout
@@ -94,13 +99,25 @@ class HeadlessChromium:
         if self._ws is not None:
             self._ws.close()
         if self._proc is not None:
-            self._proc.terminate()
+            self._signal_group(signal.SIGTERM)
             try:
                 self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
+                self._signal_group(signal.SIGKILL)
                 self._proc.wait()
+            self._signal_group(signal.SIGKILL)  # helpers that outlived the browser
+        for _ in range(20):  # a helper may still be writing while it dies
+            shutil.rmtree(self._profile.name, ignore_errors=True)
+            if not Path(self._profile.name).exists():
+                break
+            time.sleep(0.1)
         self._profile.cleanup()
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self._proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def call(self, method: str, **params) -> dict:
         """Send one CDP command and return its result (events in between are dropped)."""
