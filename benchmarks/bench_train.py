@@ -146,6 +146,9 @@ def main() -> None:
         action="store_true",
         help="model.tf32 (off unless given, as in the reference figures; the conf default is on)",
     )
+    p.add_argument(
+        "--geometry-bf16", action="store_true", help="model.geometry_bf16 (fast path, experimental)"
+    )
     p.add_argument("--recompute-chunk", type=int, default=0, help="model.recompute_chunk (fast path)")
     p.add_argument(
         "--compile-scope",
@@ -176,6 +179,7 @@ def main() -> None:
         args.implementation,
         tf32=args.tf32,
         recompute_chunk=args.recompute_chunk,
+        geometry_bf16=args.geometry_bf16,
     )
     trainer = Trainer(conf, nepoch=0, device=device)  # applies model.tf32
     model, loss_fn = trainer.model, trainer.loss
@@ -256,6 +260,7 @@ def main() -> None:
         "res": args.res,
         "implementation": args.implementation,
         "tf32": args.tf32,
+        "geometry_bf16": args.geometry_bf16,
         "recompute_chunk": args.recompute_chunk,
         "compile_scope": args.compile_scope,
         "rows": rows,

@@ -428,6 +428,12 @@ class ModelConf:
     (torch.utils.checkpoint): far less GPU memory for about one more forward pass (at 409,600 points
     on an H200: 7.3 GiB and 190 ms a step with 65536, against 44 GiB and 136 ms with 0; README
     "Speed"). 0: one pass, all stored. Same values and gradients either way."""
+    geometry_bf16: bool = False
+    """(ours) Fast path, training only: the geometry network's matrix products (its forward and the
+    explicit gradient sweep) in bfloat16 with fp32 accumulation (torch.autocast); outputs back in the
+    points' dtype. Experimental: its normals error and its speed on a GPU are not measured yet
+    (benchmarks/normals_precision.py --compare bf16, bench_train.py --geometry-bf16). Eval, tracking
+    and the baked renderer stay in full precision."""
     tf32: bool = True
     """Allow TF32 tensor-core matmuls on CUDA (fp32 storage and accumulation, inputs rounded to 10
     mantissa bits). On, as in the original's PyTorch 1.11 (its default on Ampere and later GPUs); canonical

@@ -94,6 +94,7 @@ class PointAvatar(nn.Module):
         self.render_backend = conf.render_backend
         self.implementation = conf.implementation
         self.recompute_chunk = int(conf.recompute_chunk)
+        self.geometry_bf16 = bool(conf.geometry_bf16)
         self._compiled = {}  # torch.compile'd fast-path pieces, built on the first fast CUDA forward
         self._compile_failed = False
         # What the fast path compiles on CUDA: "per_point" (the geometry piece and the deformer piece,
@@ -166,9 +167,13 @@ class PointAvatar(nn.Module):
         """Canonical geometry of c points (fast path): the explicit SDF sweep at the points and at
         their eikonal samples -> (normals n_c [c, 3], albedo [c, 3], sdf [c], grad [2c, 3])."""
         c = points.shape[0]
-        out, grad = self.geometry_network.forward_with_gradient_explicit(
-            torch.cat([points.detach(), jittered], dim=0)
-        )
+        y = torch.cat([points.detach(), jittered], dim=0)
+        if self.geometry_bf16:  # model.geometry_bf16: bf16 matmuls, fp32 accumulation
+            with torch.autocast(device_type=y.device.type, dtype=torch.bfloat16):
+                out, grad = self.geometry_network.forward_with_gradient_explicit(y)
+            out, grad = out.to(y.dtype), grad.to(y.dtype)
+        else:
+            out, grad = self.geometry_network.forward_with_gradient_explicit(y)
         normals_c = F.normalize(grad[:c], dim=-1)
         albedo = torch.sigmoid(ALBEDO_SCALE * out[:c, 1:4])
         return normals_c, albedo, out[:c, 0], grad
