@@ -147,6 +147,12 @@ def main() -> None:
         help="model.tf32 (off unless given, as in the reference figures; the conf default is on)",
     )
     p.add_argument(
+        "--deform-contractions",
+        choices=["einsum", "pointwise"],
+        default="einsum",
+        help="how the fast path's FLAME algebra contracts small per-point dimensions",
+    )
+    p.add_argument(
         "--geometry-bf16", action="store_true", help="model.geometry_bf16 (fast path, experimental)"
     )
     p.add_argument("--recompute-chunk", type=int, default=0, help="model.recompute_chunk (fast path)")
@@ -184,6 +190,7 @@ def main() -> None:
     trainer = Trainer(conf, nepoch=0, device=device)  # applies model.tf32
     model, loss_fn = trainer.model, trainer.loss
     model.compile_scope = args.compile_scope
+    model.deform_contractions = args.deform_contractions
     batch_iter = None
     rows = []
     for n in args.points:
@@ -261,6 +268,7 @@ def main() -> None:
         "implementation": args.implementation,
         "tf32": args.tf32,
         "geometry_bf16": args.geometry_bf16,
+        "deform_contractions": args.deform_contractions,
         "recompute_chunk": args.recompute_chunk,
         "compile_scope": args.compile_scope,
         "rows": rows,

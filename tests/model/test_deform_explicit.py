@@ -7,7 +7,7 @@ import torch
 from test_model import IMG_RES, make_input, model_conf, perturb_
 from tolerances import assert_close
 
-from pointavatar.model.deform_explicit import deform_with_jacobian_explicit
+from pointavatar.model.deform_explicit import deform_with_jacobian_explicit, einsum_pointwise
 from pointavatar.model.point_avatar import PointAvatar
 
 
@@ -43,14 +43,15 @@ def frame_inputs(model: PointAvatar, b: int = 2):
 VARIANTS = [(True, True), (False, True), (True, False), (False, False)]
 
 
+@pytest.mark.parametrize("contractions", ["einsum", "pointwise"])
 @pytest.mark.parametrize(("ghostbone", "deform_c"), VARIANTS)
-def test_values_and_gradients_match_reference(flame_files, ghostbone, deform_c):
+def test_values_and_gradients_match_reference(flame_files, ghostbone, deform_c, contractions):
     model = build_variant(flame_files, ghostbone, deform_c)
     points = model.pc.points.detach().clone().requires_grad_(True)
     leaves, betas, tfs, pf = frame_inputs(model)
     x_ref, cols_ref = model.deform_with_jacobian(points, betas, tfs, pf)
     x_d, cols = deform_with_jacobian_explicit(
-        model.deformer_network, model.FLAMEServer, points, betas, tfs, pf
+        model.deformer_network, model.FLAMEServer, points, betas, tfs, pf, contractions=contractions
     )
     assert x_d.shape == x_ref.shape and cols.shape == cols_ref.shape
     # Same float64 arithmetic in a different order (inverse, einsum grouping): round-off only.
@@ -107,3 +108,24 @@ def test_softplus_threshold_branch(flame_files):
     # Same float64 arithmetic in a different order: round-off only (values grow with the scale).
     assert_close(x_d, x_ref, rtol=1e-11, atol=1e-11, reason="float64 round-off at 20x larger coordinates")
     assert_close(cols, cols_ref, rtol=1e-11, atol=1e-11, reason="float64 round-off at 20x larger coordinates")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["nj,jxy->nxy", "nxy,ny->nx", "knj,njx->knx", "bl,knxl->kbnx", "bi,knix->kbnx", "ab,cd->abcd", "ij,ij->"],
+)
+def test_einsum_pointwise_is_einsum(spec):
+    sizes = {"n": 5, "j": 3, "x": 4, "y": 4, "k": 3, "b": 2, "l": 6, "i": 7, "a": 2, "c": 3, "d": 2}
+    g = torch.Generator().manual_seed(0)
+    subs = spec.split("->")[0].split(",")
+    a, b = (torch.randn([sizes[c] for c in sub], generator=g, dtype=torch.float64) for sub in subs)
+    assert_close(einsum_pointwise(spec, a, b), torch.einsum(spec, a, b), rtol=1e-14, atol=1e-14)
+
+
+def test_unknown_contractions_are_refused(flame_files):
+    model = build_variant(flame_files, True, True)
+    _, betas, tfs, pf = frame_inputs(model)
+    with pytest.raises(ValueError, match="contractions"):
+        deform_with_jacobian_explicit(
+            model.deformer_network, model.FLAMEServer, model.pc.points, betas, tfs, pf, contractions="x"
+        )

@@ -38,13 +38,17 @@ def forward_and_grads(model, seed: int):
     return out, losses, grads
 
 
-@pytest.mark.parametrize(("seed", "chunk"), [(0, 0), (1, 0), (0, 37)])
-def test_fast_path_equals_reference_in_float64(flame_files, seed, chunk):
+@pytest.mark.parametrize(
+    ("seed", "chunk", "contractions"),
+    [(0, 0, "einsum"), (1, 0, "einsum"), (0, 37, "einsum"), (0, 37, "pointwise")],
+)
+def test_fast_path_equals_reference_in_float64(flame_files, seed, chunk, contractions):
     reference = build(flame_files).double()
     perturb_(reference, 0.05)
     fast = copy.deepcopy(reference)
     reference.implementation, fast.implementation = "reference", "fast"
     fast.recompute_chunk = chunk  # 37: several chunks of points, the last one shorter
+    fast.deform_contractions = contractions
     if chunk:
         assert fast.pc.n_points > 2 * chunk and fast.pc.n_points % chunk
     assert fast.uses_fast_path(torch.device("cpu")) and not reference.uses_fast_path(torch.device("cpu"))
@@ -154,14 +158,21 @@ def test_default_is_fast_on_cuda_only(flame_files):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(
-    ("scope", "chunk"), [("per_point", 0), ("per_point", 37), ("geometry", 37), ("none", 0)]
+    ("scope", "chunk", "contractions"),
+    [
+        ("per_point", 0, "einsum"),
+        ("per_point", 37, "einsum"),
+        ("per_point", 37, "pointwise"),
+        ("geometry", 37, "einsum"),
+        ("none", 0, "einsum"),
+    ],
 )
-def test_fast_path_equals_reference_on_gpu_in_float32(flame_files, scope, chunk):
+def test_fast_path_equals_reference_on_gpu_in_float32(flame_files, scope, chunk, contractions):
     reference = build(flame_files).cuda()
     perturb_(reference, 0.05)
     fast = copy.deepcopy(reference)
     reference.implementation, fast.implementation = "reference", "fast"
-    fast.compile_scope, fast.recompute_chunk = scope, chunk
+    fast.compile_scope, fast.recompute_chunk, fast.deform_contractions = scope, chunk, contractions
 
     def run(model):
         model.train()

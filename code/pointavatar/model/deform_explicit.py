@@ -53,6 +53,32 @@ def _softplus(act: nn.Softplus, z: torch.Tensor, t: torch.Tensor) -> tuple[torch
     )
 
 
+def einsum_pointwise(spec: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.einsum(spec, a, b)`` for two operands as one broadcast product and a sum over the
+    contracted letters, instead of a (batched) matrix product.
+
+    For the small contractions of FLAME's per-point algebra (over 3, 4, J or a few dozen values, with
+    N = 10^5..10^6 batch entries) a batched GEMM of tiny matrices, and the permuted copies einsum
+    makes to reach it, cost far more than the arithmetic; as products and sums, ``torch.compile``
+    fuses them into a few elementwise kernels that read each operand once. Eagerly it materialises the
+    full product (fine for tests, not for large N).
+    """
+    inputs, out = spec.replace(" ", "").split("->")
+    sa, sb = inputs.split(",")
+    letters = list(out) + [c for c in dict.fromkeys(sa + sb) if c not in out]
+
+    def aligned(t: torch.Tensor, sub: str) -> torch.Tensor:
+        t = t.permute([sub.index(c) for c in letters if c in sub])
+        for i, c in enumerate(letters):
+            if c not in sub:
+                t = t.unsqueeze(i)
+        return t
+
+    product = aligned(a, sa) * aligned(b, sb)
+    contracted = tuple(range(len(out), len(letters)))
+    return product.sum(dim=contracted) if contracted else product
+
+
 def trunk_with_tangents(deformer: ForwardDeformer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The deformer's shared hidden layers at x [N, 3]: (h [N, D], d h / d x_k [3, N, D])."""
     z, t = _first_layer(deformer, x)
@@ -82,6 +108,7 @@ def deform_with_jacobian_explicit(
     betas: torch.Tensor,
     transformations: torch.Tensor,
     pose_feature: torch.Tensor,
+    contractions: str = "einsum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same values as ``PointAvatar.deform_with_jacobian``, explicit forward mode.
 
@@ -92,12 +119,18 @@ def deform_with_jacobian_explicit(
         betas: [B, E] frame expression (E = the deformer's num_exp).
         transformations: [B, J, 4, 4] frame joint transforms (ghost bone included when ghostbone).
         pose_feature: [B, 36] frame pose feature.
+        contractions: how FLAME's per-point contractions are computed: "einsum" (batched matrix
+            products) or "pointwise" (``einsum_pointwise``: products and sums, for torch.compile to
+            fuse). Same values.
 
     Returns:
         x_d [B, N, 3] deformed points and cols [3, B, N, 3] with cols[k] = d x_d / d x_k.
     """
     n = points.shape[0]
     dtype = points.dtype
+    if contractions not in ("einsum", "pointwise"):
+        raise ValueError(f"contractions must be 'einsum' or 'pointwise', not {contractions!r}")
+    es = torch.einsum if contractions == "einsum" else einsum_pointwise
 
     # ---- deformer query: primal h [N, D] and tangents t [3, N, D] ----
     h, t = trunk_with_tangents(deformer, points)
@@ -139,39 +172,32 @@ def deform_with_jacobian_explicit(
 
     # Inverse skinning: y = M_c^-1 [x'; 1] with M_c = sum_j W_j A_c_j (full 4x4 inverse, as the
     # original). d(M^-1) = -M^-1 dM M^-1, so dy = M^-1 ([dx'; 0] - dM y), dM y = sum_j dW_j (A_c_j y).
-    m_c = torch.einsum("nj,jxy->nxy", weights, canonical_tf)  # [N, 4, 4]
+    m_c = es("nj,jxy->nxy", weights, canonical_tf)  # [N, 4, 4]
     m_inv = torch.linalg.inv(m_c)
     x_h = torch.cat([x_flame, torch.ones_like(x_flame[:, :1])], dim=-1)  # [N, 4]
-    y = torch.einsum("nxy,ny->nx", m_inv, x_h)  # [N, 4]
-    a_y = torch.einsum("jxy,ny->njx", canonical_tf, y)  # [N, J, 4]
-    t_in = F.pad(t_x_flame, [0, 1]) - torch.einsum("knj,njx->knx", t_weights, a_y)  # [3, N, 4]
-    t_y = torch.einsum("nxy,kny->knx", m_inv[:, :3, :], t_in)  # [3, N, 3]
+    y = es("nxy,ny->nx", m_inv, x_h)  # [N, 4]
+    a_y = es("jxy,ny->njx", canonical_tf, y)  # [N, J, 4]
+    t_in = F.pad(t_x_flame, [0, 1]) - es("knj,njx->knx", t_weights, a_y)  # [3, N, 4]
+    t_y = es("nxy,kny->knx", m_inv[:, :3, :], t_in)  # [3, N, 3]
 
     # x_posed = x0 + blend(psi) + corr(p) with x0 = y - blend(psi_c) - corr(p_c).
-    x0 = y[:, :3] - torch.einsum("bl,nkl->bnk", canonical_exp, shapedirs)[0]
-    x0 = x0 - torch.einsum("bi,nik->bnk", canonical_pf, posedirs)[0]
+    x0 = y[:, :3] - es("bl,nkl->bnk", canonical_exp, shapedirs)[0]
+    x0 = x0 - es("bi,nik->bnk", canonical_pf, posedirs)[0]
     x_posed = (
-        x0
-        + torch.einsum("bl,nkl->bnk", betas, shapedirs)
-        + torch.einsum("bi,nik->bnk", pose_feature, posedirs)
+        x0 + es("bl,nkl->bnk", betas, shapedirs) + es("bi,nik->bnk", pose_feature, posedirs)
     )  # [B, N, 3]
     d_betas = betas - canonical_exp  # [B, E]
     d_pf = pose_feature - canonical_pf  # [B, 36]
     t_posed = (
-        t_y[:, None]
-        + torch.einsum("bl,knxl->kbnx", d_betas, t_shapedirs)
-        + torch.einsum("bi,knix->kbnx", d_pf, t_posedirs)
+        t_y[:, None] + es("bl,knxl->kbnx", d_betas, t_shapedirs) + es("bi,knix->kbnx", d_pf, t_posedirs)
     )  # [3, B, N, 3]
 
     # Skinning: x_d = R(W) x_posed + T(W), (R, T) = sum_j W_j A_j; the weight tangent enters as
     # sum_j dW_j (A_j [x_posed; 1]).
-    mats = torch.einsum("nj,bjxy->bnxy", weights, transformations[:, :, :3, :])  # [B, N, 3, 4]
-    x_d = torch.einsum("bnxy,bny->bnx", mats[..., :3], x_posed) + mats[..., 3]
+    mats = es("nj,bjxy->bnxy", weights, transformations[:, :, :3, :])  # [B, N, 3, 4]
+    x_d = es("bnxy,bny->bnx", mats[..., :3], x_posed) + mats[..., 3]
     a_x = (
-        torch.einsum("bjxy,bny->bnjx", transformations[:, :, :3, :3], x_posed)
-        + transformations[:, None, :, :3, 3]
+        es("bjxy,bny->bnjx", transformations[:, :, :3, :3], x_posed) + transformations[:, None, :, :3, 3]
     )  # [B, N, J, 3]
-    cols = torch.einsum("bnxy,kbny->kbnx", mats[..., :3], t_posed) + torch.einsum(
-        "knj,bnjx->kbnx", t_weights, a_x
-    )
+    cols = es("bnxy,kbny->kbnx", mats[..., :3], t_posed) + es("knj,bnjx->kbnx", t_weights, a_x)
     return x_d, cols

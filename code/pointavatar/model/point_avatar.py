@@ -100,6 +100,10 @@ class PointAvatar(nn.Module):
         # What the fast path compiles on CUDA: "per_point" (the geometry piece and the deformer piece,
         # two graphs), "geometry" (the geometry piece only) or "none". Benchmarks set it.
         self.compile_scope = "per_point"
+        # How the fast path's FLAME algebra contracts its small per-point dimensions: "einsum" (batched
+        # matrix products) or "pointwise" (products and sums that torch.compile fuses); same values.
+        # Benchmarks set it until the GPU measurement picks one.
+        self.deform_contractions = "einsum"
         self.use_background = bool(use_background)
 
         self.FLAMEServer = FLAME(
@@ -187,7 +191,13 @@ class PointAvatar(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Deformed points and Jacobian columns of c points (fast path, explicit tangents)."""
         return deform_with_jacobian_explicit(
-            self.deformer_network, self.FLAMEServer, points, betas, transformations, pose_feature
+            self.deformer_network,
+            self.FLAMEServer,
+            points,
+            betas,
+            transformations,
+            pose_feature,
+            contractions=self.deform_contractions,
         )
 
     def _per_point_fast(
