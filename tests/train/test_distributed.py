@@ -69,11 +69,10 @@ def tensors(tree, path=""):
         yield path, tree
 
 
-@pytest.fixture(scope="module")
-def two_ranks(subject, tmp_path_factory):
-    """A 2-rank run (batch 1 per rank) of epochs 0..2; rank 1's first backward has an infinite gradient."""
-    out = tmp_path_factory.mktemp("two_ranks")
-    conf = tiny(SUBJECT1, subject, out / "exps", **SETTINGS)
+def run_two_ranks(subject, out, settings: dict):
+    """A 2-rank run (batch 1 per rank) of epochs 0..NEPOCH in ``out``; rank 1's first backward has an
+    infinite gradient. -> (conf, [rank 0's, rank 1's recorded states], the run's output)."""
+    conf = tiny(SUBJECT1, subject, out / "exps", **settings)
     conf_path = out / "two.conf"
     save_conf(conf, conf_path)
     proc = torchrun(
@@ -83,6 +82,12 @@ def two_ranks(subject, tmp_path_factory):
     assert proc.returncode == 0, proc.output[-4000:]
     results = [torch.load(out / "result" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     return conf, results, proc.output
+
+
+@pytest.fixture(scope="module")
+def two_ranks(subject, tmp_path_factory):
+    """The reference engine on 2 ranks (``run_two_ranks`` with SETTINGS)."""
+    return run_two_ranks(subject, tmp_path_factory.mktemp("two_ranks"), SETTINGS)
 
 
 @pytest.fixture(scope="module")
@@ -160,15 +165,7 @@ def test_fast_engine_on_two_ranks(two_ranks, subject, tmp_path):
     On the CPU the fast engine runs eagerly; torch.compile under torchrun is not covered here."""
     _, (reference, _), _ = two_ranks
     fast = {**SETTINGS, "model.implementation": "fast", "model.recompute_chunk": 37}
-    conf = tiny(SUBJECT1, subject, tmp_path / "exps", **fast)
-    conf_path = tmp_path / "fast.conf"
-    save_conf(conf, conf_path)
-    proc = torchrun(
-        str(WORKER), "--conf", str(conf_path), "--nepoch", str(NEPOCH), "--out", str(tmp_path / "result"),
-        "--poison_rank", "1", "--poison_step", "0",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.output[-4000:]
-    rank0, rank1 = (torch.load(tmp_path / "result" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    _, (rank0, rank1), _ = run_two_ranks(subject, tmp_path, fast)
     for epoch, (a, b, ref) in enumerate(
         zip(rank0["epochs"], rank1["epochs"], reference["epochs"], strict=True)
     ):
