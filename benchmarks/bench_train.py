@@ -159,7 +159,7 @@ def main() -> None:
     p.add_argument(
         "--compile-scope",
         default="per_point",
-        choices=["per_point", "geometry", "none"],
+        choices=["per_point", "all", "geometry", "none"],
         help="what the fast path compiles on CUDA",
     )
     p.add_argument(

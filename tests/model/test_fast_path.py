@@ -69,29 +69,41 @@ def test_fast_path_equals_reference_in_float64(flame_files, seed, chunk, contrac
         assert_close(grad_f[name], value, **tol, msg=name)
 
 
-def test_chunks_are_not_views(flame_files):
-    """The chunks handed to the (compiled) per-point function own their storage: torch.compile guards
-    on a view's base size, so views would compile once for a cloud that fits one chunk and again when
-    it outgrows it (seen on the H200 as a 70-s epoch at the first cloud over 65,536 points)."""
+def test_compiled_pieces_get_no_parameters_or_views(flame_files, monkeypatch):
+    """What reaches a compiled piece owns its storage and is not a Parameter: torch.compile keeps a
+    Parameter's shape static and guards on a view's base size, so either would recompile at every
+    prune (seen on the H200: a 70-s epoch at the first cloud over one recomputation chunk; and on CPU
+    inductor, a recompile per point count without chunks). Checked on the CPU by letting
+    ``_compiled_call`` "compile" there with a recording stand-in for torch.compile."""
     model = build(flame_files)
-    model.implementation = "fast"
+    model.implementation, model.compile_scope = "fast", "all"
     model.train()
     seen = []
-    inner = model._per_point_fast
 
-    def spy(points, jittered, *frame):
-        seen.append((points.shape[0], points._base is None, jittered._base is None))
-        return inner(points, jittered, *frame)
+    def fake_compile(fn, dynamic):
+        assert dynamic
 
-    model._per_point_fast = spy
+        def run(*args):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            seen.append((fn.__name__, args[0].shape[0], all(t._base is None for t in tensors),
+                         not any(isinstance(t, torch.nn.Parameter) for t in tensors)))  # fmt: skip
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(model, "_compiles", lambda device: True)
     n = model.pc.n_points
-    for chunk in (n, n + 5, 37):  # one chunk of the whole cloud, one larger chunk, several chunks
+    for chunk in (0, n, n + 5, 37):  # no chunks, one chunk of the whole cloud, a larger one, several
         seen.clear()
         model.recompute_chunk = chunk
         out = model(make_input(2))
-        assert sum(c for c, _, _ in seen) == n and all(own for _, *flags in seen for own in flags), seen
-        out.rgb_image.sum().backward()  # the recomputation in the backward sees the same chunks
-        assert sum(c for c, _, _ in seen) == 2 * n and all(own for _, *flags in seen for own in flags)
+        out.rgb_image.sum().backward()  # with chunks, the recomputation calls the pieces again
+        names = {name for name, *_ in seen}
+        assert names == {"_geometry_piece", "_deform_piece", "_colour_piece"}, names
+        assert all(own and not_param for _, _, own, not_param in seen), (chunk, seen)
+        geometry = [c for name, c, *_ in seen if name == "_geometry_piece"]
+        assert sum(geometry) == (n if chunk == 0 else 2 * n)  # the points, then their recomputation
 
 
 def angles_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -163,6 +175,7 @@ def test_default_is_fast_on_cuda_only(flame_files):
         ("per_point", 0, "einsum"),
         ("per_point", 37, "einsum"),
         ("per_point", 37, "pointwise"),
+        ("all", 0, "pointwise"),
         ("geometry", 37, "einsum"),
         ("none", 0, "einsum"),
     ],

@@ -98,7 +98,8 @@ class PointAvatar(nn.Module):
         self._compiled = {}  # torch.compile'd fast-path pieces, built on the first fast CUDA forward
         self._compile_failed = False
         # What the fast path compiles on CUDA: "per_point" (the geometry piece and the deformer piece,
-        # two graphs), "geometry" (the geometry piece only) or "none". Benchmarks set it.
+        # two graphs), "all" (also the colour piece: deformed normals, shading, colour; not measured on
+        # a GPU yet), "geometry" (the geometry piece only) or "none". Benchmarks set it.
         self.compile_scope = "per_point"
         # How the fast path's FLAME algebra contracts its small per-point dimensions: "einsum" (batched
         # matrix products) or "pointwise" (products and sums that torch.compile fuses); same values.
@@ -134,13 +135,28 @@ class PointAvatar(nn.Module):
             return nearest_neighbor_fast(query, ref)
         return nearest_neighbor(query, ref)
 
+    def _compiles(self, device: torch.device) -> bool:
+        """Whether ``_compiled_call`` compiles on ``device`` (CUDA only; tests may say otherwise)."""
+        return device.type == "cuda" and not self._compile_failed
+
     def _compiled_call(self, name: str, fn, *args):
         """``fn(*args)``, on CUDA compiled once with ``torch.compile`` (dynamic point count), which the
         double-backward reference cannot be. If the first, compiling call fails, the fast path runs
         eagerly from then on, with a message. Later calls are not guarded: an exception there is
-        real (or belongs to ``torch.utils.checkpoint``'s recomputation, which must see it)."""
-        if args[0].device.type != "cuda" or self._compile_failed:
+        real (or belongs to ``torch.utils.checkpoint``'s recomputation, which must see it).
+
+        Parameters and views among ``args`` are passed as copies (differentiable, N x 3 for the
+        points): torch.compile keeps a Parameter's shape static (``force_parameter_static_shapes``)
+        and guards on a view's base size, so either would recompile when the cloud is pruned or
+        grows (measured: a 70-s recompile in the first epoch over one recomputation chunk)."""
+        if not self._compiles(args[0].device):
             return fn(*args)
+        args = tuple(
+            a.clone()
+            if isinstance(a, torch.Tensor) and (isinstance(a, nn.Parameter) or a._base is not None)
+            else a
+            for a in args
+        )
         compiled = self._compiled.get(name)
         if compiled is not None:
             return compiled(*args)
@@ -214,25 +230,34 @@ class PointAvatar(nn.Module):
         ``deform_with_jacobian`` -> (x_d [B, c, 3], color [B, c, 3], sdf [c], grad [2c, 3] (SDF
         gradients at the points, then at the jittered samples)).
 
-        On CUDA the geometry piece and, with ``compile_scope`` "per_point", the deformer piece are
-        compiled with ``torch.compile`` (dynamic point count). They are compiled as two graphs: as
-        one graph, the compiled backward specialised on the point count (torch 2.11), so every prune
-        recompiled (about 40 s each on the H200 machine's CPU).
+        On CUDA the geometry piece and, with ``compile_scope`` "per_point" or "all", the deformer
+        piece (and with "all" the colour piece) are compiled with ``torch.compile`` (dynamic point
+        count), as separate graphs: as one graph, the compiled backward specialised on the point count
+        (torch 2.11), so every prune recompiled (about 40 s each on the H200 machine's CPU).
 
         Points are independent of each other here, so chunks of points can be recomputed in the
         backward instead of stored (``model.recompute_chunk``).
         """
         normals_c, albedo, sdf, grad = self._geometry_fast(points, jittered)
         frame = (betas, transformations, pose_feature)
-        if self.compile_scope == "per_point":
+        if self.compile_scope in ("per_point", "all"):
             x_d, cols = self._compiled_call("deform", self._deform_piece, points, *frame)
         else:
             x_d, cols = self._deform_piece(points, *frame)
-        normals_d = deformed_normals(cols, normals_c)  # [B, c, 3]
-        b, c = x_d.shape[0], points.shape[0]
-        shading = self.rendering_network(normals_d.reshape(-1, 3)).reshape(b, c, 3)
-        color = torch.clamp(2.0 * shading * albedo, 0.0, 1.0)
+        if self.compile_scope == "all":
+            color = self._compiled_call("colour", self._colour_piece, cols, normals_c, albedo)
+        else:
+            color = self._colour_piece(cols, normals_c, albedo)
         return x_d, color, sdf, grad
+
+    def _colour_piece(
+        self, cols: torch.Tensor, normals_c: torch.Tensor, albedo: torch.Tensor
+    ) -> torch.Tensor:
+        """Colour of c points in B frames (fast path): deformed normals, shading network, albedo."""
+        normals_d = deformed_normals(cols, normals_c)  # [B, c, 3]
+        b, c = normals_d.shape[0], normals_d.shape[1]
+        shading = self.rendering_network(normals_d.reshape(-1, 3)).reshape(b, c, 3)
+        return torch.clamp(2.0 * shading * albedo, 0.0, 1.0)
 
     def _per_point_fast_chunked(
         self,
@@ -256,13 +281,11 @@ class PointAvatar(nn.Module):
         parts = []
         for start in range(0, points.shape[0], chunk):
             sl = slice(start, start + chunk)
-            # Copies, not views: torch.compile guards on a view's base size, so a cloud that fits one
-            # chunk (the view is its whole base) and one that does not would compile twice.
             parts.append(
                 torch.utils.checkpoint.checkpoint(
                     self._per_point_fast,
-                    points[sl].clone(),
-                    jittered[sl].clone(),
+                    points[sl],
+                    jittered[sl],
                     betas,
                     transformations,
                     pose_feature,
