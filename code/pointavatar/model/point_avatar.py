@@ -188,12 +188,10 @@ class PointAvatar(nn.Module):
         their eikonal samples -> (normals n_c [c, 3], albedo [c, 3], sdf [c], grad [2c, 3])."""
         c = points.shape[0]
         y = torch.cat([points.detach(), jittered], dim=0)
-        if self.geometry_bf16:  # model.geometry_bf16: bf16 matmuls, fp32 accumulation
-            with torch.autocast(device_type=y.device.type, dtype=torch.bfloat16):
-                out, grad = self.geometry_network.forward_with_gradient_explicit(y)
-            out, grad = out.to(y.dtype), grad.to(y.dtype)
-        else:
+        # model.geometry_bf16: bf16 matmuls with fp32 accumulation; outputs back in y's dtype.
+        with torch.autocast(device_type=y.device.type, dtype=torch.bfloat16, enabled=self.geometry_bf16):
             out, grad = self.geometry_network.forward_with_gradient_explicit(y)
+        out, grad = out.to(y.dtype), grad.to(y.dtype)  # no-ops in full precision
         normals_c = F.normalize(grad[:c], dim=-1)
         albedo = torch.sigmoid(ALBEDO_SCALE * out[:c, 1:4])
         return normals_c, albedo, out[:c, 0], grad
@@ -253,11 +251,18 @@ class PointAvatar(nn.Module):
     def _colour_piece(
         self, cols: torch.Tensor, normals_c: torch.Tensor, albedo: torch.Tensor
     ) -> torch.Tensor:
-        """Colour of c points in B frames (fast path): deformed normals, shading network, albedo."""
-        normals_d = deformed_normals(cols, normals_c)  # [B, c, 3]
-        b, c = normals_d.shape[0], normals_d.shape[1]
-        shading = self.rendering_network(normals_d.reshape(-1, 3)).reshape(b, c, 3)
-        return torch.clamp(2.0 * shading * albedo, 0.0, 1.0)
+        """Colour of c points in B frames (fast path training; the normals and shading are not kept)."""
+        return self._shade(cols, normals_c, albedo)[2]
+
+    def _shade(
+        self, cols: torch.Tensor, normals_c: torch.Tensor, albedo: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Jacobian columns [3, B, N, 3], canonical normals [N, 3], albedo [N, 3] -> deformed normals,
+        shading and colour [B, N, 3] (spec §5.8-5.9)."""
+        normals_d = deformed_normals(cols, normals_c)
+        b, n = normals_d.shape[0], normals_d.shape[1]
+        shading = self.rendering_network(normals_d.reshape(-1, 3)).reshape(b, n, 3)
+        return normals_d, shading, torch.clamp(2.0 * shading * albedo, 0.0, 1.0)
 
     def _per_point_fast_chunked(
         self,
@@ -418,7 +423,6 @@ class PointAvatar(nn.Module):
         verts, pose_feature, transformations = flame(expression, flame_pose)
 
         points = self.pc.points  # [N, 3], not detached: positions get gradients via x_d and n_d
-        n = points.shape[0]
         fast = self.uses_fast_path(points.device)
         if fast and self.training and torch.is_grad_enabled():
             # Same values and gradients, first-order autograd only: explicit SDF sweep (no double
@@ -436,10 +440,8 @@ class PointAvatar(nn.Module):
                 )
             else:
                 x_d, cols = self.deform_with_jacobian(points, betas, transformations, pose_feature)
-            normals_d = deformed_normals(cols, normals_c)  # [B, N, 3]
+            normals_d, shading, color = self._shade(cols, normals_c, albedo)  # [B, N, 3] each
             del cols
-            shading = self.rendering_network(normals_d.reshape(-1, 3)).reshape(b, n, 3)
-            color = torch.clamp(2.0 * shading * albedo, 0.0, 1.0)  # [B, N, 3]
 
         ones = torch.ones_like(color[..., :1])
         if self.training:
