@@ -28,12 +28,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pointavatar.config import load_conf
+from pointavatar.cli.trained_run import add_run_arguments, load_trained_run
 from pointavatar.data import FlameParams, read_flame_params
-from pointavatar.engine import checkpoints as ckpt
 from pointavatar.engine import plots
-from pointavatar.engine.device import apply_matmul_precision, resolve_device
-from pointavatar.engine.experiment import Experiment
 from pointavatar.errors import PointAvatarError
 from pointavatar.evaluate import export
 from pointavatar.model.baked import BakedAvatar
@@ -43,13 +40,7 @@ IMAGES = ("rgb", "normal", "shading", "albedo")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--conf", required=True, help="the conf the avatar was trained with, e.g. ./confs/subject1.conf"
-    )
-    p.add_argument(
-        "--checkpoint", default="latest", help="checkpoint to render: latest (default) or an epoch number"
-    )
-    p.add_argument("--load_path", default="", help="another train/ directory to load checkpoints from")
+    add_run_arguments(p, "render")
     p.add_argument(
         "--json", required=True, help="IMavatar-format flame_params.json whose frames drive the avatar"
     )
@@ -71,7 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="what to render: rgb (default), normal, shading or albedo",
     )
     p.add_argument("--fps", type=int, default=25, help="frames per second of the video (default 25)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.add_argument(
         "--compile",
         action="store_true",
@@ -174,14 +164,8 @@ def run(args: argparse.Namespace) -> int:
     png_dir = Path(args.png_dir) if args.png_dir else None
     check_outputs(out, png_dir, [params.img_name[j] for j in indices], args.overwrite)
 
-    conf = load_conf(args.conf)
-    device = resolve_device(None if args.device == "auto" else args.device)
-    apply_matmul_precision(conf.model.tf32)
-    # Rendering never writes data: a missing synthetic subject is an error, not generated.
-    exp = Experiment(conf, load_path=args.load_path, generate=False)
-    loaded = exp.load_trained_model(
-        ckpt.Checkpoints(exp.load_dir), args.checkpoint, device, flag="pointavatar-render"
-    )
+    trained = load_trained_run(args, "pointavatar-render")
+    exp, device, loaded = trained.exp, trained.device, trained.loaded
     model, epoch = loaded.model.eval(), loaded.epoch
     start = time.perf_counter()
     baked = BakedAvatar.from_model(model, compile=args.compile)

@@ -24,11 +24,8 @@ import sys
 import threading
 import time
 
-from pointavatar.config import load_conf
+from pointavatar.cli.trained_run import add_run_arguments, load_trained_run
 from pointavatar.data import FlameParams, read_flame_params
-from pointavatar.engine import checkpoints as ckpt
-from pointavatar.engine.device import apply_matmul_precision, resolve_device
-from pointavatar.engine.experiment import Experiment
 from pointavatar.errors import PointAvatarError
 from pointavatar.model.baked import BakedAvatar
 from pointavatar.viewer.app import AvatarViewer, ViewerUnavailable, require_viser
@@ -38,20 +35,13 @@ MISSING_EXTRA = 2  # exit code when the optional extra is not installed
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--conf", required=True, help="the conf the avatar was trained with, e.g. ./confs/subject1.conf"
-    )
-    p.add_argument(
-        "--checkpoint", default="latest", help="checkpoint to show: latest (default) or an epoch number"
-    )
-    p.add_argument("--load_path", default="", help="another train/ directory to load checkpoints from")
+    add_run_arguments(p, "show")
     p.add_argument(
         "--json",
         default=None,
         help="IMavatar-format flame_params.json to play (default: the run's test frames)",
     )
     p.add_argument("--fps", type=float, default=25.0, help="frame rate of the played sequence (default 25)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.add_argument(
         "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine)"
     )
@@ -99,13 +89,8 @@ def build_viewer(args: argparse.Namespace) -> AvatarViewer:
         raise PointAvatarError(f"--port {args.port}: a port is 0 (any free port) to 65535.")
     check_host(args.host)
     params = read_flame_params(args.json) if args.json else None
-    conf = load_conf(args.conf)
-    device = resolve_device(None if args.device == "auto" else args.device)
-    apply_matmul_precision(conf.model.tf32)
-    exp = Experiment(conf, load_path=args.load_path, generate=False)
-    loaded = exp.load_trained_model(
-        ckpt.Checkpoints(exp.load_dir), args.checkpoint, device, flag="pointavatar-viewer"
-    )
+    trained = load_trained_run(args, "pointavatar-viewer")
+    conf, exp, device, loaded = trained.conf, trained.exp, trained.device, trained.loaded
     sequence = (
         params if params is not None else run_test_frames(loaded.test_set, list(conf.dataset.test.sub_dir))
     )
