@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from run_fixtures import make_subject
+from run_fixtures import SUBJECT1, make_subject, tiny
+
+from pointavatar.config import save_conf
+from pointavatar.train.trainer import Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -20,3 +23,15 @@ def _restore_matmul_precision():
 def subject(tmp_path_factory):
     """A tiny (32x32, 2 frames per video) synthetic subject, written once per test session."""
     return make_subject(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(subject, tmp_path_factory):
+    """A tiny run trained for one epoch on ``subject``; its conf written to a file, as a user passes it
+    (the render command's and the viewer's tests read it; none writes to it)."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    conf = tiny(SUBJECT1, subject, root / "exps")
+    Trainer(conf, nepoch=0, device="cpu").run()
+    conf_path = root / "tiny.conf"
+    save_conf(conf, conf_path)
+    return conf, conf_path

@@ -11,7 +11,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
-from run_fixtures import RES, SUBJECT1, tiny
+from run_fixtures import RES
 
 from pointavatar.cli import render
 from pointavatar.config import save_conf
@@ -19,21 +19,9 @@ from pointavatar.data import FaceDataset, read_flame_params
 from pointavatar.engine import checkpoints as ckpt
 from pointavatar.engine import plots
 from pointavatar.engine.experiment import Experiment
-from pointavatar.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def run(subject, tmp_path_factory):
-    """A tiny run trained for one epoch; its conf written to a file, as a user passes it."""
-    root = tmp_path_factory.mktemp("render_run")
-    conf = tiny(SUBJECT1, subject, root / "exps")
-    Trainer(conf, nepoch=0, device="cpu").run()
-    conf_path = root / "tiny.conf"
-    save_conf(conf, conf_path)
-    return conf, conf_path
 
 
 def video_json(subject: Path, video: str) -> Path:
@@ -66,8 +54,8 @@ def eval_forward_u8(conf, json_path: Path, image: str) -> dict[int, np.ndarray]:
 
 
 @pytest.mark.parametrize("image", ["rgb", "normal"])
-def test_render_writes_the_eval_forwards_frames(run, subject, tmp_path, image, capsys):
-    conf, conf_path = run
+def test_render_writes_the_eval_forwards_frames(tiny_run, subject, tmp_path, image, capsys):
+    conf, conf_path = tiny_run
     driving = video_json(subject, "test")
     out, pngs = tmp_path / "video.mp4", tmp_path / "png"
     args = ["--conf", str(conf_path), "--json", str(driving), "--out", str(out), "--png_dir", str(pngs)]
@@ -91,8 +79,8 @@ def test_render_writes_the_eval_forwards_frames(run, subject, tmp_path, image, c
         assert np.abs(frames[names.index(name)].astype(int) - png.astype(int)).mean() < 12
 
 
-def test_cross_reenactment_with_another_videos_json_and_a_frame_slice(run, subject, tmp_path):
-    _, conf_path = run
+def test_cross_reenactment_with_another_videos_json_and_a_frame_slice(tiny_run, subject, tmp_path):
+    _, conf_path = tiny_run
     driving = video_json(subject, "train0")
     params = read_flame_params(driving)
     out, pngs = tmp_path / "cross.mp4", tmp_path / "png"
@@ -108,8 +96,8 @@ def test_cross_reenactment_with_another_videos_json_and_a_frame_slice(run, subje
     assert len(read_video(out)) == len(params.img_name)
 
 
-def test_render_errors_are_one_line_and_write_nothing(run, subject, tmp_path, capsys):
-    conf, conf_path = run
+def test_render_errors_are_one_line_and_write_nothing(tiny_run, subject, tmp_path, capsys):
+    conf, conf_path = tiny_run
     good = str(video_json(subject, "test"))
 
     def fails(args, match):
