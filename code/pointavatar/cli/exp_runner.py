@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from pointavatar.errors import PointAvatarError
+from pointavatar.cli import exit_code
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -126,15 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     """The `pointavatar` console script; returns the exit code (0, 1 on an error, 130 on Ctrl-C)."""
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except PointAvatarError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: resume with --is_continue (the last checkpoint is kept)", file=sys.stderr)
-        return 130
+    return exit_code(run, parse_args(argv), "resume with --is_continue (the last checkpoint is kept)")
 
 
 if __name__ == "__main__":

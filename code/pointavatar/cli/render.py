@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pointavatar.cli import exit_code
 from pointavatar.cli.trained_run import add_run_arguments, load_trained_run
 from pointavatar.data import FlameParams, read_flame_params
 from pointavatar.engine import plots
@@ -198,14 +199,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     """The `pointavatar-render` console script; returns the exit code (0, 1 on an error, 130 on Ctrl-C)."""
     args = parse_args(argv)
-    try:
-        return run(args)
-    except PointAvatarError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {args.out} was not written", file=sys.stderr)
-        return 130
+    return exit_code(run, args, f"{args.out} was not written")
 
 
 if __name__ == "__main__":
