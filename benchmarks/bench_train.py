@@ -30,6 +30,7 @@ from pointavatar.engine.batching import (
     batch_size_for,  # noqa: E402
     move_to,  # noqa: E402
 )
+from pointavatar.train.graphed_step import GraphedStep  # noqa: E402
 from pointavatar.train.schedule import make_optimizer  # noqa: E402
 from pointavatar.train.trainer import Trainer  # noqa: E402
 
@@ -148,8 +149,8 @@ def main() -> None:
     )
     p.add_argument(
         "--deform-contractions",
-        choices=["einsum", "pointwise"],
-        default="einsum",
+        choices=["auto", "einsum", "pointwise"],
+        default="auto",
         help="how the fast path's FLAME algebra contracts small per-point dimensions",
     )
     p.add_argument(
@@ -158,9 +159,14 @@ def main() -> None:
     p.add_argument("--recompute-chunk", type=int, default=0, help="model.recompute_chunk (fast path)")
     p.add_argument(
         "--compile-scope",
-        default="per_point",
+        default="all",
         choices=["per_point", "all", "geometry", "none"],
         help="what the fast path compiles on CUDA",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="train.cuda_graph: replay forward, loss and backward from a CUDA graph (CUDA only)",
     )
     p.add_argument(
         "--profile",
@@ -213,26 +219,40 @@ def main() -> None:
         ground_truth = move_to(ground_truth, device)
         optimizer = make_optimizer(model, conf.train.learning_rate)
         model.train()
+        graphed = GraphedStep(model, loss_fn) if args.cuda_graph and device.type == "cuda" else None
 
-        def step(model_input=model_input, ground_truth=ground_truth, optimizer=optimizer):
-            out = model(model_input)
-            trainer.schedule.observe(out.fragment_idx, out.fragment_weights, model.pc.n_points)
-            # The FLAME-prior weight of epoch 0 (the conf's lbs_weight).
-            losses = loss_fn(out, ground_truth, flame=model.FLAMEServer, lbs_weight=conf.loss.lbs_weight)
+        def step(model_input=model_input, ground_truth=ground_truth, optimizer=optimizer, graphed=graphed):
             optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
+            # The FLAME-prior weight of epoch 0 (the conf's lbs_weight).
+            if graphed is not None:
+                _, fragment_idx, fragment_weights = graphed(model_input, ground_truth, conf.loss.lbs_weight)
+            else:
+                out = model(model_input)
+                losses = loss_fn(out, ground_truth, flame=model.FLAMEServer, lbs_weight=conf.loss.lbs_weight)
+                losses["loss"].backward()
+                fragment_idx, fragment_weights = out.fragment_idx, out.fragment_weights
+            trainer.schedule.observe(fragment_idx, fragment_weights, model.pc.n_points)
             optimizer.step()
 
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
         times = timed(step, device, args.warmup, args.repeat)
+        # Warm-up plus timed steps, wall clock: includes torch.compile's (re)compilation at this size.
+        first_steps_s = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         memory = (
             memory_split(model, loss_fn, conf, model_input, ground_truth, optimizer)
             if device.type == "cuda"
             else {}
         )
+        if graphed is not None:
+            print(
+                f"  cuda graph: {graphed.captures} captures, {graphed.eager_steps} eager steps, "
+                f"{graphed.overflows} overflows, budget {graphed.capacity} pairs",
+                flush=True,
+            )
         if n == args.profile:
             profile_steps(step, device, Path(args.out or "bench_train.json").with_suffix(f".profile{n}.txt"))
 
@@ -249,16 +269,18 @@ def main() -> None:
             "radius": model.pc.radius,
             "train_step_ms": statistics.median(times),
             "peak_gib": peak,
+            "first_steps_s": first_steps_s,
             "render_ms_per_frame": statistics.median(render_times) / bs,
             **memory,
         }
         rows.append(row)
         print(
             f"N={n:>7} B={bs} r={model.pc.radius:.4f}: step {row['train_step_ms']:.1f} ms, peak {peak:.2f} GiB, "
-            f"render {row['render_ms_per_frame']:.1f} ms/frame",
+            f"render {row['render_ms_per_frame']:.1f} ms/frame; first {args.warmup + args.repeat} steps "
+            f"{first_steps_s:.1f} s wall",
             flush=True,
         )
-        optimizer = step = None
+        optimizer = step = graphed = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     info = {
@@ -271,6 +293,7 @@ def main() -> None:
         "deform_contractions": args.deform_contractions,
         "recompute_chunk": args.recompute_chunk,
         "compile_scope": args.compile_scope,
+        "cuda_graph": args.cuda_graph,
         "rows": rows,
     }
     if args.out:

@@ -265,7 +265,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
     from tolerances import assert_close
-    from pointavatar.render import alpha_composite, rasterize_points
+    from pointavatar.render import alpha_composite, fixed_binning, rasterize_points
 
     ULP = "sums of K float32 products; a division may differ by an ulp between Triton and PyTorch"
     ORDER = "gradients sum over many pixels in another order (atomics vs index_put): float32 rounding"
@@ -292,6 +292,32 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         assert_close(wc, wt, rtol=1e-5, atol=1e-6, reason=ULP)
         assert_close(gfc, gft, rtol=1e-5, atol=1e-5, reason=ORDER)
         assert_close(gpc, gpt, rtol=1e-4, atol=1e-4 * gpt.abs().max().item(), reason=ORDER)
+
+    # A fixed binning budget (no host sync, for CUDA graphs): the same fragments when it is large
+    # enough, and needed > capacity (results to discard) when it is one pair short.
+    g = torch.Generator().manual_seed(7)
+    pts = torch.rand(2, 120, 3, generator=g) * 2.2 - 1.1
+    pts[..., 2] = torch.rand(2, 120, generator=g)
+    needed = torch.zeros((), dtype=torch.int64)
+    with fixed_binning(None, needed):  # the usual allocation, the count recorded
+        plain = rasterize_points(pts, 24, 0.2, 4, backend="cuda")
+    n_pairs = int(needed)
+    assert 0 < n_pairs < 100000
+    needed.zero_()
+    with fixed_binning(100000, needed):
+        roomy = rasterize_points(pts, 24, 0.2, 4, backend="cuda")
+    assert int(needed) == n_pairs
+    assert all(torch.equal(a, b) for a, b in zip(plain, rasterize_points(pts, 24, 0.2, 4, backend="cuda")))
+    needed.zero_()
+    with fixed_binning(n_pairs, needed):
+        exact = rasterize_points(pts, 24, 0.2, 4, backend="cuda")
+    assert int(needed) == n_pairs
+    for frags in (roomy, exact):
+        assert all(torch.equal(a, b) for a, b in zip(plain, frags))
+    needed.zero_()
+    with fixed_binning(n_pairs - 1, needed):
+        short = rasterize_points(pts, 24, 0.2, 4, backend="cuda")
+    assert int(needed) == n_pairs and not torch.equal(short.idx, plain.idx)
 
     # float64 gradcheck of the Triton compositing and rasterizer backward kernels.
     g = torch.Generator().manual_seed(5)

@@ -67,6 +67,26 @@ def test_observe_marks_front_and_heavy_points():
     assert schedule.visible.tolist() == [False, True, False, True, True, False]
 
 
+def test_observe_matches_a_set_reference_on_random_batches():
+    """Random packed indices over B = 3 frames (-1 holes, weights either side of the threshold), OR-ed
+    over two calls, N = 50: the visible set is the one a plain loop over the slots builds."""
+    n = 50
+    _, model, schedule, _ = make(n)
+    schedule.reset_visibility(model.pc.points)
+    g = torch.Generator().manual_seed(3)
+    expected = set()
+    for _ in range(2):
+        idx = torch.randint(-1, 3 * n, (3, 2, 2, 3), generator=g)
+        weights = torch.rand(idx.shape, generator=g)
+        schedule.observe(idx, weights, n)
+        for pix_idx, pix_w in zip(idx.reshape(-1, 3).tolist(), weights.reshape(-1, 3).tolist(), strict=True):
+            if pix_idx[0] >= 0:
+                expected.add(pix_idx[0] % n)
+            expected |= {i % n for i, w in zip(pix_idx, pix_w, strict=True) if i >= 0 and w > 0.5}
+    assert set(torch.nonzero(schedule.visible).reshape(-1).tolist()) == expected
+    assert 0 < len(expected) < 50  # the draw leaves points on both sides, so the check can fail
+
+
 def test_prune_keeps_visible_points_and_moves_adam_moments_with_them():
     _, model, schedule, optimizer = make(8, keep_optimizer_state=True)
     adam_steps(model, optimizer)

@@ -293,3 +293,30 @@ def test_trainer_and_evaluator_apply_model_tf32(subject, tmp_path, tf32):
     torch.backends.cuda.matmul.allow_tf32 = not tf32
     Evaluator(conf, device="cpu")
     assert torch.backends.cuda.matmul.allow_tf32 is tf32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_training_on_gpu(subject, tmp_path):
+    """train.cuda_graph on CUDA with the Triton rasterizer: steps are captured and replayed across the
+    schedule's resizes and the input optimisation, without overflow, and the run trains (rgb loss falls)."""
+    conf = tiny(
+        SUBJECT1,
+        subject,
+        tmp_path,
+        **{
+            "train.cuda_graph": True,
+            "train.upsample_freq": 3,
+            "train.input_optimization_start": 2,
+            "train.max_points_training": 100,  # one frame a step: four steps an epoch
+            "model.render_backend": "auto",
+        },
+    )
+    trainer = Trainer(conf, nepoch=6, device="cuda")
+    first = []
+    trainer._log = lambda epoch, idx, means, w: first.append(means["rgb_loss"])
+    trainer.run()
+    graphed = trainer.graphed_step
+    assert graphed is not None
+    assert graphed.captures >= 2 and graphed.overflows == 0
+    assert all(np.isfinite(first)) and first[-1] < first[0]

@@ -67,8 +67,10 @@ def batch_rigid_transform(
     """
     parent_list = parents.tolist() if isinstance(parents, torch.Tensor) else list(parents)
     batch, n_joints = joints.shape[:2]
-    parent_idx = torch.as_tensor(parent_list[1:], dtype=torch.long, device=joints.device)
-    rel_joints = torch.cat([joints[:, :1], joints[:, 1:] - joints[:, parent_idx]], dim=1)  # [B, J, 3]
+    # The parents' joints gathered by slicing: an index tensor made from the list would be a host-to-device
+    # copy at every call, which CUDA-graph capture of a training step refuses.
+    parent_joints = torch.stack([joints[:, p] for p in parent_list[1:]], dim=1)  # [B, J-1, 3]
+    rel_joints = torch.cat([joints[:, :1], joints[:, 1:] - parent_joints], dim=1)  # [B, J, 3]
     local = transform_mat(rot_mats.reshape(-1, 3, 3), rel_joints.reshape(-1, 3, 1))
     local = local.reshape(batch, n_joints, 4, 4)
     chain = [local[:, 0]]

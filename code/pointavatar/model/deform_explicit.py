@@ -173,7 +173,10 @@ def deform_with_jacobian_explicit(
     # Inverse skinning: y = M_c^-1 [x'; 1] with M_c = sum_j W_j A_c_j (full 4x4 inverse, as the
     # original). d(M^-1) = -M^-1 dM M^-1, so dy = M^-1 ([dx'; 0] - dM y), dM y = sum_j dW_j (A_c_j y).
     m_c = es("nj,jxy->nxy", weights, canonical_tf)  # [N, 4, 4]
-    m_inv = torch.linalg.inv(m_c)
+    # inv_ex: no host check of the result (linalg.inv waits for the device to test for singular
+    # matrices, which CUDA-graph capture refuses); a singular blend would give non-finite values,
+    # which the trainer's gradient check catches.
+    m_inv = torch.linalg.inv_ex(m_c).inverse
     x_h = torch.cat([x_flame, torch.ones_like(x_flame[:, :1])], dim=-1)  # [N, 4]
     y = es("nxy,ny->nx", m_inv, x_h)  # [N, 4]
     a_y = es("jxy,ny->njx", canonical_tf, y)  # [N, J, 4]

@@ -97,14 +97,16 @@ class PointAvatar(nn.Module):
         self.geometry_bf16 = bool(conf.geometry_bf16)
         self._compiled = {}  # torch.compile'd fast-path pieces, built on the first fast CUDA forward
         self._compile_failed = False
-        # What the fast path compiles on CUDA: "per_point" (the geometry piece and the deformer piece,
-        # two graphs), "all" (also the colour piece: deformed normals, shading, colour; not measured on
-        # a GPU yet), "geometry" (the geometry piece only) or "none". Benchmarks set it.
-        self.compile_scope = "per_point"
+        # What the fast path compiles on CUDA: "all" (the geometry, deformer and colour pieces, three
+        # graphs; fastest on the H200, benchmarks/RESULTS.md), "per_point" (geometry and deformer),
+        # "geometry" (the geometry piece only) or "none". Benchmarks set it.
+        self.compile_scope = "all"
         # How the fast path's FLAME algebra contracts its small per-point dimensions: "einsum" (batched
-        # matrix products) or "pointwise" (products and sums that torch.compile fuses); same values.
-        # Benchmarks set it until the GPU measurement picks one.
-        self.deform_contractions = "einsum"
+        # matrix products), "pointwise" (products and sums that torch.compile fuses; same values) or
+        # "auto": pointwise where the deformer piece is compiled (15 % off the H200 step at 409,600
+        # points, with compile_scope "all"), einsum where it runs eagerly (pointwise would materialise
+        # every product).
+        self.deform_contractions = "auto"
         self.use_background = bool(use_background)
 
         self.FLAMEServer = FLAME(
@@ -204,6 +206,10 @@ class PointAvatar(nn.Module):
         pose_feature: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Deformed points and Jacobian columns of c points (fast path, explicit tangents)."""
+        contractions = self.deform_contractions
+        if contractions == "auto":
+            compiled = self._compiles(points.device) and self.compile_scope in ("per_point", "all")
+            contractions = "pointwise" if compiled else "einsum"
         return deform_with_jacobian_explicit(
             self.deformer_network,
             self.FLAMEServer,
@@ -211,7 +217,7 @@ class PointAvatar(nn.Module):
             betas,
             transformations,
             pose_feature,
-            contractions=self.deform_contractions,
+            contractions=contractions,
         )
 
     def _per_point_fast(

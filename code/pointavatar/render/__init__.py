@@ -9,7 +9,15 @@
 `backend="torch"` is the pure-PyTorch reference; `backend="cuda"` the Triton fast path; "auto" picks.
 """
 
-from .api import BACKENDS, PointFragments, alpha_composite, rasterize_points
+from .api import BACKENDS, BinningBudget, PointFragments, alpha_composite, fixed_binning, rasterize_points
 from .camera import project_points
 
-__all__ = ["BACKENDS", "PointFragments", "alpha_composite", "project_points", "rasterize_points"]
+__all__ = [
+    "BACKENDS",
+    "BinningBudget",
+    "PointFragments",
+    "alpha_composite",
+    "fixed_binning",
+    "project_points",
+    "rasterize_points",
+]

@@ -101,6 +101,7 @@ def _bin_fill_kernel(
     r2_stride,
     key_ptr,  # [M] int32 out: b * NT + tile
     cand_ptr,  # [M] int32 out: packed point index
+    M,  # pairs allocated: those beyond are dropped (only with a fixed budget too small)
     BN,
     N,
     S,
@@ -122,7 +123,7 @@ def _bin_fill_kernel(
     n_max = tl.max(n, axis=0)
     t = n_max * 0  # a while loop, as the Triton interpreter cannot range() over a reduced tensor
     while t < n_max:
-        act = t < n
+        act = (t < n) & (first + t < M)
         key = base + (ty0 + t // nbx) * NTX + tx0 + t % nbx
         tl.store(key_ptr + first + t, key, mask=act)
         tl.store(cand_ptr + first + t, p.to(tl.int32), mask=act)
@@ -357,11 +358,13 @@ def _flat_r2(r2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def _rasterize_forward(points: torch.Tensor, r2: torch.Tensor, size: int, K: int):
+def _rasterize_forward(points: torch.Tensor, r2: torch.Tensor, size: int, K: int, budget=None):
     """Binning + the tile kernel. points [B, N, 3] contiguous, r2 [B, N] -> idx, zbuf, dists [B, S, S, K].
 
     Launches: two binning kernels, two sorts, a running sum, a search and the tile kernel; one device
-    sync (the number of (tile, point) pairs, to allocate them).
+    sync (the number of (tile, point) pairs, to allocate them), or none with a ``budget``
+    (`api.fixed_binning`): then ``budget.capacity`` pairs are allocated, the unused ones keyed past the
+    last tile so that the sort puts them last, and ``budget.needed`` is raised to the count.
     """
     B, N, _ = points.shape
     device, dtype = points.device, points.dtype
@@ -381,10 +384,17 @@ def _rasterize_forward(points: torch.Tensor, r2: torch.Tensor, size: int, K: int
     # Stable: among equal depths the lower packed index comes first (the tie rule).
     order = torch.sort(zkey, stable=True).indices
     offsets = torch.cumsum(ntile[order], 0)
-    total = int(offsets[-1]) if BN else 0
-    keys = torch.empty(total, dtype=torch.int32, device=device)
-    cand = torch.empty(total, dtype=torch.int32, device=device)
-    if total:
+    if budget is not None and BN:
+        torch.maximum(budget.needed, offsets[-1], out=budget.needed)
+    if budget is None or budget.capacity is None:
+        total = int(offsets[-1]) if BN else 0
+        keys = torch.empty(total, dtype=torch.int32, device=device)
+        cand = torch.empty(total, dtype=torch.int32, device=device)
+    else:
+        total = budget.capacity
+        keys = torch.full((total,), B * nt, dtype=torch.int32, device=device)  # past every tile
+        cand = torch.zeros(total, dtype=torch.int32, device=device)
+    if total and BN:
         _bin_fill_kernel[grid](
             order,
             ntile,
@@ -394,6 +404,7 @@ def _rasterize_forward(points: torch.Tensor, r2: torch.Tensor, size: int, K: int
             r2_stride,
             keys,
             cand,
+            total,
             BN,
             N,
             size,
@@ -436,9 +447,9 @@ def _rasterize_forward(points: torch.Tensor, r2: torch.Tensor, size: int, K: int
 
 class _RasterizePoints(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, points, r2, size, K):
+    def forward(ctx, points, r2, size, K, budget):
         points_c = points.detach().contiguous()
-        idx, zbuf, dists = _rasterize_forward(points_c, r2, size, K)
+        idx, zbuf, dists = _rasterize_forward(points_c, r2, size, K, budget)
         ctx.mark_non_differentiable(idx, zbuf)
         ctx.save_for_backward(points_c, idx)
         ctx.size = size
@@ -448,7 +459,7 @@ class _RasterizePoints(torch.autograd.Function):
     def backward(ctx, grad_idx, grad_zbuf, grad_dists):
         points, idx = ctx.saved_tensors
         if grad_dists is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None, None, None, None
         size = ctx.size
         K = idx.shape[-1]
         grad_points = torch.zeros_like(points)
@@ -464,7 +475,7 @@ class _RasterizePoints(torch.autograd.Function):
             K=K,
             BLOCK=_BLOCK_SLOTS,
         )
-        return grad_points, None, None, None
+        return grad_points, None, None, None, None
 
 
 class _AlphaComposite(torch.autograd.Function):
@@ -538,9 +549,10 @@ class _AlphaComposite(torch.autograd.Function):
         )
 
 
-def rasterize_points(points: torch.Tensor, r2: torch.Tensor, size: int, K: int):
-    """Fast rasterizer: (idx, zbuf, dists) [B, S, S, K]; dists carry gradient to points x, y."""
-    return _RasterizePoints.apply(points, r2.detach(), size, K)
+def rasterize_points(points: torch.Tensor, r2: torch.Tensor, size: int, K: int, budget=None):
+    """Fast rasterizer: (idx, zbuf, dists) [B, S, S, K]; dists carry gradient to points x, y.
+    ``budget``: an `api.BinningBudget` (no host sync), or None."""
+    return _RasterizePoints.apply(points, r2.detach(), size, K, budget)
 
 
 def alpha_composite(idx: torch.Tensor, dists: torch.Tensor, features: torch.Tensor, r2: torch.Tensor):

@@ -10,8 +10,11 @@ Backends:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import warnings
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -24,6 +27,40 @@ BACKENDS = ("auto", "torch", "cuda")
 _triton_module = None
 _triton_error: str | None = None
 _warned_fallback = False
+
+
+class BinningBudget(NamedTuple):
+    """A fixed size for the "cuda" rasterizer's list of (tile, point) pairs (see `fixed_binning`)."""
+
+    capacity: int | None  # None: allocate what is needed (the usual host read), only record it
+    needed: torch.Tensor  # int64, 0-d, on the points' device: the most pairs any call asked for
+
+
+_binning = threading.local()
+
+
+@contextlib.contextmanager
+def fixed_binning(capacity: int | None, needed: torch.Tensor) -> Iterator[BinningBudget]:
+    """Inside this block the "cuda" backend's rasterizer never waits for the device.
+
+    By default it reads the number of (tile, point) pairs back to the host to allocate them, which
+    stops a CUDA graph from being captured. Here it allocates ``capacity`` pairs instead and raises
+    ``needed`` (an int64 0-d tensor on the device, which the caller zeroes) to the number it needed.
+    The fragments are exact when ``needed <= capacity`` after the calls; otherwise pairs were dropped
+    and the caller must discard the results (and retry with a larger capacity). ``capacity=None``
+    keeps the usual allocation and only records ``needed`` (to size a later budget). The "torch"
+    backend ignores the budget.
+    """
+    if capacity is not None and capacity < 1:
+        raise ValueError(f"fixed_binning: capacity must be positive, got {capacity}")
+    if needed.dtype != torch.int64 or needed.dim() != 0:
+        raise ValueError("fixed_binning: needed must be a 0-d int64 tensor")
+    previous = getattr(_binning, "budget", None)
+    _binning.budget = BinningBudget(None if capacity is None else int(capacity), needed)
+    try:
+        yield _binning.budget
+    finally:
+        _binning.budget = previous
 
 
 class PointFragments(NamedTuple):
@@ -161,7 +198,8 @@ def rasterize_points(
     B, N, _ = points.shape
     r2 = _radius_sq(radius, B, N, points, where)
     if _resolve_backend(backend, points.device, where) == "cuda":
-        idx, zbuf, dists = _load_triton().rasterize_points(points, r2, size, K)
+        budget = getattr(_binning, "budget", None)
+        idx, zbuf, dists = _load_triton().rasterize_points(points, r2, size, K, budget)
     else:
         idx, zbuf, dists = _torch_impl.rasterize_points(points, r2, size, K)
     return PointFragments(idx, zbuf, dists)

@@ -138,8 +138,9 @@ class Loss(nn.Module):
         self.conf = conf
         if var_expression is not None:
             var_expression = usable_expression_variance(var_expression)
-        # Not a buffer: it belongs to the dataset, not to any checkpoint.
-        self.var_expression = var_expression
+        # Non-persistent: it belongs to the dataset, not to any checkpoint; a buffer so that .to(device)
+        # moves it once (a copy from the host at every step would also stop CUDA-graph capture).
+        self.register_buffer("var_expression", var_expression, persistent=False)
         self.vgg: nn.Module | None = None
         if conf.vgg_feature_weight > 0:
             self.vgg = vgg if vgg is not None else VGGPerceptualLoss(weight_path=vgg_path)

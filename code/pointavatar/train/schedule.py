@@ -117,10 +117,19 @@ class PointSchedule:
         vis = self.visible
         if vis is None or vis.shape != (n_points,) or vis.device != fragment_idx.device:
             vis = self.visible = torch.zeros(n_points, dtype=torch.bool, device=fragment_idx.device)
+        # Without boolean indexing (whose result size the host would wait for): slots that do not count
+        # are sent to a spare entry n_points, then dropped.
+        hits = torch.zeros(n_points + 1, dtype=torch.bool, device=vis.device)
         front = fragment_idx[..., 0]
-        front = front[front >= 0]
-        heavy = fragment_idx[(fragment_weights > self.prune_thresh) & (fragment_idx >= 0)]
-        vis[torch.remainder(torch.cat([front, heavy]), n_points)] = True
+        spare = torch.full((), n_points, dtype=fragment_idx.dtype, device=vis.device)
+        hits.index_fill_(
+            0, torch.where(front >= 0, torch.remainder(front, n_points), spare).reshape(-1), True
+        )
+        heavy = (fragment_weights > self.prune_thresh) & (fragment_idx >= 0)
+        hits.index_fill_(
+            0, torch.where(heavy, torch.remainder(fragment_idx, n_points), spare).reshape(-1), True
+        )
+        vis |= hits[:n_points]
 
     def finish_epoch(self) -> None:
         """End of an epoch's steps: on several ranks, a point is visible if any rank saw it (so the

@@ -30,6 +30,7 @@ from ..engine.experiment import Experiment, build_model
 from ..engine.inputs import FrameInputs
 from ..engine.plots import render_grids
 from ..errors import PointAvatarError
+from .graphed_step import GraphedStep
 from .losses import Loss
 from .schedule import PointSchedule, make_optimizer
 
@@ -80,6 +81,10 @@ class Trainer:
         self.model = build_model(conf, self.train_set, self.train_set.shape_params).to(self.device)
         self.loss = Loss(conf.loss, var_expression=self.train_set.var_expression).to(self.device)
         self.schedule = PointSchedule(conf, self.ranks)
+        # train.cuda_graph: the step's forward, loss and backward replayed from a CUDA graph (CUDA only).
+        self.graphed_step = (
+            GraphedStep(self.model, self.loss) if tc.cuda_graph and self.device.type == "cuda" else None
+        )
         self.optimizer = make_optimizer(self.model, self.schedule.learning_rate)
         # Bound to the first Adam, as in the original: after the first resize it no longer drives the
         # learning rate unless train.fix_lr_schedule is set (spec §10.1).
@@ -365,6 +370,7 @@ class Trainer:
         count = 0
         skipped = 0
         steps = 0
+        graph_counts = self._graph_counts()
         start = time.time()
         bar = tqdm(
             loader,
@@ -378,14 +384,20 @@ class Trainer:
             ground_truth = move_to(ground_truth, self.device)
             if self.inputs.enabled:
                 model_input = self.inputs.apply(model_input)
-            outputs = self.model(model_input)
-            self.schedule.observe(outputs.fragment_idx, outputs.fragment_weights, self.model.pc.n_points)
-            losses = self.loss(outputs, ground_truth, flame=self.model.FLAMEServer, lbs_weight=lbs_weight)
-
             self.optimizer.zero_grad(set_to_none=True)
             if inputs_active:
                 self.optimizer_cam.zero_grad(set_to_none=True)
-            losses["loss"].backward()
+            if self.graphed_step is not None:
+                losses, fragment_idx, fragment_weights = self.graphed_step(
+                    model_input, ground_truth, lbs_weight
+                )
+            else:
+                outputs = self.model(model_input)
+                losses = self.loss(outputs, ground_truth, flame=self.model.FLAMEServer, lbs_weight=lbs_weight)
+                losses["loss"].backward()
+                fragment_idx, fragment_weights = outputs.fragment_idx, outputs.fragment_weights
+                del outputs
+            self.schedule.observe(fragment_idx, fragment_weights, self.model.pc.n_points)
             bad_ranks: list[int] = []
             if self.ranks.distributed:
                 # Every rank ends with the same averaged gradients and the same two flags.
@@ -440,6 +452,7 @@ class Trainer:
             f"epoch {epoch}/{self.nepoch} done in {elapsed:.1f} s ({self.model.pc.n_points} points, "
             f"radius {self.model.pc.radius:.5f}, {batch})"
             + (f"; {skipped} of {steps} steps skipped (non-finite gradients)" if skipped else "")
+            + self._graph_summary(graph_counts)
         )
         if self.writer is not None:
             self.writer.add_scalar("train/timing_epoch_ms", elapsed * 1000, epoch)
@@ -451,6 +464,18 @@ class Trainer:
                 "frames named above (expression, pose and camera values in flame_params.json), and the "
                 f"learning rate. Resume from {self.ckpt.path(ckpt.MODEL, 'latest')} with --is_continue."
             )
+
+    def _graph_counts(self) -> tuple[int, int, int]:
+        g = self.graphed_step
+        return (0, 0, 0) if g is None else (g.eager_steps, g.captures, g.overflows)
+
+    def _graph_summary(self, before: tuple[int, int, int]) -> str:
+        """The epoch's CUDA-graph bookkeeping for its summary line ('' without train.cuda_graph)."""
+        if self.graphed_step is None:
+            return ""
+        eager, captures, overflows = (a - b for a, b in zip(self._graph_counts(), before, strict=True))
+        text = f"; CUDA graph: {captures} captured, {eager} eager steps"
+        return text + (f", {overflows} rerun (rasterizer budget)" if overflows else "")
 
     def _trainable_parameters(self, inputs_active: bool) -> list[torch.Tensor]:
         params = [p for p in self.model.parameters() if p.requires_grad]
