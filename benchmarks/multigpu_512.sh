@@ -18,7 +18,7 @@
 #   --work DIR       run folders, confs and logs (default data/experiments/multigpu512, or
 #                    DIR/work with --tiny); kept between calls, so a second call resumes
 #   --set LINE       a HOCON line added to both runs' confs (repeatable), e.g.
-#                    --set 'model.implementation = "reference"' --set 'model.tf32 = false'
+#                    --set 'model.implementation = "reference"' --set 'model.tf32 = false' --set 'train.cuda_graph = false'
 #   --tiny           smoke test on the CPU with gloo: the tests' tiny subject and conf (32x32, 2 x 2
 #                    frames, small networks), 3 epochs; seconds, not a measurement
 #
@@ -29,7 +29,8 @@
 #
 # Both runs use the conf's engine: since commit a1da11b the defaults take the fast path with TF32 on
 # CUDA; the recorded measurement (benchmarks/RESULTS.md, 2026-11-30: 1.91x, -0.16 dB) was of the
-# reference path: repeat it with --set 'model.implementation = "reference"' --set 'model.tf32 = false'.
+# reference path: repeat it with --set 'model.implementation = "reference"' --set 'model.tf32 = false'
+# --set 'train.cuda_graph = false'.
 #
 # On a two-H200 machine the 1-GPU run takes about 7 min (367 s of training on one H200, README), the
 # 2-GPU run about half of its training time more, plus the subject's generation the first time

@@ -89,10 +89,12 @@ def assert_same_steps(eager_record, graph_record):
             assert_close(grad_g[k], v, rtol=1e-3, atol=1e-4 * scale + 1e-9, reason=ATOMICS)
 
 
-@pytest.mark.parametrize("scope", ["none", "per_point"])
-def test_graphed_steps_equal_eager_steps(flame_files, monkeypatch, scope):
+@pytest.mark.parametrize(("scope", "chunk"), [("none", 0), ("per_point", 0), ("all", 0), ("all", 37)])
+def test_graphed_steps_equal_eager_steps(flame_files, monkeypatch, scope, chunk):
+    """Also with recomputation by chunks (torch.utils.checkpoint's backward inside the capture)."""
     monkeypatch.setattr(point_avatar, "EIKONAL_JITTER", 0.0)
     eager, graph, emb_e, emb_g = make_pair(flame_files, scope)
+    eager.recompute_chunk = graph.recompute_chunk = chunk
     steps = batches(4)
     graphed = GraphedStep(graph, Loss(LossConf(vgg_feature_weight=0.0), var_expression=None).cuda())
     graph_record = train_steps(graph, emb_g, steps, graphed)

@@ -107,9 +107,14 @@ class GraphedStep:
         return self._replay(model_input, ground_truth, lbs_weight, params)
 
     def release(self) -> None:
-        """Drop the captured graph (its memory returns to PyTorch's allocator)."""
+        """Drop the captured graph. Its memory pool is private: the blocks that no caller still holds go
+        back to the device (``empty_cache``), or the next configuration's eager step would need the old
+        graph's memory and its own at once."""
+        had_graph = self._captured is not None
         self._captured = None
         self._key = None
+        if had_graph:
+            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------------------------------------
 

@@ -388,6 +388,9 @@ class Trainer:
             if inputs_active:
                 self.optimizer_cam.zero_grad(set_to_none=True)
             if self.graphed_step is not None:
+                # The last step's outputs belong to the graph's memory: let go of them before a new
+                # configuration releases that graph.
+                losses = fragment_idx = fragment_weights = None
                 losses, fragment_idx, fragment_weights = self.graphed_step(
                     model_input, ground_truth, lbs_weight
                 )
