@@ -18,6 +18,7 @@ from pointavatar.config import LossConf
 from pointavatar.model import point_avatar
 from pointavatar.train.graphed_step import GraphedStep
 from pointavatar.train.losses import Loss
+from pointavatar.train.vgg import VGGPerceptualLoss, make_vgg16_features
 
 pytestmark = [
     pytest.mark.gpu,
@@ -42,10 +43,19 @@ def batches(n_steps: int) -> list[tuple[dict, dict]]:
     return out
 
 
-def train_steps(model, embedding, steps, graphed: GraphedStep | None):
+def make_loss(vgg: bool) -> Loss:
+    """The training loss; with ``vgg`` the perceptual term too, on a randomly initialised VGG16 (its
+    trained weights are a download the tests do not have)."""
+    if not vgg:
+        return Loss(LossConf(vgg_feature_weight=0.0), var_expression=None).cuda()
+    torch.manual_seed(5)
+    module = VGGPerceptualLoss(features=make_vgg16_features())
+    return Loss(LossConf(vgg_feature_weight=0.1), var_expression=None, vgg=module).cuda()
+
+
+def train_steps(model, embedding, steps, graphed: GraphedStep | None, loss_fn: Loss):
     """Adam on the model and SparseAdam on a per-frame expression embedding (the trainer's set-up);
     returns every step's losses and gradients."""
-    loss_fn = Loss(LossConf(vgg_feature_weight=0.0), var_expression=None).cuda()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     opt_emb = torch.optim.SparseAdam(embedding.parameters(), lr=1e-3)
     model.train()
@@ -89,16 +99,21 @@ def assert_same_steps(eager_record, graph_record):
             assert_close(grad_g[k], v, rtol=1e-3, atol=1e-4 * scale + 1e-9, reason=ATOMICS)
 
 
-@pytest.mark.parametrize(("scope", "chunk"), [("none", 0), ("per_point", 0), ("all", 0), ("all", 37)])
-def test_graphed_steps_equal_eager_steps(flame_files, monkeypatch, scope, chunk):
-    """Also with recomputation by chunks (torch.utils.checkpoint's backward inside the capture)."""
+@pytest.mark.parametrize(
+    ("scope", "chunk", "vgg"),
+    [("none", 0, False), ("per_point", 0, False), ("all", 0, False), ("all", 37, False), ("all", 0, True)],
+)
+def test_graphed_steps_equal_eager_steps(flame_files, monkeypatch, scope, chunk, vgg):
+    """Also with recomputation by chunks (torch.utils.checkpoint's backward inside the capture) and with
+    the VGG perceptual term (cuDNN convolutions inside the capture)."""
     monkeypatch.setattr(point_avatar, "EIKONAL_JITTER", 0.0)
     eager, graph, emb_e, emb_g = make_pair(flame_files, scope)
     eager.recompute_chunk = graph.recompute_chunk = chunk
     steps = batches(4)
-    graphed = GraphedStep(graph, Loss(LossConf(vgg_feature_weight=0.0), var_expression=None).cuda())
-    graph_record = train_steps(graph, emb_g, steps, graphed)
-    eager_record = train_steps(eager, emb_e, steps, None)
+    loss_fn = make_loss(vgg)
+    graphed = GraphedStep(graph, loss_fn)
+    graph_record = train_steps(graph, emb_g, steps, graphed, loss_fn)
+    eager_record = train_steps(eager, emb_e, steps, None, loss_fn)
     # Step 1 eager (new configuration), step 2 captured and replayed, steps 3-4 replayed.
     assert (graphed.eager_steps, graphed.captures, graphed.overflows) == (1, 1, 0)
     assert_same_steps(eager_record, graph_record)
@@ -108,7 +123,8 @@ def test_a_short_rasterizer_budget_reruns_the_step_eagerly(flame_files, monkeypa
     monkeypatch.setattr(point_avatar, "EIKONAL_JITTER", 0.0)
     eager, graph, emb_e, emb_g = make_pair(flame_files, "none")
     steps = batches(4)
-    graphed = GraphedStep(graph, Loss(LossConf(vgg_feature_weight=0.0), var_expression=None).cuda())
+    loss_fn = make_loss(vgg=False)
+    graphed = GraphedStep(graph, loss_fn)
     real_eager = graphed._eager
 
     def eager_then_short_budget(*args):
@@ -118,8 +134,8 @@ def test_a_short_rasterizer_budget_reruns_the_step_eagerly(flame_files, monkeypa
         return result
 
     monkeypatch.setattr(graphed, "_eager", eager_then_short_budget)
-    graph_record = train_steps(graph, emb_g, steps, graphed)
-    eager_record = train_steps(eager, emb_e, steps, None)
+    graph_record = train_steps(graph, emb_g, steps, graphed, loss_fn)
+    eager_record = train_steps(eager, emb_e, steps, None, loss_fn)
     # Step 2's replay overflows and reruns eagerly (sizing the budget anew); step 3 captures again.
     assert (graphed.eager_steps, graphed.captures, graphed.overflows) == (2, 2, 1)
     assert_same_steps(eager_record, graph_record)
