@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pointavatar.errors import PointAvatarError
-from pointavatar.flame.lbs import batch_rodrigues, transform_mat
+from pointavatar.flame.lbs import batch_rigid_transform, batch_rodrigues
 from pointavatar.model.deform_explicit import skinning_with_tangents, trunk_with_tangents
 from pointavatar.model.deformer import N_POSE_FEATURES
 from pointavatar.model.point_avatar import ALBEDO_SCALE, POINTS_PER_PIXEL, PointAvatar, deformed_normals
@@ -113,8 +113,7 @@ class BakedAvatar(nn.Module):
     ``hidden`` [N, 4, D] (h and dh/dx_k), ``rest`` [N, 4, 3] (y and dy/dx_k), ``skin`` [N, 4, J]
     (W and dW/dx_k). Frame-independent constants: ``coef_weight`` [Q, 3 D] and ``coef_bias`` [Q, 3]
     (the head rows of E and P), ``canonical_coef`` [Q] (psi_c, p_c), FLAME's joint regression
-    ``joints_template`` [5, 3] and ``joints_shapedirs`` [5, 3, 50] (``parent_index`` [4] the kinematic
-    tree), ``canonical_expression`` [1, 50],
+    ``joints_template`` [5, 3] and ``joints_shapedirs`` [5, 3, 50], ``canonical_expression`` [1, 50],
     ``canonical_pose`` [1, 15] (the avatar's neutral frame), ``background`` [H, W, 3] (learned
     background, or an empty tensor for white).
 
@@ -179,9 +178,6 @@ class BakedAvatar(nn.Module):
             joints_dirs = torch.einsum("ji,ikl->jkl", regressor, exp_dirs)
             self.register_buffer("joints_template", joints.to(dtype))
             self.register_buffer("joints_shapedirs", joints_dirs.to(dtype))
-            # The joints' parents as an index tensor, made once: no host-to-device copy in a frame.
-            parent_index = torch.tensor(self._parents[1:], dtype=torch.long, device=device)
-            self.register_buffer("parent_index", parent_index)
             self.register_buffer("canonical_expression", flame.canonical_exp.to(dtype).clone())
             self.register_buffer("canonical_pose", flame.canonical_pose.to(dtype).clone())
             bg = model.background_rgb()
@@ -258,25 +254,11 @@ class BakedAvatar(nn.Module):
         rot_mats = batch_rodrigues(flame_pose.reshape(-1, 3)).reshape(b, -1, 3, 3)
         ident = torch.eye(3, dtype=flame_pose.dtype, device=flame_pose.device)
         pose_feature = (rot_mats[:, 1:] - ident).reshape(b, -1)
-        transforms = self._rigid_transforms(rot_mats, joints)
+        transforms = batch_rigid_transform(rot_mats, joints, self._parents)[1]  # no host copy
         if self.ghostbone:
             ghost = torch.eye(4, dtype=transforms.dtype, device=transforms.device).expand(b, 1, 4, 4)
             transforms = torch.cat([ghost, transforms], dim=1)
         return pose_feature, transforms
-
-    def _rigid_transforms(self, rot_mats: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
-        """The relative joint transforms [B, 5, 4, 4] from rot_mats [B, 5, 3, 3] and joints [B, 5, 3]:
-        ``lbs.batch_rigid_transform`` with the parent index made once (so a frame makes no
-        host-to-device copy, which a CUDA graph capture refuses)."""
-        b, j = joints.shape[:2]
-        rel_joints = torch.cat([joints[:, :1], joints[:, 1:] - joints[:, self.parent_index]], dim=1)
-        local = transform_mat(rot_mats.reshape(-1, 3, 3), rel_joints.reshape(-1, 3, 1)).reshape(b, j, 4, 4)
-        chain = [local[:, 0]]
-        for i in range(1, j):
-            chain.append(torch.matmul(chain[self._parents[i]], local[:, i]))
-        transforms = torch.stack(chain, dim=1)  # [B, J, 4, 4] global G_j
-        joints_homogen = F.pad(joints.unsqueeze(-1), [0, 0, 0, 1])  # [B, J, 4, 1], w = 0
-        return transforms - F.pad(torch.matmul(transforms, joints_homogen), [3, 0])
 
     def _deform(
         self, expression: torch.Tensor, pose_feature: torch.Tensor, transforms: torch.Tensor
