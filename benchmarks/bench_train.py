@@ -8,6 +8,8 @@ B = min(floor(819200 / N), 8) and the radius the original would have at N (0.3 *
     python benchmarks/bench_train.py --res 512 --points 6400 25600 102400 409600 --out bench_train.json
 
 On CUDA the times are CUDA-event medians after warm-up; TF32 is off, like the reference figures.
+`--cuda-graph` replays forward, loss and backward from a CUDA graph as the trainer does on CUDA
+(train.cuda_graph, the default); the first two steps per point count (eager, capture) are warm-up.
 """
 
 from __future__ import annotations

@@ -261,6 +261,35 @@ def test_input_checks_and_backend_choice():
     assert frags.idx.shape == (1, 16, 16, 2) and images.shape == (1, 16, 16, 3)
 
 
+def test_fixed_binning_context_checks_restores_and_leaves_torch_backend_alone():
+    """The budget is checked, nests and is restored on exit (also after an error); the "torch" backend
+    gives the same fragments inside (the "cuda" backend's use of it is tested under the interpreter)."""
+    from pointavatar.render import api, fixed_binning
+
+    needed = torch.zeros((), dtype=torch.int64)
+    with pytest.raises(ValueError, match="capacity"):
+        with fixed_binning(0, needed):
+            pass
+    with pytest.raises(ValueError, match="0-d int64"):
+        with fixed_binning(10, torch.zeros(1)):
+            pass
+    assert getattr(api._binning, "budget", None) is None
+    pts = random_points(1, 40, seed=2)
+    plain = rasterize_points(pts, 16, 0.2, 3, backend="torch")
+    with fixed_binning(5, needed) as outer:
+        with fixed_binning(None, needed):
+            assert api._binning.budget.capacity is None
+        assert api._binning.budget is outer and outer.capacity == 5
+        inside = rasterize_points(pts, 16, 0.2, 3, backend="torch")
+        with pytest.raises(RuntimeError):
+            with fixed_binning(7, needed):
+                raise RuntimeError("boom")
+        assert api._binning.budget is outer
+    assert api._binning.budget is None
+    assert all(torch.equal(a, b) for a, b in zip(plain, inside, strict=True))
+    assert int(needed) == 0  # the reference rasterizer has no pair list to count
+
+
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
