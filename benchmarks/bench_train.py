@@ -166,6 +166,11 @@ def main() -> None:
         help="what the fast path compiles on CUDA",
     )
     p.add_argument(
+        "--compile-mode",
+        default=None,
+        help='torch.compile mode of the fast path\'s pieces, e.g. "max-autotune-no-cudagraphs" (default: none)',
+    )
+    p.add_argument(
         "--cuda-graph",
         action="store_true",
         help="train.cuda_graph: replay forward, loss and backward from a CUDA graph (CUDA only)",
@@ -199,6 +204,7 @@ def main() -> None:
     model, loss_fn = trainer.model, trainer.loss
     model.compile_scope = args.compile_scope
     model.deform_contractions = args.deform_contractions
+    model.compile_mode = args.compile_mode
     batch_iter = None
     rows = []
     for n in args.points:
@@ -296,6 +302,7 @@ def main() -> None:
         "recompute_chunk": args.recompute_chunk,
         "compile_scope": args.compile_scope,
         "cuda_graph": args.cuda_graph,
+        "compile_mode": args.compile_mode,
         "rows": rows,
     }
     if args.out:

@@ -107,6 +107,10 @@ class PointAvatar(nn.Module):
         # points, with compile_scope "all"), einsum where it runs eagerly (pointwise would materialise
         # every product).
         self.deform_contractions = "auto"
+        # torch.compile's mode for the fast-path pieces: None (default) or e.g.
+        # "max-autotune-no-cudagraphs" (Triton matmul templates with fused epilogues; long compiles).
+        # Benchmarks set it (bench_train.py --compile-mode); not measured yet.
+        self.compile_mode: str | None = None
         self.use_background = bool(use_background)
 
         self.FLAMEServer = FLAME(
@@ -162,7 +166,9 @@ class PointAvatar(nn.Module):
         compiled = self._compiled.get(name)
         if compiled is not None:
             return compiled(*args)
-        compiled = torch.compile(fn, dynamic=True)
+        compiled = torch.compile(
+            fn, dynamic=True, **({"mode": self.compile_mode} if self.compile_mode else {})
+        )
         try:
             result = compiled(*args)
         except Exception as exc:  # a compiler problem must not stop training: the eager code is exact
