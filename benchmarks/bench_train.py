@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from pointavatar.engine.batching import (
     batch_size_for,  # noqa: E402
     move_to,  # noqa: E402
 )
-from pointavatar.train.graphed_step import GraphedStep  # noqa: E402
+from pointavatar.train.graphed_step import GraphedStep, forward_loss_backward  # noqa: E402
 from pointavatar.train.schedule import make_optimizer  # noqa: E402
 from pointavatar.train.trainer import Trainer  # noqa: E402
 
@@ -232,13 +233,8 @@ def main() -> None:
         def step(model_input=model_input, ground_truth=ground_truth, optimizer=optimizer, graphed=graphed):
             optimizer.zero_grad(set_to_none=True)
             # The FLAME-prior weight of epoch 0 (the conf's lbs_weight).
-            if graphed is not None:
-                _, fragment_idx, fragment_weights = graphed(model_input, ground_truth, conf.loss.lbs_weight)
-            else:
-                out = model(model_input)
-                losses = loss_fn(out, ground_truth, flame=model.FLAMEServer, lbs_weight=conf.loss.lbs_weight)
-                losses["loss"].backward()
-                fragment_idx, fragment_weights = out.fragment_idx, out.fragment_weights
+            step_fn = graphed if graphed is not None else partial(forward_loss_backward, model, loss_fn)
+            _, fragment_idx, fragment_weights = step_fn(model_input, ground_truth, conf.loss.lbs_weight)
             trainer.schedule.observe(fragment_idx, fragment_weights, model.pc.n_points)
             optimizer.step()
 

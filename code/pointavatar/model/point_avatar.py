@@ -166,9 +166,7 @@ class PointAvatar(nn.Module):
         compiled = self._compiled.get(name)
         if compiled is not None:
             return compiled(*args)
-        compiled = torch.compile(
-            fn, dynamic=True, **({"mode": self.compile_mode} if self.compile_mode else {})
-        )
+        compiled = torch.compile(fn, dynamic=True, mode=self.compile_mode)
         try:
             result = compiled(*args)
         except Exception as exc:  # a compiler problem must not stop training: the eager code is exact

@@ -42,6 +42,17 @@ class StepResult(NamedTuple):
     fragment_weights: torch.Tensor
 
 
+def forward_loss_backward(
+    model, loss_fn, model_input: dict, ground_truth: dict, lbs_weight: float
+) -> StepResult:
+    """One training step's forward, loss and backward, run eagerly: what the trainer does per batch
+    without a CUDA graph, and what the graph captures."""
+    out = model(model_input)
+    losses = loss_fn(out, ground_truth, flame=getattr(model, "FLAMEServer", None), lbs_weight=lbs_weight)
+    losses["loss"].backward()
+    return StepResult(losses, out.fragment_idx, out.fragment_weights)
+
+
 class _Captured(NamedTuple):
     graph: torch.cuda.CUDAGraph
     inputs: dict
@@ -138,13 +149,6 @@ class GraphedStep:
             None if pc is None else float(pc.radius),
         )
 
-    def _forward_loss(self, model_input, ground_truth, lbs_weight) -> StepResult:
-        out = self.model(model_input)
-        flame = getattr(self.model, "FLAMEServer", None)
-        losses = self.loss_fn(out, ground_truth, flame=flame, lbs_weight=lbs_weight)
-        losses["loss"].backward()
-        return StepResult(losses, out.fragment_idx, out.fragment_weights)
-
     def _eager(self, model_input, ground_truth, lbs_weight, params) -> StepResult:
         """The plain step; it also measures the rasterizer's pair count for the next capture's budget."""
         self.eager_steps += 1
@@ -152,7 +156,9 @@ class GraphedStep:
             p.grad = None
         self._needed.zero_()
         with fixed_binning(None, self._needed):
-            losses, fragment_idx, fragment_weights = self._forward_loss(model_input, ground_truth, lbs_weight)
+            losses, fragment_idx, fragment_weights = forward_loss_backward(
+                self.model, self.loss_fn, model_input, ground_truth, lbs_weight
+            )
         self.capacity = int(int(self._needed) * self.margin) + self.slack
         # Detached: a caller holding this step's losses must not keep its autograd graph alive while the
         # next call captures (its gradient-accumulation nodes belong to another stream, which breaks
@@ -177,7 +183,7 @@ class GraphedStep:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._needed.zero_()
             with fixed_binning(self.capacity, self._needed):
-                result = self._forward_loss(inputs, truth, lbs_weight)
+                result = forward_loss_backward(self.model, self.loss_fn, inputs, truth, lbs_weight)
         self.captures += 1
         losses, fragment_idx, fragment_weights = result
         result = StepResult({k: v.detach() for k, v in losses.items()}, fragment_idx, fragment_weights)

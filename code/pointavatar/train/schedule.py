@@ -120,15 +120,11 @@ class PointSchedule:
         # Without boolean indexing (whose result size the host would wait for): slots that do not count
         # are sent to a spare entry n_points, then dropped.
         hits = torch.zeros(n_points + 1, dtype=torch.bool, device=vis.device)
-        front = fragment_idx[..., 0]
         spare = torch.full((), n_points, dtype=fragment_idx.dtype, device=vis.device)
-        hits.index_fill_(
-            0, torch.where(front >= 0, torch.remainder(front, n_points), spare).reshape(-1), True
-        )
+        front = fragment_idx[..., 0]
         heavy = (fragment_weights > self.prune_thresh) & (fragment_idx >= 0)
-        hits.index_fill_(
-            0, torch.where(heavy, torch.remainder(fragment_idx, n_points), spare).reshape(-1), True
-        )
+        for idx, counts in ((front, front >= 0), (fragment_idx, heavy)):
+            hits.index_fill_(0, torch.where(counts, torch.remainder(idx, n_points), spare).reshape(-1), True)
         vis |= hits[:n_points]
 
     def finish_epoch(self) -> None:

@@ -30,7 +30,7 @@ from ..engine.experiment import Experiment, build_model
 from ..engine.inputs import FrameInputs
 from ..engine.plots import render_grids
 from ..errors import PointAvatarError
-from .graphed_step import GraphedStep
+from .graphed_step import GraphedStep, forward_loss_backward
 from .losses import Loss
 from .schedule import PointSchedule, make_optimizer
 
@@ -387,19 +387,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if inputs_active:
                 self.optimizer_cam.zero_grad(set_to_none=True)
-            if self.graphed_step is not None:
-                # The last step's outputs belong to the graph's memory: let go of them before a new
-                # configuration releases that graph.
-                losses = fragment_idx = fragment_weights = None
-                losses, fragment_idx, fragment_weights = self.graphed_step(
-                    model_input, ground_truth, lbs_weight
-                )
-            else:
-                outputs = self.model(model_input)
-                losses = self.loss(outputs, ground_truth, flame=self.model.FLAMEServer, lbs_weight=lbs_weight)
-                losses["loss"].backward()
-                fragment_idx, fragment_weights = outputs.fragment_idx, outputs.fragment_weights
-                del outputs
+            # With a CUDA graph the last step's outputs belong to the graph's memory: let go of them
+            # before a new configuration releases that graph.
+            losses = fragment_idx = fragment_weights = None
+            losses, fragment_idx, fragment_weights = self._step(model_input, ground_truth, lbs_weight)
             self.schedule.observe(fragment_idx, fragment_weights, self.model.pc.n_points)
             bad_ranks: list[int] = []
             if self.ranks.distributed:
@@ -467,6 +458,13 @@ class Trainer:
                 "frames named above (expression, pose and camera values in flame_params.json), and the "
                 f"learning rate. Resume from {self.ckpt.path(ckpt.MODEL, 'latest')} with --is_continue."
             )
+
+    def _step(self, model_input: dict, ground_truth: dict, lbs_weight: float):
+        """Forward, loss and backward of one batch: replayed from a CUDA graph with train.cuda_graph on
+        CUDA, else run eagerly. -> (losses, fragment_idx, fragment_weights)."""
+        if self.graphed_step is not None:
+            return self.graphed_step(model_input, ground_truth, lbs_weight)
+        return forward_loss_backward(self.model, self.loss, model_input, ground_truth, lbs_weight)
 
     def _graph_counts(self) -> tuple[int, int, int]:
         g = self.graphed_step
