@@ -93,7 +93,22 @@ def memory_split(model, loss_fn, conf, model_input, ground_truth, optimizer) -> 
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    out = model(model_input)
+    pieces: dict[str, int] = {}
+    compiled_call = model._compiled_call
+
+    def measured_call(name, fn, *args):
+        # What a fast-path piece adds to the allocated memory: its outputs and what it keeps for the
+        # backward (the forward's kept memory, by piece; the rest is FLAME, rasterizer and compositing).
+        before = torch.cuda.memory_allocated()
+        result = compiled_call(name, fn, *args)
+        pieces[name] = pieces.get(name, 0) + torch.cuda.memory_allocated() - before
+        return result
+
+    model._compiled_call = measured_call
+    try:
+        out = model(model_input)
+    finally:
+        del model._compiled_call  # back to the class's method
     after_forward = torch.cuda.memory_allocated()
     forward_peak = torch.cuda.max_memory_allocated()
     losses = loss_fn(out, ground_truth, flame=model.FLAMEServer, lbs_weight=conf.loss.lbs_weight)
@@ -106,6 +121,7 @@ def memory_split(model, loss_fn, conf, model_input, ground_truth, optimizer) -> 
     return {
         "resident_gib": base * gib,
         "forward_kept_gib": (after_forward - base) * gib,
+        **{f"forward_kept_{name}_gib": v * gib for name, v in pieces.items()},
         "forward_transient_gib": (forward_peak - after_forward) * gib,
         "loss_kept_gib": (after_loss - after_forward) * gib,
         "backward_extra_gib": (backward_peak - after_loss) * gib,
@@ -159,6 +175,12 @@ def main() -> None:
     p.add_argument(
         "--geometry-bf16", action="store_true", help="model.geometry_bf16 (fast path, experimental)"
     )
+    p.add_argument(
+        "--geometry-backward",
+        choices=["autograd", "fused"],
+        default="autograd",
+        help="model.geometry_backward (fast path): autograd, or the hand-written fused backward",
+    )
     p.add_argument("--recompute-chunk", type=int, default=0, help="model.recompute_chunk (fast path)")
     p.add_argument(
         "--compile-scope",
@@ -200,6 +222,7 @@ def main() -> None:
         tf32=args.tf32,
         recompute_chunk=args.recompute_chunk,
         geometry_bf16=args.geometry_bf16,
+        geometry_backward=args.geometry_backward,
     )
     trainer = Trainer(conf, nepoch=0, device=device)  # applies model.tf32
     model, loss_fn = trainer.model, trainer.loss
@@ -284,6 +307,8 @@ def main() -> None:
             f"{first_steps_s:.1f} s wall",
             flush=True,
         )
+        if memory:
+            print("  memory (GiB): " + ", ".join(f"{k[:-4]} {v:.2f}" for k, v in memory.items()), flush=True)
         optimizer = step = graphed = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -294,6 +319,7 @@ def main() -> None:
         "implementation": args.implementation,
         "tf32": args.tf32,
         "geometry_bf16": args.geometry_bf16,
+        "geometry_backward": args.geometry_backward,
         "deform_contractions": args.deform_contractions,
         "recompute_chunk": args.recompute_chunk,
         "compile_scope": args.compile_scope,

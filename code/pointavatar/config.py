@@ -433,12 +433,21 @@ class ModelConf:
     (torch.utils.checkpoint): far less GPU memory for about one more forward pass (at 409,600 points
     on an H200: 7.3 GiB and 190 ms a step with 65536, against 44 GiB and 136 ms with 0; README
     "Speed"). 0: one pass, all stored. Same values and gradients either way."""
-    geometry_bf16: bool = False
+    geometry_backward: str = field(default="autograd", metadata=_choices("autograd", "fused"))
+    """(ours) Fast path, training: how the geometry network's forward and explicit SDF-gradient sweep
+    are differentiated. "autograd": ordinary differentiable ops, every intermediate kept as autograd
+    (or torch.compile's partitioner) chooses. "fused": one autograd node with a hand-written backward
+    (model/geometry_fused.py) that keeps only each hidden layer's pre-activation and sweep vector and
+    recomputes the rest (same values and gradients, tested in float64)."""
+    geometry_bf16: bool = True
     """(ours) Fast path, training only: the geometry network's matrix products (its forward and the
-    explicit gradient sweep) in bfloat16 with fp32 accumulation (torch.autocast); outputs back in the
-    points' dtype. Experimental: on an H200 at 409,600 points the step is 20 % faster and 6.7 GiB lighter
-    and the canonical normals move by 0.57 degrees on average (benchmarks/RESULTS.md, step 4); its effect
-    on test PSNR is not measured yet. Eval, tracking and the baked renderer stay in full precision."""
+    explicit gradient sweep) in bfloat16 with fp32 accumulation (torch.autocast; with the fused backward
+    its own casts, and the kept activations in bf16 too); outputs back in the points' dtype; float32
+    only (float64 is left exact). On an H200 with the CUDA graph at 409,600 points: 88 ms and 36.9 GiB
+    a step against 120 ms and 43.6 GiB; canonical normals move by 0.57 degrees on average; synthetic512
+    test PSNR 30.22 dB against the reference path's 30.33 dB in the same call (benchmarks/RESULTS.md,
+    step 5). False: the geometry in float32 (TF32 products with model.tf32). Eval, tracking and the baked
+    renderer stay in full precision."""
     tf32: bool = True
     """Allow TF32 tensor-core matmuls on CUDA (fp32 storage and accumulation, inputs rounded to 10
     mantissa bits). On, as in the original's PyTorch 1.11 (its default on Ampere and later GPUs); canonical

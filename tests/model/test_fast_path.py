@@ -39,16 +39,24 @@ def forward_and_grads(model, seed: int):
 
 
 @pytest.mark.parametrize(
-    ("seed", "chunk", "contractions"),
-    [(0, 0, "einsum"), (1, 0, "einsum"), (0, 37, "einsum"), (0, 37, "pointwise")],
+    ("seed", "chunk", "contractions", "backward"),
+    [
+        (0, 0, "einsum", "autograd"),
+        (1, 0, "einsum", "autograd"),
+        (0, 37, "einsum", "autograd"),
+        (0, 37, "pointwise", "autograd"),
+        (1, 0, "einsum", "fused"),
+        (0, 37, "pointwise", "fused"),
+    ],
 )
-def test_fast_path_equals_reference_in_float64(flame_files, seed, chunk, contractions):
+def test_fast_path_equals_reference_in_float64(flame_files, seed, chunk, contractions, backward):
     reference = build(flame_files).double()
     perturb_(reference, 0.05)
     fast = copy.deepcopy(reference)
     reference.implementation, fast.implementation = "reference", "fast"
     fast.recompute_chunk = chunk  # 37: several chunks of points, the last one shorter
     fast.deform_contractions = contractions
+    fast.geometry_backward = backward  # "fused": the geometry's hand-written backward (geometry_fused.py)
     if chunk:
         assert fast.pc.n_points > 2 * chunk and fast.pc.n_points % chunk
     assert fast.uses_fast_path(torch.device("cpu")) and not reference.uses_fast_path(torch.device("cpu"))
@@ -111,13 +119,14 @@ def angles_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.acos(cos))
 
 
-def test_geometry_bf16_is_close_to_fp32(flame_files):
+@pytest.mark.parametrize("backward", ["autograd", "fused"])
+def test_geometry_bf16_is_close_to_fp32(flame_files, backward):
     """model.geometry_bf16 (experimental): the geometry piece with bf16 matmuls against fp32, same
     draws. bf16 keeps 8 significant bits, so the normals move by about 0.7 degrees on average here
     (TF32: 0.07 on the GPU); the loss gradients of the weights stay aligned."""
     model = build(flame_files)
     perturb_(model, 0.02)
-    model.implementation = "fast"
+    model.implementation, model.geometry_backward = "fast", backward
     model.train()
     points = model.pc.points
     torch.manual_seed(0)
@@ -170,22 +179,27 @@ def test_default_is_fast_on_cuda_only(flame_files):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(
-    ("scope", "chunk", "contractions"),
+    ("scope", "chunk", "contractions", "backward"),
     [
-        ("per_point", 0, "einsum"),
-        ("per_point", 37, "einsum"),
-        ("per_point", 37, "pointwise"),
-        ("all", 0, "pointwise"),
-        ("geometry", 37, "einsum"),
-        ("none", 0, "einsum"),
+        ("per_point", 0, "einsum", "autograd"),
+        ("per_point", 37, "einsum", "autograd"),
+        ("per_point", 37, "pointwise", "autograd"),
+        ("all", 0, "pointwise", "autograd"),
+        ("all", 0, "pointwise", "fused"),
+        ("all", 37, "pointwise", "fused"),
+        ("geometry", 37, "einsum", "autograd"),
+        ("none", 0, "einsum", "autograd"),
+        ("none", 0, "einsum", "fused"),
     ],
 )
-def test_fast_path_equals_reference_on_gpu_in_float32(flame_files, scope, chunk, contractions):
+def test_fast_path_equals_reference_on_gpu_in_float32(flame_files, scope, chunk, contractions, backward):
     reference = build(flame_files).cuda()
     perturb_(reference, 0.05)
     fast = copy.deepcopy(reference)
     reference.implementation, fast.implementation = "reference", "fast"
     fast.compile_scope, fast.recompute_chunk, fast.deform_contractions = scope, chunk, contractions
+    fast.geometry_backward = backward
+    fast.geometry_bf16 = False  # on by default on the GPU; here the fp32 fast path against the reference
 
     def run(model):
         model.train()

@@ -100,15 +100,29 @@ def assert_same_steps(eager_record, graph_record):
 
 
 @pytest.mark.parametrize(
-    ("scope", "chunk", "vgg"),
-    [("none", 0, False), ("per_point", 0, False), ("all", 0, False), ("all", 37, False), ("all", 0, True)],
+    ("scope", "chunk", "vgg", "backward"),
+    [
+        ("none", 0, False, "autograd"),
+        ("per_point", 0, False, "autograd"),
+        ("all", 0, False, "autograd"),
+        ("all", 37, False, "autograd"),
+        ("all", 0, True, "autograd"),
+        ("all", 0, False, "fused"),
+        ("all", 37, False, "fused"),
+        ("none", 0, False, "fused"),
+        ("all", 0, False, "autograd+bf16"),
+    ],
 )
-def test_graphed_steps_equal_eager_steps(flame_files, monkeypatch, scope, chunk, vgg):
-    """Also with recomputation by chunks (torch.utils.checkpoint's backward inside the capture) and with
-    the VGG perceptual term (cuDNN convolutions inside the capture)."""
+def test_graphed_steps_equal_eager_steps(flame_files, monkeypatch, scope, chunk, vgg, backward):
+    """Also with recomputation by chunks (torch.utils.checkpoint's backward inside the capture), with
+    the VGG perceptual term (cuDNN convolutions inside the capture) and with the fused geometry backward
+    (model.geometry_backward = "fused", its own compiled passes); "+bf16": with model.geometry_bf16 (the
+    default; the other cases turn it off)."""
     monkeypatch.setattr(point_avatar, "EIKONAL_JITTER", 0.0)
     eager, graph, emb_e, emb_g = make_pair(flame_files, scope)
     eager.recompute_chunk = graph.recompute_chunk = chunk
+    eager.geometry_backward = graph.geometry_backward = backward.removesuffix("+bf16")
+    eager.geometry_bf16 = graph.geometry_bf16 = backward.endswith("+bf16")
     steps = batches(4)
     loss_fn = make_loss(vgg)
     graphed = GraphedStep(graph, loss_fn)

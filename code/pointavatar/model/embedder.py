@@ -24,14 +24,7 @@ class PositionalEncoding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] -> [..., d_in * (1 + 2 L)]."""
-        if self.multires == 0:
-            return x
-        parts = [x]
-        for i in range(self.multires):
-            freq = float(2.0**i)
-            parts.append(torch.sin(freq * x))
-            parts.append(torch.cos(freq * x))
-        return torch.cat(parts, dim=-1)
+        return encode(x, self.multires)
 
     def vjp(self, x: torch.Tensor, grad_enc: torch.Tensor) -> torch.Tensor:
         """Vector-Jacobian product: grad_enc [..., out_dim] (d s / d enc(x)) -> d s / dx [..., d_in].
@@ -39,15 +32,32 @@ class PositionalEncoding(nn.Module):
         Built from ordinary differentiable ops (d sin(a x)/dx = a cos(a x), d cos(a x)/dx =
         -a sin(a x)), so the result can itself be differentiated with first-order autograd.
         """
-        d = self.d_in
-        grad_x = grad_enc[..., :d]
-        for i in range(self.multires):
-            freq = float(2.0**i)
-            g_sin = grad_enc[..., d * (1 + 2 * i) : d * (2 + 2 * i)]
-            g_cos = grad_enc[..., d * (2 + 2 * i) : d * (3 + 2 * i)]
-            fx = freq * x
-            grad_x = grad_x + freq * (g_sin * torch.cos(fx) - g_cos * torch.sin(fx))
-        return grad_x
+        return encode_vjp(x, grad_enc, self.multires)
+
+
+def encode(x: torch.Tensor, multires: int) -> torch.Tensor:
+    """The encoding of x [..., d] with ``multires`` frequencies (``PositionalEncoding.forward``)."""
+    if multires == 0:
+        return x
+    parts = [x]
+    for i in range(multires):
+        freq = float(2.0**i)
+        parts.append(torch.sin(freq * x))
+        parts.append(torch.cos(freq * x))
+    return torch.cat(parts, dim=-1)
+
+
+def encode_vjp(x: torch.Tensor, grad_enc: torch.Tensor, multires: int) -> torch.Tensor:
+    """``PositionalEncoding.vjp``: grad_enc [..., d (1 + 2 multires)] -> [..., d]."""
+    d = x.shape[-1]
+    grad_x = grad_enc[..., :d]
+    for i in range(multires):
+        freq = float(2.0**i)
+        g_sin = grad_enc[..., d * (1 + 2 * i) : d * (2 + 2 * i)]
+        g_cos = grad_enc[..., d * (2 + 2 * i) : d * (3 + 2 * i)]
+        fx = freq * x
+        grad_x = grad_x + freq * (g_sin * torch.cos(fx) - g_cos * torch.sin(fx))
+    return grad_x
 
 
 def get_embedder(multires: int, d_in: int = 3) -> tuple[PositionalEncoding, int]:

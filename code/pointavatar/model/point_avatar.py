@@ -18,6 +18,7 @@ from pointavatar.flame import FLAME
 from pointavatar.model.deform_explicit import deform_with_jacobian_explicit
 from pointavatar.model.deformer import ForwardDeformer
 from pointavatar.model.geometry import GeometryNetwork
+from pointavatar.model.geometry_fused import forward_with_gradient_fused
 from pointavatar.model.knn import nearest_neighbor, nearest_neighbor_fast
 from pointavatar.model.outputs import EvalOutputs, PointAvatarOutputs
 from pointavatar.model.point_cloud import PointCloud
@@ -95,6 +96,7 @@ class PointAvatar(nn.Module):
         self.implementation = conf.implementation
         self.recompute_chunk = int(conf.recompute_chunk)
         self.geometry_bf16 = bool(conf.geometry_bf16)
+        self.geometry_backward = conf.geometry_backward
         self._compiled = {}  # torch.compile'd fast-path pieces, built on the first fast CUDA forward
         self._compile_failed = False
         # What the fast path compiles on CUDA: "all" (the geometry, deformer and colour pieces, three
@@ -183,7 +185,8 @@ class PointAvatar(nn.Module):
         self, points: torch.Tensor, jittered: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``_geometry_piece``, compiled on CUDA unless ``compile_scope`` is "none"."""
-        if self.compile_scope == "none":
+        if self.compile_scope == "none" or self.geometry_backward == "fused":
+            # The fused geometry compiles its own forward and backward passes (geometry_fused.py).
             return self._geometry_piece(points, jittered)
         return self._compiled_call("geometry", self._geometry_piece, points, jittered)
 
@@ -194,10 +197,19 @@ class PointAvatar(nn.Module):
         their eikonal samples -> (normals n_c [c, 3], albedo [c, 3], sdf [c], grad [2c, 3])."""
         c = points.shape[0]
         y = torch.cat([points.detach(), jittered], dim=0)
-        # model.geometry_bf16: bf16 matmuls with fp32 accumulation; outputs back in y's dtype.
-        with torch.autocast(device_type=y.device.type, dtype=torch.bfloat16, enabled=self.geometry_bf16):
-            out, grad = self.geometry_network.forward_with_gradient_explicit(y)
-        out, grad = out.to(y.dtype), grad.to(y.dtype)  # no-ops in full precision
+        if self.geometry_backward == "fused":
+            # model.geometry_bf16: the products' operands and the kept activations in bf16.
+            # Like autocast, it rounds float32 only (float64 tests stay exact).
+            bf16 = torch.bfloat16 if self.geometry_bf16 and y.dtype == torch.float32 else None
+            compiled = self._compiles(y.device) and self.compile_scope != "none"
+            out, grad = forward_with_gradient_fused(
+                self.geometry_network, y, save_dtype=bf16, mm_dtype=bf16, compiled=compiled
+            )
+        else:
+            # model.geometry_bf16: bf16 matmuls with fp32 accumulation; outputs back in y's dtype.
+            with torch.autocast(device_type=y.device.type, dtype=torch.bfloat16, enabled=self.geometry_bf16):
+                out, grad = self.geometry_network.forward_with_gradient_explicit(y)
+            out, grad = out.to(y.dtype), grad.to(y.dtype)  # no-ops in full precision
         normals_c = F.normalize(grad[:c], dim=-1)
         albedo = torch.sigmoid(ALBEDO_SCALE * out[:c, 1:4])
         return normals_c, albedo, out[:c, 0], grad

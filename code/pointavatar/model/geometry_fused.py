@@ -1,0 +1,345 @@
+"""The geometry MLP's forward and its explicit SDF-gradient sweep as one autograd node (spec §5.3).
+
+``forward_with_gradient_fused`` returns what ``GeometryNetwork.forward_with_gradient_explicit`` returns,
+but autograd records a single ``torch.autograd.Function`` whose hand-written backward recomputes the
+activations, slopes, curvatures, skip concatenations and the encoding from the saved pre-activations and
+x: training keeps 2 activations per hidden layer (z_l and the sweep vector g_l) instead of the reference
+graph's many.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
+
+from pointavatar.model.embedder import encode, encode_vjp
+from pointavatar.model.geometry import GeometryNetwork, softplus_slope
+
+_SQRT2 = math.sqrt(2)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """a @ b; with ``dtype`` (bf16) the operands are rounded to it (tensor cores, fp32 accumulation) and
+    the product comes back in a's dtype, as under torch.autocast."""
+    if dtype is None:
+        return a @ b
+    return (a.to(dtype) @ b.to(dtype)).to(a.dtype)
+
+
+def _encode_jvp(x: torch.Tensor, t: torch.Tensor, multires: int) -> torch.Tensor:
+    """d enc(x) [t]: t [N, d] -> [N, d (1 + 2 multires)]; the adjoint of g_enc -> encode_vjp(x, g_enc)."""
+    parts = [t]
+    for i in range(multires):
+        freq = float(2.0**i)
+        fx = freq * x
+        parts.append(freq * torch.cos(fx) * t)
+        parts.append(-freq * torch.sin(fx) * t)
+    return torch.cat(parts, dim=-1)
+
+
+def _encode_vjp_dx(x: torch.Tensor, g_enc: torch.Tensor, t: torch.Tensor, multires: int) -> torch.Tensor:
+    """d <t, encode_vjp(x, g_enc)> / dx with g_enc held fixed: [N, d] (the vjp's own x dependence)."""
+    d = x.shape[-1]
+    out = torch.zeros_like(x)
+    for i in range(multires):
+        freq = float(2.0**i)
+        g_sin = g_enc[..., d * (1 + 2 * i) : d * (2 + 2 * i)]
+        g_cos = g_enc[..., d * (2 + 2 * i) : d * (3 + 2 * i)]
+        fx = freq * x
+        out = out - (freq * freq) * (g_sin * torch.sin(fx) + g_cos * torch.cos(fx))
+    return out * t
+
+
+def _forward_pass(x, weights, biases, multires, skip_in, beta, threshold, save_dtype, mm_dtype):
+    """The forward and the sweep without autograd: (out, grad, the z_l and g_l to keep)."""
+    n_lin = len(weights)
+    last = n_lin - 1
+    n = x.shape[0]
+    enc = encode(x, multires)  # [N, E]
+    n_enc = enc.shape[-1]
+
+    h = enc
+    zs = []  # hidden pre-activations z_l [N, out_l]
+    for l in range(n_lin):
+        if l in skip_in:
+            h = torch.cat([h, enc], dim=-1) / _SQRT2
+        z = _mm(h, weights[l].T, mm_dtype) + biases[l]
+        if l < last:
+            zs.append(z)
+            h = F.softplus(z, beta, threshold)
+    out = z
+
+    # The reverse sweep of channel 0, as forward_with_gradient_explicit does it.
+    gs = [None] * last  # gs[l] = d sdf / d softplus(z_l) [N, out_l]
+    g = weights[last][:1].expand(n, -1)
+    g_enc = None
+    for l in range(last, -1, -1):
+        if l < last:
+            gs[l] = g
+            g = _mm(torch.ops.aten.softplus_backward(g, zs[l], beta, threshold), weights[l], mm_dtype)
+        if l in skip_in:
+            d_h = g.shape[-1] - n_enc
+            g_part = g[:, d_h:] / _SQRT2
+            g_enc = g_part if g_enc is None else g_enc + g_part
+            g = g[:, :d_h] / _SQRT2
+    g_enc = g if g_enc is None else g_enc + g
+    grad = encode_vjp(x, g_enc, multires)
+
+    def keep(t):
+        return t if save_dtype is None else t.to(save_dtype)
+
+    # gs[last - 1] is W_last[0] (its h part over sqrt 2 at a skip): recomputed, not kept.
+    return out, grad, [keep(z) for z in zs], [keep(t) for t in gs[: last - 1]]
+
+
+def _backward_pass(
+    x, weights, zs, gs, d_out, d_grad, multires, skip_in, beta, threshold, mm, need_x, need_w, need_b
+):
+    """The hand-written backward (see forward_with_gradient_fused): (d x or None, d weights, d biases)."""
+    n_lin = len(weights)
+    last = n_lin - 1
+    dtype = d_out.dtype
+    zs = [z.to(dtype) for z in zs]
+    gs = [g.to(dtype) for g in gs]
+    n = x.shape[0]
+    enc = encode(x, multires)  # [N, E]
+    n_enc = enc.shape[-1]
+
+    def h_width(l):
+        """Width of the h part of layer l's input (the rest is the re-injected encoding)."""
+        return weights[l].shape[1] - (n_enc if l in skip_in else 0)
+
+    if last > 0:
+        top = weights[last][:1, : h_width(last)]
+        gs.append((top / _SQRT2 if last in skip_in else top).expand(n, -1))
+    slopes = [softplus_slope(z, beta, threshold) for z in zs]
+
+    # 1. Up the sweep: the adjoint dG of every sweep vector, seeded by the encoding vjp's adjoint
+    # (its input at each layer's input: cat([dG, d_g_enc]) / sqrt 2 at a skip layer).
+    d_g_enc = _encode_jvp(x, d_grad, multires)  # [N, E]
+    d_w = [None] * n_lin
+    dz_sweep = [None] * last
+    g_enc = None  # d sdf / d enc(x), only for the x gradient
+    d_g = d_g_enc
+    for l in range(n_lin):
+        if l in skip_in:
+            d_g = torch.cat([d_g, d_g_enc], dim=-1) / _SQRT2
+        if l == last:
+            g_in = weights[last][:1]  # [1, in_last]
+            d_w_row0 = d_g.sum(0)
+        else:
+            u = gs[l] * slopes[l]  # [N, out_l]
+            g_in = None
+            if need_w[l]:
+                d_w[l] = _mm(u.T, d_g, mm)
+            d_u = _mm(d_g, weights[l].T, mm)  # [N, out_l]
+            # torch's Softplus curvature: 0 where beta z >= threshold (slope 1 there, or exactly at
+            # the threshold still sigmoid but flat, as in its double backward).
+            curv = torch.where(zs[l] * beta < threshold, beta * slopes[l] * (1 - slopes[l]), 0.0)
+            dz_sweep[l] = d_u * gs[l] * curv
+            d_g = d_u * slopes[l]
+        if need_x and (l == 0 or l in skip_in):
+            if g_in is None:
+                g_in = _mm(u, weights[l], mm)  # [N, in_l]
+            d_h = h_width(l)
+            part = g_in if l not in skip_in else g_in[:, d_h:] / _SQRT2
+            if l == 0 and l in skip_in:
+                part = part + g_in[:, :d_h] / _SQRT2
+            g_enc = part if g_enc is None else g_enc + part
+
+    # 2. Down the forward chain from d_out, adding the sweep's dz_l at each hidden layer.
+    d_b = [None] * n_lin
+    d_enc = None
+    d_h_next = None  # d loss / d softplus(z_l)
+    for l in range(last, -1, -1):
+        dz = d_out if l == last else d_h_next * slopes[l] + dz_sweep[l]
+        d_h = h_width(l)
+        if need_w[l]:
+            h = enc if l == 0 else F.softplus(zs[l - 1], beta, threshold)
+            a = torch.cat([h, enc], dim=-1) / _SQRT2 if l in skip_in else h
+            d_w_l = _mm(dz.T, a, mm)
+            if l == last:
+                d_w_l = torch.cat([d_w_l[:1] + d_w_row0, d_w_l[1:]], dim=0)
+            elif d_w[l] is not None:
+                d_w_l = d_w_l + d_w[l]
+            d_w[l] = d_w_l
+        if need_b[l]:
+            d_b[l] = dz.sum(0)
+        if l == 0 and not need_x:
+            break
+        d_a = _mm(dz, weights[l], mm)  # [N, in_l]
+        if l in skip_in:
+            d_part = d_a[:, d_h:] / _SQRT2
+            d_enc = d_part if d_enc is None else d_enc + d_part
+            d_a = d_a[:, :d_h] / _SQRT2
+        d_h_next = d_a
+    d_x = None
+    if need_x:
+        d_enc = d_h_next if d_enc is None else d_enc + d_h_next
+        d_x = encode_vjp(x, d_enc, multires) + _encode_vjp_dx(x, g_enc, d_grad, multires)
+    return d_x, d_w, d_b
+
+
+_COMPILED: dict[str, object] = {}  # the two passes, torch.compile'd once per process
+_COMPILE_FAILED: list[str] = []
+
+
+def _run(name: str, fn, compiled: bool, *args):
+    """fn(*args); with ``compiled``, through torch.compile (dynamic point count), falling back to the eager
+    function for good, with one warning, if compiling fails. The passes are compiled as plain tensor
+    functions, not the autograd.Function around them (Dynamo's tracing of custom Functions failed on
+    torch 2.11 with an AssertionError)."""
+    if not compiled or _COMPILE_FAILED:
+        return fn(*args)
+    n = args[0].shape[0]
+    # The point count is dynamic, the layer widths static (the weights come as a tuple: not marked).
+    for a in args:
+        for t in a if isinstance(a, list) else [a]:
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == n:
+                torch._dynamo.mark_dynamic(t, 0)
+    c = _COMPILED.get(name)
+    if c is not None:
+        return c(*args)
+    c = torch.compile(fn)
+    try:
+        result = c(*args)
+    except Exception as exc:  # the eager pass is exact: a compiler problem must not stop training
+        _COMPILE_FAILED.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(
+            f"torch.compile of the fused geometry failed ({type(exc).__name__}: {exc}); running it eagerly",
+            stacklevel=2,
+        )
+        return fn(*args)
+    _COMPILED[name] = c
+    return result
+
+
+class _FusedGeometry(torch.autograd.Function):
+    """(out, grad) of the geometry MLP in one node; see ``forward_with_gradient_fused`` for the math.
+
+    Inputs: x [N, d], the encoding's multires, the skip layer indices, Softplus beta and threshold, the
+    dtype the activations are saved in (None = the compute dtype), then the L weights [out_l, in_l] and
+    the L biases [out_l]. Saved: x, the weights, the L - 1 hidden pre-activations z_l [N, out_l] and the
+    L - 2 sweep vectors g_l = d sdf / d softplus(z_l) [N, out_l] below the top one (the top one is
+    W_last[0], read again from the weight).
+    """
+
+    @staticmethod
+    def forward(ctx, x, multires, skip_in, beta, threshold, save_dtype, mm_dtype, compiled, *params):
+        n_lin = len(params) // 2
+        weights, biases = params[:n_lin], params[n_lin:]
+        out, grad, zs, gs = _run(
+            "forward",
+            _forward_pass,
+            compiled,
+            x,
+            weights,
+            biases,
+            multires,
+            skip_in,
+            beta,
+            threshold,
+            save_dtype,
+            mm_dtype,
+        )
+        ctx.save_for_backward(x, *weights, *zs, *gs)
+        ctx.n_lin = n_lin
+        ctx.multires, ctx.skip_in, ctx.beta, ctx.threshold = multires, skip_in, beta, threshold
+        ctx.mm_dtype, ctx.compiled = mm_dtype, compiled
+        return out, grad
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_grad):
+        n_lin = ctx.n_lin
+        x, *rest = ctx.saved_tensors
+        weights = tuple(rest[:n_lin])
+        zs, gs = list(rest[n_lin : 2 * n_lin - 1]), list(rest[2 * n_lin - 1 :])
+        first = 8  # x and the seven settings come before the parameters
+        need_w = tuple(ctx.needs_input_grad[first : first + n_lin])
+        need_b = tuple(ctx.needs_input_grad[first + n_lin :])
+        d_x, d_w, d_b = _run(
+            "backward",
+            _backward_pass,
+            ctx.compiled,
+            x,
+            weights,
+            zs,
+            gs,
+            d_out,
+            d_grad,
+            ctx.multires,
+            ctx.skip_in,
+            ctx.beta,
+            ctx.threshold,
+            ctx.mm_dtype,
+            ctx.needs_input_grad[0],
+            need_w,
+            need_b,
+        )
+        return d_x, None, None, None, None, None, None, None, *d_w, *d_b
+
+
+def forward_with_gradient_fused(
+    net: GeometryNetwork,
+    x: torch.Tensor,
+    save_dtype: torch.dtype | None = None,
+    mm_dtype: torch.dtype | None = None,
+    compiled: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(x) [N, C], d sdf / dx [N, d_in]): ``net.forward_with_gradient_explicit(x)`` in one autograd node.
+
+    Same values; a loss on (out, grad) trains the weights and biases (through weight norm: the weights
+    are read here, so autograd carries their gradient to the parametrisation) and reaches x if it
+    requires grad. Kept for the backward: x, the weights, the hidden pre-activations z_l and the sweep
+    vectors g_l, in ``save_dtype`` if given (e.g. torch.bfloat16: less memory, gradients rounded through
+    the stored z and g; the returned values are not affected). Under ``torch.no_grad`` nothing is kept.
+    Not under ``torch.autocast`` while gradients are recorded (a RuntimeError): the hand-written
+    backward does not replay the forward's autocast.
+
+    Backward (L linear layers, a_l the input of layer l, s_l = softplus'(z_l), c_l its curvature,
+    g_l the saved sweep vector, u_l = g_l s_l, G_l = u_l W_l the sweep at a_l, G_top = W_last[0]):
+    grad = J_enc(x)^T g_enc is linear in g_enc, so d grad first gives dg_enc = J_enc(x) d grad
+    (the encoding's jvp) and, with g_enc recomputed from u_0 and the skip layers' u_l, d x +=
+    d/dx <d grad, J_enc(x)^T g_enc>. Going up the sweep, the adjoint dG_l of G_l (dg_enc at layer 0,
+    and cat([dG, dg_enc]) / sqrt 2 at a skip layer) gives dW_l += u_l^T dG_l, du_l = dG_l W_l^T, the
+    slope term dz_l += du_l g_l c_l, and dG_{l+1} (h part) = du_l s_l; at the top dW_last[0] += sum_N
+    dG_last. Then ordinary backprop from d out: dz_l = dh_{l+1} s_l + (sweep dz_l), dW_l += dz_l^T a_l,
+    db_l = sum_N dz_l, da_l = dz_l W_l, split at skip layers, and d x += J_enc(x)^T d enc.
+
+    Args:
+        net: the canonical geometry network (its Softplus beta and threshold, skip layers, encoding).
+        x: [N, d_in] canonical points, requiring grad or not.
+        save_dtype: dtype of the saved z_l and g_l (None = the compute dtype, exact gradients).
+        mm_dtype: dtype the matrix products' operands are rounded to, forward and backward (e.g.
+            torch.bfloat16: tensor cores with fp32 accumulation, products back in x's dtype, as under
+            torch.autocast, which this function does not support); None = x's dtype.
+        compiled: run the forward and backward passes through torch.compile (the fast path on CUDA).
+    """
+    if torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type):
+        # The backward runs outside the forward's autocast and would mix bf16 and fp32 matmul operands.
+        raise RuntimeError(
+            "forward_with_gradient_fused does not support torch.autocast when gradients are recorded; "
+            "use save_dtype for the memory, or forward_with_gradient_explicit under autocast"
+        )
+    lins = [getattr(net, f"lin{l}") for l in range(net.num_layers - 1)]
+    if save_dtype == x.dtype:
+        save_dtype = None
+    if mm_dtype == x.dtype:
+        mm_dtype = None
+    return _FusedGeometry.apply(
+        x,
+        net.embed.multires,
+        tuple(net.skip_in),
+        float(net.softplus.beta),
+        float(net.softplus.threshold),
+        save_dtype,
+        mm_dtype,
+        bool(compiled),
+        *[lin.weight for lin in lins],
+        *[lin.bias for lin in lins],
+    )
