@@ -177,7 +177,7 @@ def main() -> None:
     )
     p.add_argument(
         "--geometry-backward",
-        choices=["autograd", "fused"],
+        choices=["autograd", "fused", "fused_recompute"],
         default="autograd",
         help="model.geometry_backward (fast path): autograd, or the hand-written fused backward",
     )

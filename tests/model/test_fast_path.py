@@ -47,6 +47,7 @@ def forward_and_grads(model, seed: int):
         (0, 37, "pointwise", "autograd"),
         (1, 0, "einsum", "fused"),
         (0, 37, "pointwise", "fused"),
+        (0, 37, "pointwise", "fused_recompute"),
     ],
 )
 def test_fast_path_equals_reference_in_float64(flame_files, seed, chunk, contractions, backward):
@@ -119,7 +120,7 @@ def angles_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.acos(cos))
 
 
-@pytest.mark.parametrize("backward", ["autograd", "fused"])
+@pytest.mark.parametrize("backward", ["autograd", "fused", "fused_recompute"])
 def test_geometry_bf16_is_close_to_fp32(flame_files, backward):
     """model.geometry_bf16 (experimental): the geometry piece with bf16 matmuls against fp32, same
     draws. bf16 keeps 8 significant bits, so the normals move by about 0.7 degrees on average here
@@ -187,6 +188,7 @@ def test_default_is_fast_on_cuda_only(flame_files):
         ("all", 0, "pointwise", "autograd"),
         ("all", 0, "pointwise", "fused"),
         ("all", 37, "pointwise", "fused"),
+        ("all", 0, "pointwise", "fused_recompute"),
         ("geometry", 37, "einsum", "autograd"),
         ("none", 0, "einsum", "autograd"),
         ("none", 0, "einsum", "fused"),

@@ -111,15 +111,32 @@ def test_values_match_explicit():
     assert_close(grad, grad_ref, **TOL64)
 
 
+@pytest.mark.parametrize("recompute_sweep", [False, True], ids=["keep_g", "recompute_g"])
 @pytest.mark.parametrize("skip_in", [(2,), (), (1, 3)], ids=["skip2", "noskip", "skips13"])
-def test_backward_matches_explicit(skip_in):
+def test_backward_matches_explicit(skip_in, recompute_sweep):
     net = make_net(skip_in=skip_in)
     x = make_points()
-    got = _param_and_x_grads(net, x, _fused)
-    ref = _param_and_x_grads(net, x, _explicit)
-    assert got.keys() == ref.keys()
-    for name in ref:
-        assert_close(got[name], ref[name], **TOL64, msg=lambda m, n=name: f"{n}: {m}")
+
+    def fused(net, x):
+        return forward_with_gradient_fused(net, x, recompute_sweep=recompute_sweep)
+
+    assert_grads_close(_param_and_x_grads(net, x, fused), _param_and_x_grads(net, x, _explicit))
+
+
+def test_recompute_sweep_keeps_only_the_pre_activations():
+    net = make_net()
+    x = make_points()
+    out, _ = forward_with_gradient_fused(net, x, recompute_sweep=True)
+    n_lin = net.num_layers - 1
+    lins = [getattr(net, f"lin{l}") for l in range(n_lin)]
+    expected = [tuple(x.shape)] + [tuple(lin.weight.shape) for lin in lins]
+    expected += [(N, lin.weight.shape[0]) for lin in lins[:-1]]  # z of every hidden layer, no g
+    assert [tuple(t.shape) for t in out.grad_fn.saved_tensors] == expected
+
+    def lean(net, x):
+        return forward_with_gradient_fused(net, x, recompute_sweep=True)
+
+    assert _packed_bytes(net, lean, x) < _packed_bytes(net, _fused, x)
 
 
 def test_x_without_grad():
@@ -142,7 +159,7 @@ def test_gradcheck():
     beta, threshold = float(net.softplus.beta), float(net.softplus.threshold)
 
     def fn(x, *params):
-        return _FusedGeometry.apply(x, 2, (2,), beta, threshold, None, None, False, *params)
+        return _FusedGeometry.apply(x, 2, (2,), beta, threshold, None, None, False, False, *params)
 
     # gradcheck's default tolerances (atol 1e-5, rtol 1e-3), float64, both outputs.
     assert torch.autograd.gradcheck(fn, (x, *weights, *biases))
@@ -163,7 +180,7 @@ def test_gradcheck_skip_at_first_and_last_layer():
     x = make_points(n=5).requires_grad_(True)
 
     def fn(x, *params):
-        return _FusedGeometry.apply(x, 2, (0, 2), 100.0, 20.0, None, None, False, *params)
+        return _FusedGeometry.apply(x, 2, (0, 2), 100.0, 20.0, None, None, False, False, *params)
 
     # gradcheck's default tolerances (atol 1e-5, rtol 1e-3), float64, both outputs.
     assert torch.autograd.gradcheck(fn, (x, *weights, *biases))

@@ -54,11 +54,12 @@ def _encode_vjp_dx(x: torch.Tensor, g_enc: torch.Tensor, t: torch.Tensor, multir
     return out * t
 
 
-def _forward_pass(x, weights, biases, multires, skip_in, beta, threshold, save_dtype, mm_dtype):
+def _forward_pass(
+    x, weights, biases, multires, skip_in, beta, threshold, save_dtype, mm_dtype, recompute_sweep
+):
     """The forward and the sweep without autograd: (out, grad, the z_l and g_l to keep)."""
     n_lin = len(weights)
     last = n_lin - 1
-    n = x.shape[0]
     enc = encode(x, multires)  # [N, E]
     n_enc = enc.shape[-1]
 
@@ -73,9 +74,24 @@ def _forward_pass(x, weights, biases, multires, skip_in, beta, threshold, save_d
             h = F.softplus(z, beta, threshold)
     out = z
 
-    # The reverse sweep of channel 0, as forward_with_gradient_explicit does it.
-    gs = [None] * last  # gs[l] = d sdf / d softplus(z_l) [N, out_l]
-    g = weights[last][:1].expand(n, -1)
+    gs, g_enc = _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm_dtype)
+    grad = encode_vjp(x, g_enc, multires)
+
+    def keep(t):
+        return t if save_dtype is None else t.to(save_dtype)
+
+    # gs[last - 1] is W_last[0] (its h part over sqrt 2 at a skip): recomputed, not kept; with
+    # recompute_sweep none of them is kept.
+    kept_gs = [] if recompute_sweep else [keep(t) for t in gs[: last - 1]]
+    return out, grad, [keep(z) for z in zs], kept_gs
+
+
+def _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm_dtype):
+    """The reverse sweep of channel 0, as forward_with_gradient_explicit does it: (gs, g_enc) with
+    gs[l] = d sdf / d softplus(z_l) [N, out_l] for every hidden layer and g_enc = d sdf / d enc(x)."""
+    last = len(weights) - 1
+    gs = [None] * last
+    g = weights[last][:1].expand(zs[0].shape[0], -1)
     g_enc = None
     for l in range(last, -1, -1):
         if l < last:
@@ -87,13 +103,7 @@ def _forward_pass(x, weights, biases, multires, skip_in, beta, threshold, save_d
             g_enc = g_part if g_enc is None else g_enc + g_part
             g = g[:, :d_h] / _SQRT2
     g_enc = g if g_enc is None else g_enc + g
-    grad = encode_vjp(x, g_enc, multires)
-
-    def keep(t):
-        return t if save_dtype is None else t.to(save_dtype)
-
-    # gs[last - 1] is W_last[0] (its h part over sqrt 2 at a skip): recomputed, not kept.
-    return out, grad, [keep(z) for z in zs], [keep(t) for t in gs[: last - 1]]
+    return gs, g_enc
 
 
 def _backward_pass(
@@ -104,10 +114,13 @@ def _backward_pass(
     last = n_lin - 1
     dtype = d_out.dtype
     zs = [z.to(dtype) for z in zs]
-    gs = [g.to(dtype) for g in gs]
     n = x.shape[0]
     enc = encode(x, multires)  # [N, E]
     n_enc = enc.shape[-1]
+    if gs:
+        gs = [g.to(dtype) for g in gs]
+    else:  # recompute_sweep: the sweep vectors again from the kept z
+        gs = _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm)[0][: last - 1]
 
     def h_width(l):
         """Width of the h part of layer l's input (the rest is the re-injected encoding)."""
@@ -229,7 +242,9 @@ class _FusedGeometry(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, multires, skip_in, beta, threshold, save_dtype, mm_dtype, compiled, *params):
+    def forward(
+        ctx, x, multires, skip_in, beta, threshold, save_dtype, mm_dtype, compiled, recompute_sweep, *params
+    ):
         n_lin = len(params) // 2
         weights, biases = params[:n_lin], params[n_lin:]
         out, grad, zs, gs = _run(
@@ -245,6 +260,7 @@ class _FusedGeometry(torch.autograd.Function):
             threshold,
             save_dtype,
             mm_dtype,
+            recompute_sweep,
         )
         ctx.save_for_backward(x, *weights, *zs, *gs)
         ctx.n_lin = n_lin
@@ -259,7 +275,7 @@ class _FusedGeometry(torch.autograd.Function):
         x, *rest = ctx.saved_tensors
         weights = tuple(rest[:n_lin])
         zs, gs = list(rest[n_lin : 2 * n_lin - 1]), list(rest[2 * n_lin - 1 :])
-        first = 8  # x and the seven settings come before the parameters
+        first = 9  # x and the eight settings come before the parameters
         need_w = tuple(ctx.needs_input_grad[first : first + n_lin])
         need_b = tuple(ctx.needs_input_grad[first + n_lin :])
         d_x, d_w, d_b = _run(
@@ -281,7 +297,7 @@ class _FusedGeometry(torch.autograd.Function):
             need_w,
             need_b,
         )
-        return d_x, None, None, None, None, None, None, None, *d_w, *d_b
+        return d_x, *[None] * (first - 1), *d_w, *d_b
 
 
 def forward_with_gradient_fused(
@@ -290,6 +306,7 @@ def forward_with_gradient_fused(
     save_dtype: torch.dtype | None = None,
     mm_dtype: torch.dtype | None = None,
     compiled: bool = False,
+    recompute_sweep: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(x) [N, C], d sdf / dx [N, d_in]): ``net.forward_with_gradient_explicit(x)`` in one autograd node.
 
@@ -319,6 +336,8 @@ def forward_with_gradient_fused(
             torch.bfloat16: tensor cores with fp32 accumulation, products back in x's dtype, as under
             torch.autocast, which this function does not support); None = x's dtype.
         compiled: run the forward and backward passes through torch.compile (the fast path on CUDA).
+        recompute_sweep: keep only the z_l and run the sweep again in the backward (half the kept
+            activations for one more sweep: L - 1 more products).
     """
     if torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type):
         # The backward runs outside the forward's autocast and would mix bf16 and fp32 matmul operands.
@@ -340,6 +359,7 @@ def forward_with_gradient_fused(
         save_dtype,
         mm_dtype,
         bool(compiled),
+        bool(recompute_sweep),
         *[lin.weight for lin in lins],
         *[lin.bias for lin in lins],
     )

@@ -185,7 +185,7 @@ class PointAvatar(nn.Module):
         self, points: torch.Tensor, jittered: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``_geometry_piece``, compiled on CUDA unless ``compile_scope`` is "none"."""
-        if self.compile_scope == "none" or self.geometry_backward == "fused":
+        if self.compile_scope == "none" or self.geometry_backward != "autograd":
             # The fused geometry compiles its own forward and backward passes (geometry_fused.py).
             return self._geometry_piece(points, jittered)
         return self._compiled_call("geometry", self._geometry_piece, points, jittered)
@@ -197,13 +197,18 @@ class PointAvatar(nn.Module):
         their eikonal samples -> (normals n_c [c, 3], albedo [c, 3], sdf [c], grad [2c, 3])."""
         c = points.shape[0]
         y = torch.cat([points.detach(), jittered], dim=0)
-        if self.geometry_backward == "fused":
+        if self.geometry_backward != "autograd":  # "fused" or "fused_recompute"
             # model.geometry_bf16: the products' operands and the kept activations in bf16.
             # Like autocast, it rounds float32 only (float64 tests stay exact).
             bf16 = torch.bfloat16 if self.geometry_bf16 and y.dtype == torch.float32 else None
             compiled = self._compiles(y.device) and self.compile_scope != "none"
             out, grad = forward_with_gradient_fused(
-                self.geometry_network, y, save_dtype=bf16, mm_dtype=bf16, compiled=compiled
+                self.geometry_network,
+                y,
+                save_dtype=bf16,
+                mm_dtype=bf16,
+                compiled=compiled,
+                recompute_sweep=self.geometry_backward == "fused_recompute",
             )
         else:
             # model.geometry_bf16: bf16 matmuls with fp32 accumulation; outputs back in y's dtype.

@@ -1,0 +1,108 @@
+"""What the fast path's pieces keep for the backward, per canonical point, measured on the CPU.
+
+Builds the model of `confs/subject1.conf` on the synthetic FLAME model, then runs the training forward of
+each fast-path piece (geometry, deformer, colour) on N points and B frames, counting the bytes of the
+distinct storages autograd packs for the backward (`torch.autograd.graph.saved_tensors_hooks`; the
+parameters' own storage excluded). With `--compiled` the pieces go through torch.compile (inductor on
+the CPU), whose partitioner decides what is kept much as it does on the GPU. On 2026-11-30 the figures
+agreed with the H200's `bench_train.py` memory split (`forward_kept_*`, which also counts the pieces'
+outputs): geometry with autocast bf16 24.10 GiB at 409,600 points here against 24.04 there, with the
+fused bf16 backward 6.7 against about 6.6; the deformer 7.67 against 8.28 GiB (8 % less here). So
+memory work can be checked without a GPU; times cannot.
+
+    python benchmarks/kept_memory.py --compiled --geometry-backward fused --geometry-bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
+
+from pointavatar.config import load_conf  # noqa: E402
+from pointavatar.model.point_avatar import PointAvatar  # noqa: E402
+from pointavatar.synthetic.generator import make_synthetic_flame  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kept_bytes(exclude: set[int], fn, *args):
+    """(bytes autograd keeps while running fn(*args), its result)."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in exclude:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn(*args)
+    return sum(storages.values()), result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--points", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--compiled", action="store_true", help="through torch.compile (inductor), as on CUDA")
+    p.add_argument(
+        "--geometry-backward", default="autograd", choices=["autograd", "fused", "fused_recompute"]
+    )
+    p.add_argument("--geometry-bf16", action="store_true")
+    args = p.parse_args()
+
+    flame_dir = Path(tempfile.mkdtemp())
+    model_path, landmark_path = make_synthetic_flame(flame_dir, seed=0)
+    conf = load_conf(ROOT / "confs" / "subject1.conf").override(
+        {"model.flame_model_path": str(model_path), "model.flame_landmark_path": str(landmark_path)}
+    )
+    torch.manual_seed(0)
+    model = PointAvatar(
+        conf.model,
+        shape_params=torch.zeros(1, 100),
+        canonical_expression=torch.zeros(1, 50),
+        canonical_pose=conf.dataset.canonical_pose,
+        img_res=64,
+        use_background=False,
+    )
+    model.implementation = "fast"
+    model.geometry_backward = args.geometry_backward
+    model.geometry_bf16 = args.geometry_bf16
+    if args.compiled:
+        model._compiles = lambda device: True  # torch.compile on the CPU too
+    model.train()
+    n, b = args.points, args.batch
+    model.pc.init(n)
+    g = torch.Generator().manual_seed(1)
+    expression = 0.3 * torch.randn(b, 50, generator=g)
+    flame_pose = 0.05 * torch.randn(b, 15, generator=g)
+    _, pose_feature, transformations = model.FLAMEServer(expression, flame_pose)
+    betas = expression[:, : model.deformer_network.num_exp]
+    points = model.pc.points
+    jittered = points.detach() + 0.01
+    params = {q.untyped_storage().data_ptr() for q in model.parameters()}
+    call = model._compiled_call
+    for _ in range(2):  # the first call compiles
+        geometry, (normals, albedo, _, _) = kept_bytes(params, model._geometry_fast, points, jittered)
+        frame = (betas, transformations, pose_feature)
+        deform, (_, cols) = kept_bytes(params, call, "deform", model._deform_piece, points, *frame)
+        colour, _ = kept_bytes(params, call, "colour", model._colour_piece, cols, normals, albedo)
+    print(
+        f"kept per point (N={n}, B={b}, {'compiled' if args.compiled else 'eager'}, geometry "
+        f"{args.geometry_backward}{' bf16' if args.geometry_bf16 else ''}): geometry {geometry / n:.0f} B, "
+        f"deformer {deform / n:.0f} B, colour {colour / n:.0f} B; at 409,600 points: "
+        + ", ".join(
+            f"{k} {v / n * 409600 / 2**30:.2f} GiB"
+            for k, v in (("geometry", geometry), ("deformer", deform), ("colour", colour))
+        )  # fmt: skip
+    )
+
+
+if __name__ == "__main__":
+    main()
