@@ -181,6 +181,12 @@ def main() -> None:
         default="autograd",
         help="model.geometry_backward (fast path): autograd, or the hand-written fused backward",
     )
+    p.add_argument(
+        "--deformer-backward",
+        choices=["autograd", "fused", "fused_bf16"],
+        default="autograd",
+        help="model.deformer_backward (fast path): autograd, or the fused Softplus chains",
+    )
     p.add_argument("--recompute-chunk", type=int, default=0, help="model.recompute_chunk (fast path)")
     p.add_argument(
         "--compile-scope",
@@ -223,6 +229,7 @@ def main() -> None:
         recompute_chunk=args.recompute_chunk,
         geometry_bf16=args.geometry_bf16,
         geometry_backward=args.geometry_backward,
+        deformer_backward=args.deformer_backward,
     )
     trainer = Trainer(conf, nepoch=0, device=device)  # applies model.tf32
     model, loss_fn = trainer.model, trainer.loss
@@ -320,6 +327,7 @@ def main() -> None:
         "tf32": args.tf32,
         "geometry_bf16": args.geometry_bf16,
         "geometry_backward": args.geometry_backward,
+        "deformer_backward": args.deformer_backward,
         "deform_contractions": args.deform_contractions,
         "recompute_chunk": args.recompute_chunk,
         "compile_scope": args.compile_scope,

@@ -25,25 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
 from pointavatar.config import load_conf  # noqa: E402
+from pointavatar.engine.memory import kept_bytes  # noqa: E402
 from pointavatar.model.point_avatar import PointAvatar  # noqa: E402
 from pointavatar.synthetic.generator import make_synthetic_flame  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def kept_bytes(exclude: set[int], fn, *args):
-    """(bytes autograd keeps while running fn(*args), its result)."""
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in exclude:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn(*args)
-    return sum(storages.values()), result
 
 
 def main() -> None:
@@ -55,6 +41,7 @@ def main() -> None:
         "--geometry-backward", default="autograd", choices=["autograd", "fused", "fused_recompute"]
     )
     p.add_argument("--geometry-bf16", action="store_true")
+    p.add_argument("--deformer-backward", default="autograd", choices=["autograd", "fused", "fused_bf16"])
     args = p.parse_args()
 
     flame_dir = Path(tempfile.mkdtemp())
@@ -74,6 +61,7 @@ def main() -> None:
     model.implementation = "fast"
     model.geometry_backward = args.geometry_backward
     model.geometry_bf16 = args.geometry_bf16
+    model.deformer_backward = args.deformer_backward
     if args.compiled:
         model._compiles = lambda device: True  # torch.compile on the CPU too
     model.train()
@@ -86,16 +74,17 @@ def main() -> None:
     betas = expression[:, : model.deformer_network.num_exp]
     points = model.pc.points
     jittered = points.detach() + 0.01
-    params = {q.untyped_storage().data_ptr() for q in model.parameters()}
+    params = list(model.parameters())
     call = model._compiled_call
     for _ in range(2):  # the first call compiles
-        geometry, (normals, albedo, _, _) = kept_bytes(params, model._geometry_fast, points, jittered)
+        geometry, (normals, albedo, _, _) = kept_bytes(model._geometry_fast, points, jittered, exclude=params)
         frame = (betas, transformations, pose_feature)
-        deform, (_, cols) = kept_bytes(params, call, "deform", model._deform_piece, points, *frame)
-        colour, _ = kept_bytes(params, call, "colour", model._colour_piece, cols, normals, albedo)
+        deform, (_, cols) = kept_bytes(model._deform_fast, points, *frame, exclude=params)
+        colour, _ = kept_bytes(call, "colour", model._colour_piece, cols, normals, albedo, exclude=params)
     print(
         f"kept per point (N={n}, B={b}, {'compiled' if args.compiled else 'eager'}, geometry "
-        f"{args.geometry_backward}{' bf16' if args.geometry_bf16 else ''}): geometry {geometry / n:.0f} B, "
+        f"{args.geometry_backward}{' bf16' if args.geometry_bf16 else ''}, deformer {args.deformer_backward}): "
+        f"geometry {geometry / n:.0f} B, "
         f"deformer {deform / n:.0f} B, colour {colour / n:.0f} B; at 409,600 points: "
         + ", ".join(
             f"{k} {v / n * 409600 / 2**30:.2f} GiB"

@@ -444,6 +444,15 @@ class ModelConf:
     with geometry_bf16: 19.4 GiB and 133 ms a step against 36.9 GiB and 88 ms). "fused_recompute": the
     same keeping the pre-activations only and running the sweep again in the backward (half of the
     geometry's kept memory again, for one more sweep; not measured on a GPU yet)."""
+    deformer_backward: str = field(default="autograd", metadata=_choices("autograd", "fused", "fused_bf16"))
+    """(ours) Fast path, training: how the deformer network's layers with their three Jacobian
+    tangents are differentiated. "autograd": ordinary differentiable ops (torch.compile chooses what to
+    keep). "fused": the trunk's and the skinning branch's Softplus layers as one autograd node each with
+    a hand-written backward (model/deform_fused.py) keeping only the pre-activations and their tangents
+    (same values and gradients, tested in float64; the trunk keeps 8.3 instead of 14.4 KB a point,
+    measured on the CPU; not measured on a GPU yet). "fused_bf16": the same with the kept
+    pre-activations stored in bf16 (float32 runs only; the forward values are unchanged, the gradients
+    are computed from the rounded pre-activations)."""
     geometry_bf16: bool = True
     """(ours) Fast path, training only: the geometry network's matrix products (its forward and the
     explicit gradient sweep) in bfloat16 with fp32 accumulation (torch.autocast; with the fused backward

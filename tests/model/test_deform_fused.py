@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from pointavatar.config import DeformerNetworkConf
+from pointavatar.engine.memory import kept_bytes
 from pointavatar.model import deform_explicit, geometry_fused
 from pointavatar.model.deform_fused import (
     _FusedSoftplusChain,
@@ -97,20 +98,8 @@ def assert_grads_close(got: dict, ref: dict, **tol) -> None:
 
 
 def _packed_bytes(fn, exclude) -> int:
-    """Bytes of the distinct storages autograd packs during fn(), those of ``exclude`` (parameters) not
-    counted."""
-    skip = {p.untyped_storage().data_ptr() for p in exclude}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
+    """Bytes autograd keeps during fn(), those of ``exclude`` (parameters) not counted."""
+    return kept_bytes(fn, exclude=exclude)[0]
 
 
 def test_data_straddle_softplus_threshold():
@@ -153,9 +142,8 @@ def test_gradients_match_reference(m, final_activation):
 
     got, want = _grads(fused, lins, z0, tz0), _grads(ref, lins, z0, tz0)
     if m:
-        assert {"0.parametrizations.weight.original0", "0.parametrizations.weight.original1", "0.bias"} <= set(
-            got
-        )
+        originals = {f"0.parametrizations.weight.original{i}" for i in (0, 1)}
+        assert originals | {"0.bias"} <= set(got)
     assert_grads_close(got, want)
 
 
@@ -257,21 +245,20 @@ def test_bf16_saved_and_matmuls():
     with torch.no_grad():
         a, ta = all_bf16(z0, tz0, lins)
     assert a.dtype == ta.dtype == torch.float32 and not torch.equal(a, ref_a)
-    why = "matmul operands rounded to bfloat16 (2^-9 relative), errors growing through the layers"
+    mm_why = "matmul operands rounded to bfloat16 (2^-9 relative), errors growing through the layers"
     # Observed below 1 % of the largest entry.
-    assert_close(a, ref_a, rtol=0.0, atol=2e-2 * float(ref_a.detach().abs().max()), reason=why)
-    assert_close(ta, ref_ta, rtol=0.0, atol=2e-2 * float(ref_ta.detach().abs().max()), reason=why)
+    assert_close(a, ref_a, rtol=0.0, atol=2e-2 * float(ref_a.detach().abs().max()), reason=mm_why)
+    assert_close(ta, ref_ta, rtol=0.0, atol=2e-2 * float(ref_ta.detach().abs().max()), reason=mm_why)
 
+    save_why = "z and tz saved in bfloat16 (2^-9 relative), slopes and curvatures recomputed from them"
     ref = _grads(fused_chain, lins, z0, tz0)
-    for fn, why in [
-        (saved_bf16, "z and tz saved in bfloat16 (2^-9 relative), slopes and curvatures recomputed from them"),
-        (all_bf16, why + "; z and tz saved in bfloat16"),
-    ]:
+    for fn, why in [(saved_bf16, save_why), (all_bf16, f"{mm_why}; {save_why}")]:
         got = _grads(fn, lins, z0, tz0)
         for name in ref:
             # Relative to each gradient's largest entry; observed below 0.3 % (saved) and 1 % (all).
             atol = 3e-2 * float(ref[name].abs().max())
-            assert_close(got[name], ref[name], rtol=0.0, atol=atol, reason=why, msg=lambda m, n=name: f"{n}: {m}")
+            msg = lambda m, n=name: f"{n}: {m}"  # noqa: E731
+            assert_close(got[name], ref[name], rtol=0.0, atol=atol, reason=why, msg=msg)
 
 
 @pytest.mark.slow
@@ -346,7 +333,8 @@ def test_trunk_and_skinning_match_explicit(flame_files, variant):
         # Linear terms on every output plus squares of the tangents (as the normals' nonlinearity).
         loss = sum((w * o).sum() for w, o in zip(ws, outs, strict=True))
         loss = loss + (outs[1] ** 2).sum() + (outs[3] ** 2).sum()
-        return dict(zip(named, torch.autograd.grad(loss, list(named.values()), allow_unused=True), strict=True))
+        grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+        return dict(zip(named, grads, strict=True))
 
     got_g, ref_g = grads(got), grads(ref)
     for name in ref_g:

@@ -15,20 +15,21 @@ from test_model import IMG_RES, build, make_input, perturb_
 from tolerances import assert_close
 
 from pointavatar.config import LossConf
+from pointavatar.model import geometry_fused
 from pointavatar.train.losses import Loss
 
 
-def forward_and_grads(model, seed: int):
+def forward_and_grads(model, seed: int, dtype=torch.float64):
     """Training forward, the full training loss (VGG off) and the gradients of every parameter."""
     model.train()
     torch.manual_seed(seed)
-    inp = make_input(2, dtype=torch.float64)
+    inp = make_input(2, dtype=dtype)
     out = model(inp)
     g = torch.Generator().manual_seed(seed + 1)
     p = IMG_RES * IMG_RES
     gt = {
-        "rgb": torch.rand(2, p, 3, generator=g, dtype=torch.float64),
-        "object_mask": (torch.rand(2, p, generator=g) > 0.5).to(torch.float64),
+        "rgb": torch.rand(2, p, 3, generator=g, dtype=dtype),
+        "object_mask": (torch.rand(2, p, generator=g) > 0.5).to(dtype),
     }
     loss_fn = Loss(LossConf(vgg_feature_weight=0.0), var_expression=None)
     losses = loss_fn(out, gt, flame=model.FLAMEServer, lbs_weight=10.0)
@@ -48,16 +49,21 @@ def forward_and_grads(model, seed: int):
         (1, 0, "einsum", "fused"),
         (0, 37, "pointwise", "fused"),
         (0, 37, "pointwise", "fused_recompute"),
+        (1, 0, "einsum", "fused+deformer"),
+        (0, 37, "pointwise", "fused_recompute+deformer"),
     ],
 )
 def test_fast_path_equals_reference_in_float64(flame_files, seed, chunk, contractions, backward):
+    """``backward``: model.geometry_backward, and "+deformer" model.deformer_backward = "fused" too."""
     reference = build(flame_files).double()
     perturb_(reference, 0.05)
     fast = copy.deepcopy(reference)
     reference.implementation, fast.implementation = "reference", "fast"
     fast.recompute_chunk = chunk  # 37: several chunks of points, the last one shorter
     fast.deform_contractions = contractions
-    fast.geometry_backward = backward  # "fused": the geometry's hand-written backward (geometry_fused.py)
+    # "fused": the geometry's hand-written backward (geometry_fused.py); "+deformer": the deformer's too.
+    fast.geometry_backward = backward.removesuffix("+deformer")
+    fast.deformer_backward = "fused" if backward.endswith("+deformer") else "autograd"
     if chunk:
         assert fast.pc.n_points > 2 * chunk and fast.pc.n_points % chunk
     assert fast.uses_fast_path(torch.device("cpu")) and not reference.uses_fast_path(torch.device("cpu"))
@@ -89,8 +95,10 @@ def test_compiled_pieces_get_no_parameters_or_views(flame_files, monkeypatch):
     model.train()
     seen = []
 
-    def fake_compile(fn, dynamic, mode=None):
-        assert dynamic and mode is None
+    def fake_compile(fn, dynamic=None, mode=None):
+        # The pieces compile with a dynamic point count; the fused chains' passes mark their point
+        # dimension dynamic themselves.
+        assert mode is None and (dynamic or fn.__name__ in ("_forward_pass", "_backward_pass"))
 
         def run(*args):
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -102,17 +110,25 @@ def test_compiled_pieces_get_no_parameters_or_views(flame_files, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setattr(model, "_compiles", lambda device: True)
+    # The fused deformer's chains compile their own passes: with the stand-in, as plain functions.
+    monkeypatch.setattr(geometry_fused, "_COMPILED", {})
+    monkeypatch.setattr(geometry_fused, "_COMPILE_FAILED", [])
     n = model.pc.n_points
-    for chunk in (0, n, n + 5, 37):  # no chunks, one chunk of the whole cloud, a larger one, several
-        seen.clear()
-        model.recompute_chunk = chunk
-        out = model(make_input(2))
-        out.rgb_image.sum().backward()  # with chunks, the recomputation calls the pieces again
-        names = {name for name, *_ in seen}
-        assert names == {"_geometry_piece", "_deform_piece", "_colour_piece"}, names
-        assert all(own and not_param for _, _, own, not_param in seen), (chunk, seen)
-        geometry = [c for name, c, *_ in seen if name == "_geometry_piece"]
-        assert sum(geometry) == (n if chunk == 0 else 2 * n)  # the points, then their recomputation
+    for deformer in ("autograd", "fused"):
+        model.deformer_backward = deformer
+        deform_piece = "_deform_piece" if deformer == "autograd" else "_flame_piece"
+        for chunk in (0, n, n + 5, 37):  # no chunks, one chunk of the whole cloud, a larger one, several
+            seen.clear()
+            model.recompute_chunk = chunk
+            out = model(make_input(2))
+            out.rgb_image.sum().backward()  # with chunks, the recomputation calls the pieces again
+            names = {name for name, *_ in seen}
+            assert {"_geometry_piece", deform_piece, "_colour_piece"} <= names, names
+            pieces = [s for s in seen if s[0] in ("_geometry_piece", deform_piece, "_colour_piece")]
+            assert all(own and not_param for _, _, own, not_param in pieces), (chunk, seen)
+            geometry = [c for name, c, *_ in seen if name == "_geometry_piece"]
+            assert sum(geometry) == (n if chunk == 0 else 2 * n)  # the points, then their recomputation
+    assert not geometry_fused._COMPILE_FAILED
 
 
 def angles_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -166,6 +182,28 @@ def test_geometry_bf16_trains_in_chunks_and_leaves_eval_in_fp32(flame_files):
     assert torch.equal(n_bf16, n_fp32)
 
 
+def test_deformer_bf16_saved_keeps_the_values_and_rounds_the_gradients(flame_files):
+    """model.deformer_backward = "fused_bf16": the deformer chains' kept pre-activations in bf16. The
+    forward is the fp32 one (same values); the gradients come from the rounded pre-activations."""
+    results = {}
+    for mode in ("fused", "fused_bf16"):
+        model = build(flame_files)
+        perturb_(model, 0.05)
+        model.implementation, model.deformer_backward, model.geometry_bf16 = "fast", mode, False
+        out, _, grads = forward_and_grads(model.float(), seed=0, dtype=torch.float32)
+        results[mode] = (out, grads)
+    (out_f, grad_f), (out_b, grad_b) = results["fused"], results["fused_bf16"]
+    assert torch.equal(out_b.rgb_image, out_f.rgb_image)
+    deformer = [n for n in grad_f if n.startswith("deformer_network.")]
+    changed = 0
+    for name in deformer:
+        scale = grad_f[name].abs().max().item()
+        why = "deformer pre-activations kept in bfloat16 (2^-9 relative) for the backward"
+        assert_close(grad_b[name], grad_f[name], rtol=0.0, atol=3e-2 * scale + 1e-12, reason=why, msg=name)
+        changed += not torch.equal(grad_b[name], grad_f[name])
+    assert changed  # the key acts
+
+
 def test_default_is_fast_on_cuda_only(flame_files):
     model = build(flame_files)
     assert model.implementation == "auto"  # since the synthetic512 pair (benchmarks/RESULTS.md)
@@ -189,6 +227,7 @@ def test_default_is_fast_on_cuda_only(flame_files):
         ("all", 0, "pointwise", "fused"),
         ("all", 37, "pointwise", "fused"),
         ("all", 0, "pointwise", "fused_recompute"),
+        ("all", 37, "pointwise", "fused_recompute+deformer"),
         ("geometry", 37, "einsum", "autograd"),
         ("none", 0, "einsum", "autograd"),
         ("none", 0, "einsum", "fused"),
@@ -200,7 +239,8 @@ def test_fast_path_equals_reference_on_gpu_in_float32(flame_files, scope, chunk,
     fast = copy.deepcopy(reference)
     reference.implementation, fast.implementation = "reference", "fast"
     fast.compile_scope, fast.recompute_chunk, fast.deform_contractions = scope, chunk, contractions
-    fast.geometry_backward = backward
+    fast.geometry_backward = backward.removesuffix("+deformer")
+    fast.deformer_backward = "fused" if backward.endswith("+deformer") else "autograd"
     fast.geometry_bf16 = False  # on by default on the GPU; here the fp32 fast path against the reference
 
     def run(model):

@@ -9,6 +9,7 @@ import torch
 from tolerances import assert_close
 
 from pointavatar.config import GeometryNetworkConf
+from pointavatar.engine.memory import kept_bytes
 from pointavatar.model import geometry_fused
 from pointavatar.model.geometry import GeometryNetwork
 from pointavatar.model.geometry_fused import _FusedGeometry, forward_with_gradient_fused
@@ -225,19 +226,8 @@ def test_default_conf_float64():
 
 
 def _packed_bytes(net, fn, x) -> int:
-    """Bytes of the distinct storages autograd packs during fn(net, x), parameters' own excluded."""
-    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(net, x)
-    return sum(storages.values())
+    """Bytes autograd keeps during fn(net, x), the parameters' own storage not counted."""
+    return kept_bytes(fn, net, x, exclude=net.parameters())[0]
 
 
 def test_saved_tensors():

@@ -111,17 +111,20 @@ def assert_same_steps(eager_record, graph_record):
         ("all", 37, False, "fused"),
         ("none", 0, False, "fused"),
         ("all", 0, False, "autograd+bf16"),
+        ("all", 37, False, "fused_recompute+deformer"),
     ],
 )
 def test_graphed_steps_equal_eager_steps(flame_files, monkeypatch, scope, chunk, vgg, backward):
     """Also with recomputation by chunks (torch.utils.checkpoint's backward inside the capture), with
     the VGG perceptual term (cuDNN convolutions inside the capture) and with the fused geometry backward
     (model.geometry_backward = "fused", its own compiled passes); "+bf16": with model.geometry_bf16 (the
-    default; the other cases turn it off)."""
+    default; the other cases turn it off); "+deformer": with model.deformer_backward = "fused"."""
     monkeypatch.setattr(point_avatar, "EIKONAL_JITTER", 0.0)
     eager, graph, emb_e, emb_g = make_pair(flame_files, scope)
     eager.recompute_chunk = graph.recompute_chunk = chunk
-    eager.geometry_backward = graph.geometry_backward = backward.removesuffix("+bf16")
+    geometry = backward.removesuffix("+bf16").removesuffix("+deformer")
+    eager.geometry_backward = graph.geometry_backward = geometry
+    eager.deformer_backward = graph.deformer_backward = "fused" if "+deformer" in backward else "autograd"
     eager.geometry_bf16 = graph.geometry_bf16 = backward.endswith("+bf16")
     steps = batches(4)
     loss_fn = make_loss(vgg)

@@ -126,14 +126,34 @@ def deform_with_jacobian_explicit(
     Returns:
         x_d [B, N, 3] deformed points and cols [3, B, N, 3] with cols[k] = d x_d / d x_k.
     """
+    h, t = trunk_with_tangents(deformer, points)
+    weights, t_weights = skinning_with_tangents(deformer, h, t)  # [N, J], [3, N, J]
+    fields = (h, t, weights, t_weights)
+    return flame_with_tangents(
+        deformer, flame, points, fields, betas, transformations, pose_feature, contractions
+    )
+
+
+def flame_with_tangents(
+    deformer: ForwardDeformer,
+    flame: nn.Module,
+    points: torch.Tensor,
+    fields: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    betas: torch.Tensor,
+    transformations: torch.Tensor,
+    pose_feature: torch.Tensor,
+    contractions: str = "einsum",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second half of ``deform_with_jacobian_explicit``: from the deformer's trunk output and
+    skinning weights with their tangents, ``fields`` = (h [N, D], t [3, N, D], weights [N, J],
+    t_weights [3, N, J]), the blendshape head and FLAME's ``forward_pts`` -> (x_d [B, N, 3], cols
+    [3, B, N, 3]). The other arguments as ``deform_with_jacobian_explicit``."""
     n = points.shape[0]
     dtype = points.dtype
     if contractions not in ("einsum", "pointwise"):
         raise ValueError(f"contractions must be 'einsum' or 'pointwise', not {contractions!r}")
     es = torch.einsum if contractions == "einsum" else einsum_pointwise
-
-    # ---- deformer query: primal h [N, D] and tangents t [3, N, D] ----
-    h, t = trunk_with_tangents(deformer, points)
+    h, t, weights, t_weights = fields
     # The head is applied block by block (rows of its weight) rather than sliced afterwards: the
     # backward of a slice of a [3, N, C] tangent would allocate and fill a full zero tensor per slice.
     n_p, n_s, n_e = deformer.n_posedirs, deformer.n_shapedirs, deformer.num_exp
@@ -149,8 +169,6 @@ def deform_with_jacobian_explicit(
     shapedirs, t_shapedirs = head(n_p, n_p + n_s)
     shapedirs = shapedirs.reshape(n, 3, n_e)
     t_shapedirs = t_shapedirs.reshape(3, n, 3, n_e)
-
-    weights, t_weights = skinning_with_tangents(deformer, h, t)  # [N, J], [3, N, J]
 
     eye = torch.eye(3, dtype=dtype, device=points.device)[:, None, :]  # [3, 1, 3]
     if deformer.deform_c:

@@ -15,7 +15,8 @@ from torch import nn
 
 from pointavatar.config import ModelConf
 from pointavatar.flame import FLAME
-from pointavatar.model.deform_explicit import deform_with_jacobian_explicit
+from pointavatar.model.deform_explicit import deform_with_jacobian_explicit, flame_with_tangents
+from pointavatar.model.deform_fused import skinning_with_tangents_fused, trunk_with_tangents_fused
 from pointavatar.model.deformer import ForwardDeformer
 from pointavatar.model.geometry import GeometryNetwork
 from pointavatar.model.geometry_fused import forward_with_gradient_fused
@@ -97,6 +98,7 @@ class PointAvatar(nn.Module):
         self.recompute_chunk = int(conf.recompute_chunk)
         self.geometry_bf16 = bool(conf.geometry_bf16)
         self.geometry_backward = conf.geometry_backward
+        self.deformer_backward = conf.deformer_backward
         self._compiled = {}  # torch.compile'd fast-path pieces, built on the first fast CUDA forward
         self._compile_failed = False
         # What the fast path compiles on CUDA: "all" (the geometry, deformer and colour pieces, three
@@ -219,6 +221,52 @@ class PointAvatar(nn.Module):
         albedo = torch.sigmoid(ALBEDO_SCALE * out[:c, 1:4])
         return normals_c, albedo, out[:c, 0], grad
 
+    def _deform_fast(
+        self,
+        points: torch.Tensor,
+        betas: torch.Tensor,
+        transformations: torch.Tensor,
+        pose_feature: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deformed points and Jacobian columns (fast path): ``_deform_piece``, compiled with
+        ``compile_scope`` "per_point" or "all"; with ``model.deformer_backward = "fused"`` the deformer's
+        Softplus layers run first as fused nodes that compile their own passes (deform_fused.py) and
+        the blendshape head and FLAME algebra are the compiled piece."""
+        frame = (betas, transformations, pose_feature)
+        compiled = self._compiles(points.device) and self.compile_scope in ("per_point", "all")
+        if self.deformer_backward == "autograd":
+            if compiled:
+                return self._compiled_call("deform", self._deform_piece, points, *frame)
+            return self._deform_piece(points, *frame)
+        bf16 = self.deformer_backward == "fused_bf16" and points.dtype == torch.float32
+        kept = {"save_dtype": torch.bfloat16 if bf16 else None, "compiled": compiled}
+        h, t = trunk_with_tangents_fused(self.deformer_network, points, **kept)
+        weights, t_weights = skinning_with_tangents_fused(self.deformer_network, h, t, **kept)
+        fields = (h, t, weights, t_weights)
+        if compiled:
+            return self._compiled_call("flame", self._flame_piece, points, *fields, *frame)
+        return self._flame_piece(points, *fields, *frame)
+
+    def _contractions(self, device: torch.device) -> str:
+        """``deform_contractions`` resolved: "auto" is pointwise where the piece is compiled."""
+        if self.deform_contractions != "auto":
+            return self.deform_contractions
+        compiled = self._compiles(device) and self.compile_scope in ("per_point", "all")
+        return "pointwise" if compiled else "einsum"
+
+    def _flame_piece(self, points, h, t, weights, t_weights, betas, transformations, pose_feature):
+        """The blendshape head and FLAME's forward_pts with tangents (``deformer_backward`` "fused")."""
+        return flame_with_tangents(
+            self.deformer_network,
+            self.FLAMEServer,
+            points,
+            (h, t, weights, t_weights),
+            betas,
+            transformations,
+            pose_feature,
+            contractions=self._contractions(points.device),
+        )
+
     def _deform_piece(
         self,
         points: torch.Tensor,
@@ -227,10 +275,6 @@ class PointAvatar(nn.Module):
         pose_feature: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Deformed points and Jacobian columns of c points (fast path, explicit tangents)."""
-        contractions = self.deform_contractions
-        if contractions == "auto":
-            compiled = self._compiles(points.device) and self.compile_scope in ("per_point", "all")
-            contractions = "pointwise" if compiled else "einsum"
         return deform_with_jacobian_explicit(
             self.deformer_network,
             self.FLAMEServer,
@@ -238,7 +282,7 @@ class PointAvatar(nn.Module):
             betas,
             transformations,
             pose_feature,
-            contractions=contractions,
+            contractions=self._contractions(points.device),
         )
 
     def _per_point_fast(
@@ -264,11 +308,7 @@ class PointAvatar(nn.Module):
         backward instead of stored (``model.recompute_chunk``).
         """
         normals_c, albedo, sdf, grad = self._geometry_fast(points, jittered)
-        frame = (betas, transformations, pose_feature)
-        if self.compile_scope in ("per_point", "all"):
-            x_d, cols = self._compiled_call("deform", self._deform_piece, points, *frame)
-        else:
-            x_d, cols = self._deform_piece(points, *frame)
+        x_d, cols = self._deform_fast(points, betas, transformations, pose_feature)
         if self.compile_scope == "all":
             color = self._compiled_call("colour", self._colour_piece, cols, normals_c, albedo)
         else:
