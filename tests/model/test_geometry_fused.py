@@ -160,7 +160,7 @@ def test_gradcheck():
     beta, threshold = float(net.softplus.beta), float(net.softplus.threshold)
 
     def fn(x, *params):
-        return _FusedGeometry.apply(x, 2, (2,), beta, threshold, None, None, False, False, *params)
+        return _FusedGeometry.apply(x, 2, (2,), beta, threshold, None, None, False, False, 1 << 17, *params)
 
     # gradcheck's default tolerances (atol 1e-5, rtol 1e-3), float64, both outputs.
     assert torch.autograd.gradcheck(fn, (x, *weights, *biases))
@@ -181,7 +181,7 @@ def test_gradcheck_skip_at_first_and_last_layer():
     x = make_points(n=5).requires_grad_(True)
 
     def fn(x, *params):
-        return _FusedGeometry.apply(x, 2, (0, 2), 100.0, 20.0, None, None, False, False, *params)
+        return _FusedGeometry.apply(x, 2, (0, 2), 100.0, 20.0, None, None, False, False, 1 << 17, *params)
 
     # gradcheck's default tolerances (atol 1e-5, rtol 1e-3), float64, both outputs.
     assert torch.autograd.gradcheck(fn, (x, *weights, *biases))
@@ -300,7 +300,8 @@ def test_compiled_passes_match_eager(monkeypatch):
     net = make_net(**SMALL)
 
     def compiled(net, x):
-        return forward_with_gradient_fused(net, x, compiled=True)
+        # Chunks of 23 rows: every size's passes run on several chunks, the last one shorter.
+        return forward_with_gradient_fused(net, x, compiled=True, row_chunk=23)
 
     for n in (N, N + 7):  # two sizes: one dynamic graph
         x = make_points(n=n)
@@ -335,3 +336,25 @@ def test_bf16_matmuls():
         # Up to 5 % of the largest entry here (this network's raised layer-1 biases amplify the rounding).
         atol = 1e-1 * float(ref[name].abs().max())
         assert_close(got[name], ref[name], rtol=0.0, atol=atol, reason=why, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("recompute_sweep", [False, True], ids=["keep_g", "recompute_g"])
+def test_row_chunks_give_the_same_values_and_gradients(recompute_sweep):
+    """The passes on chunks of 23 rows (the last one shorter, and x requiring grad): the same outputs, and
+    the weight gradients summed over the chunks; the kept activations are per chunk."""
+    net = make_net()
+    x = make_points().requires_grad_(True)
+    assert N % 23
+
+    def chunked(net, x):
+        return forward_with_gradient_fused(net, x, recompute_sweep=recompute_sweep, row_chunk=23)
+
+    out, grad = chunked(net, x)
+    out_ref, grad_ref = forward_with_gradient_fused(net, x)
+    assert_close(out, out_ref, **TOL64)
+    assert_close(grad, grad_ref, **TOL64)
+    n_chunks = -(-N // 23)
+    n_hidden = net.num_layers - 2
+    per_chunk = n_hidden if recompute_sweep else 2 * n_hidden - 1
+    assert len(out.grad_fn.saved_tensors) == 1 + (n_hidden + 1) + n_chunks * per_chunk
+    assert_grads_close(_param_and_x_grads(net, x, chunked), _param_and_x_grads(net, x, _explicit))

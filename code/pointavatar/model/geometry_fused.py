@@ -20,6 +20,10 @@ from pointavatar.model.embedder import encode, encode_vjp
 from pointavatar.model.geometry import GeometryNetwork, softplus_slope
 
 _SQRT2 = math.sqrt(2)
+# Rows per pass (forward and backward). The backward's transients (every layer's sweep term, and with
+# recompute_sweep every sweep vector) are then at most L x ROW_CHUNK x 256 values, not L x N x 256:
+# 6.2 GiB at 409,600 points (819,200 rows) in fp32 without chunks (H200, RESULTS.md step 5).
+ROW_CHUNK = 1 << 17
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -243,61 +247,73 @@ class _FusedGeometry(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, multires, skip_in, beta, threshold, save_dtype, mm_dtype, compiled, recompute_sweep, *params
+        ctx,
+        x,
+        multires,
+        skip_in,
+        beta,
+        threshold,
+        save_dtype,
+        mm_dtype,
+        compiled,
+        recompute_sweep,
+        row_chunk,
+        *params,
     ):
         n_lin = len(params) // 2
         weights, biases = params[:n_lin], params[n_lin:]
-        out, grad, zs, gs = _run(
-            "forward",
-            _forward_pass,
-            compiled,
-            x,
-            weights,
-            biases,
-            multires,
-            skip_in,
-            beta,
-            threshold,
-            save_dtype,
-            mm_dtype,
-            recompute_sweep,
-        )
-        ctx.save_for_backward(x, *weights, *zs, *gs)
-        ctx.n_lin = n_lin
+        settings = (multires, skip_in, beta, threshold, save_dtype, mm_dtype, recompute_sweep)
+        outs, grads, kept = [], [], []
+        for x_c in _chunks(x, row_chunk):
+            out, grad, zs, gs = _run("forward", _forward_pass, compiled, x_c, weights, biases, *settings)
+            outs.append(out)
+            grads.append(grad)
+            kept += [*zs, *gs]  # per chunk: its z_l, then its g_l
+        ctx.save_for_backward(x, *weights, *kept)
+        ctx.n_lin, ctx.n_z, ctx.n_kept, ctx.row_chunk = n_lin, len(zs), len(zs) + len(gs), row_chunk
         ctx.multires, ctx.skip_in, ctx.beta, ctx.threshold = multires, skip_in, beta, threshold
         ctx.mm_dtype, ctx.compiled = mm_dtype, compiled
-        return out, grad
+        if len(outs) == 1:
+            return outs[0], grads[0]
+        return torch.cat(outs), torch.cat(grads)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_grad):
-        n_lin = ctx.n_lin
+        n_lin, n_z, n_kept = ctx.n_lin, ctx.n_z, ctx.n_kept
         x, *rest = ctx.saved_tensors
         weights = tuple(rest[:n_lin])
-        zs, gs = list(rest[n_lin : 2 * n_lin - 1]), list(rest[2 * n_lin - 1 :])
-        first = 9  # x and the eight settings come before the parameters
+        kept = rest[n_lin:]
+        first = 10  # x and the nine settings come before the parameters
+        need_x = ctx.needs_input_grad[0]
         need_w = tuple(ctx.needs_input_grad[first : first + n_lin])
         need_b = tuple(ctx.needs_input_grad[first + n_lin :])
-        d_x, d_w, d_b = _run(
-            "backward",
-            _backward_pass,
-            ctx.compiled,
-            x,
-            weights,
-            zs,
-            gs,
-            d_out,
-            d_grad,
-            ctx.multires,
-            ctx.skip_in,
-            ctx.beta,
-            ctx.threshold,
-            ctx.mm_dtype,
-            ctx.needs_input_grad[0],
-            need_w,
-            need_b,
-        )
+        settings = (ctx.multires, ctx.skip_in, ctx.beta, ctx.threshold, ctx.mm_dtype, need_x, need_w, need_b)
+        d_xs, d_w, d_b = [], [], []
+        rows = ctx.row_chunk
+        chunks = zip(_chunks(x, rows), _chunks(d_out, rows), _chunks(d_grad, rows), strict=True)
+        for c, (x_c, d_out_c, d_grad_c) in enumerate(chunks):
+            part = kept[c * n_kept : (c + 1) * n_kept]
+            zs, gs = list(part[:n_z]), list(part[n_z:])
+            d_x_c, d_w_c, d_b_c = _run(
+                "backward", _backward_pass, ctx.compiled, x_c, weights, zs, gs, d_out_c, d_grad_c, *settings
+            )
+            d_xs.append(d_x_c)
+            if c == 0:
+                d_w, d_b = list(d_w_c), list(d_b_c)
+            else:  # the weight gradients sum over the chunks' rows
+                d_w = [None if a is None else s + a for s, a in zip(d_w, d_w_c, strict=True)]
+                d_b = [None if a is None else s + a for s, a in zip(d_b, d_b_c, strict=True)]
+        d_x = None if not need_x else (d_xs[0] if len(d_xs) == 1 else torch.cat(d_xs))
         return d_x, *[None] * (first - 1), *d_w, *d_b
+
+
+def _chunks(t: torch.Tensor, rows: int) -> list[torch.Tensor]:
+    """t in chunks of at most ``rows`` rows, as copies (a view would make torch.compile guard on its
+    base's size, which changes with the point count); t itself when it fits in one."""
+    if t.shape[0] <= rows:
+        return [t]
+    return [t[start : start + rows].clone() for start in range(0, t.shape[0], rows)]
 
 
 def forward_with_gradient_fused(
@@ -307,6 +323,7 @@ def forward_with_gradient_fused(
     mm_dtype: torch.dtype | None = None,
     compiled: bool = False,
     recompute_sweep: bool = False,
+    row_chunk: int = ROW_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(x) [N, C], d sdf / dx [N, d_in]): ``net.forward_with_gradient_explicit(x)`` in one autograd node.
 
@@ -338,6 +355,8 @@ def forward_with_gradient_fused(
         compiled: run the forward and backward passes through torch.compile (the fast path on CUDA).
         recompute_sweep: keep only the z_l and run the sweep again in the backward (half the kept
             activations for one more sweep: L - 1 more products).
+        row_chunk: the passes run on chunks of at most this many rows (the weight gradients summed
+            over them), so that their transient memory does not grow with N; the kept memory does.
     """
     if torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type):
         # The backward runs outside the forward's autocast and would mix bf16 and fp32 matmul operands.
@@ -360,6 +379,7 @@ def forward_with_gradient_fused(
         mm_dtype,
         bool(compiled),
         bool(recompute_sweep),
+        int(row_chunk),
         *[lin.weight for lin in lins],
         *[lin.bias for lin in lins],
     )
