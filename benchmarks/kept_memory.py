@@ -81,16 +81,15 @@ def main() -> None:
         frame = (betas, transformations, pose_feature)
         deform, (_, cols) = kept_bytes(model._deform_fast, points, *frame, exclude=params)
         colour, _ = kept_bytes(call, "colour", model._colour_piece, cols, normals, albedo, exclude=params)
+        query, _ = kept_bytes(model._prior_query, points.detach(), True, exclude=params)
+    sizes = {"geometry": geometry, "deformer": deform, "colour": colour, "FLAME prior query": query}
+    mode = "compiled" if args.compiled else "eager"
+    geometry_mode = args.geometry_backward + (" bf16" if args.geometry_bf16 else "")
     print(
-        f"kept per point (N={n}, B={b}, {'compiled' if args.compiled else 'eager'}, geometry "
-        f"{args.geometry_backward}{' bf16' if args.geometry_bf16 else ''}, deformer {args.deformer_backward}): "
-        f"geometry {geometry / n:.0f} B, "
-        f"deformer {deform / n:.0f} B, colour {colour / n:.0f} B; at 409,600 points: "
-        + ", ".join(
-            f"{k} {v / n * 409600 / 2**30:.2f} GiB"
-            for k, v in (("geometry", geometry), ("deformer", deform), ("colour", colour))
-        )  # fmt: skip
+        f"kept per point (N={n}, B={b}, {mode}, geometry {geometry_mode}, deformer {args.deformer_backward}):"
     )
+    for name, size in sizes.items():
+        print(f"  {name}: {size / n:.0f} B a point, {size / n * 409600 / 2**30:.2f} GiB at 409,600 points")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from test_model import IMG_RES, build, make_input, perturb_
 from tolerances import assert_close
 
 from pointavatar.config import LossConf
-from pointavatar.model import geometry_fused
+from pointavatar.engine.memory import kept_bytes
+from pointavatar.model import geometry_fused, point_avatar
 from pointavatar.train.losses import Loss
 
 
@@ -53,8 +54,10 @@ def forward_and_grads(model, seed: int, dtype=torch.float64):
         (0, 37, "pointwise", "fused_recompute+deformer"),
     ],
 )
-def test_fast_path_equals_reference_in_float64(flame_files, seed, chunk, contractions, backward):
-    """``backward``: model.geometry_backward, and "+deformer" model.deformer_backward = "fused" too."""
+def test_fast_path_equals_reference_in_float64(flame_files, monkeypatch, seed, chunk, contractions, backward):
+    """``backward``: model.geometry_backward, and "+deformer" model.deformer_backward = "fused" too. The
+    FLAME prior's deformer query is recomputed in chunks of 37 points (several, the last shorter)."""
+    monkeypatch.setattr(point_avatar, "PRIOR_QUERY_CHUNK", 37)
     reference = build(flame_files).double()
     perturb_(reference, 0.05)
     fast = copy.deepcopy(reference)
@@ -202,6 +205,23 @@ def test_deformer_bf16_saved_keeps_the_values_and_rounds_the_gradients(flame_fil
         assert_close(grad_b[name], grad_f[name], rtol=0.0, atol=3e-2 * scale + 1e-12, reason=why, msg=name)
         changed += not torch.equal(grad_b[name], grad_f[name])
     assert changed  # the key acts
+
+
+def test_prior_query_is_recomputed_not_kept(flame_files, monkeypatch):
+    """The FLAME prior's deformer query on the fast path keeps nothing for the backward (it is recomputed
+    by chunks); the reference path keeps its activations. Same values either way (and the same gradients:
+    the float64 equivalence test above runs with chunks of 37)."""
+    monkeypatch.setattr(point_avatar, "PRIOR_QUERY_CHUNK", 37)
+    model = build(flame_files)
+    perturb_(model, 0.05)
+    model.train()
+    points = model.pc.points.detach()
+    params = list(model.parameters())
+    kept_fast, fast = kept_bytes(model._prior_query, points, True, exclude=params)
+    kept_ref, ref = kept_bytes(model._prior_query, points, False, exclude=params)
+    assert kept_fast == 0 < kept_ref
+    for a, b in zip(fast, ref, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_default_is_fast_on_cuda_only(flame_files):

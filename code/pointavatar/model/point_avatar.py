@@ -56,6 +56,10 @@ def deformed_normals(cols: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
     return F.normalize(v * torch.sign(det).detach(), dim=-1)
 
 
+# Points per recomputed chunk of the FLAME prior's deformer query on the fast path (PointAvatar._prior_query).
+PRIOR_QUERY_CHUNK = 65536
+
+
 class PointAvatar(nn.Module):
     """Deformable point-based head avatar (spec §5): the forward pass only, no training state.
 
@@ -331,6 +335,29 @@ class PointAvatar(nn.Module):
         shading = self.rendering_network(normals_d.reshape(-1, 3)).reshape(b, n, 3)
         return normals_d, shading, torch.clamp(2.0 * shading * albedo, 0.0, 1.0)
 
+    def _prior_query(
+        self, points: torch.Tensor, fast: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``deformer_network.query_weights`` at detached points for the FLAME prior. On the fast path in
+        training it runs on chunks of ``PRIOR_QUERY_CHUNK`` points under ``torch.utils.checkpoint``: its
+        activations (about 4 KB a point, 1.6 GiB at 409,600 points) are recomputed in the backward, one
+        chunk at a time, instead of kept (same values and gradients)."""
+        query = self.deformer_network.query_weights
+        if not (fast and self.training and torch.is_grad_enabled()):
+            return query(points)
+        parts = [
+            torch.utils.checkpoint.checkpoint(
+                query,
+                points[start : start + PRIOR_QUERY_CHUNK],
+                use_reentrant=False,
+                preserve_rng_state=False,  # nothing random inside
+            )
+            for start in range(0, points.shape[0], PRIOR_QUERY_CHUNK)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
+
     def _per_point_fast_chunked(
         self,
         points: torch.Tensor,
@@ -529,9 +556,7 @@ class PointAvatar(nn.Module):
         rgb = images[..., :3] + white_weight * bg
 
         # Second deformer query on detached points: the FLAME prior trains the deformer only (§5.13).
-        shapedirs, posedirs, lbs_weights, canonical_points = self.deformer_network.query_weights(
-            points.detach()
-        )
+        shapedirs, posedirs, lbs_weights, canonical_points = self._prior_query(points.detach(), fast)
         # The 1-NN only feeds the FLAME prior of the training loss; at N = 409,600 it costs as much as
         # rendering, so eval (renders, test-time tracking) skips it.
         index_batch = (
