@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from pointavatar.errors import PointAvatarError
+from pointavatar.model import geometry_fused
 from pointavatar.render import fixed_binning
 
 
@@ -85,6 +87,7 @@ class GraphedStep:
         self._key = None
         self._captured: _Captured | None = None
         self._needed: torch.Tensor | None = None
+        self._compile_fallback_warned = False
 
     def __call__(self, model_input: dict, ground_truth: dict, lbs_weight: float) -> StepResult:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -94,6 +97,18 @@ class GraphedStep:
         if key != self._key:
             self.release()
             self._key = key
+            return self._eager(model_input, ground_truth, lbs_weight, params)
+        if self._captured is None and self._compile_fell_back():
+            # A torch.compile that failed leaves autograd state behind (seen on the H200: a gradient-
+            # accumulation node of the default stream, kept alive by the failed trace) that makes the
+            # capture fail; the eager steps are exact, so the run goes on without the graph.
+            if not self._compile_fallback_warned:
+                self._compile_fallback_warned = True
+                warnings.warn(
+                    "torch.compile of the fast path failed earlier in this run (warning above); the "
+                    "training steps run eagerly from now on, without the CUDA graph",
+                    stacklevel=2,
+                )
             return self._eager(model_input, ground_truth, lbs_weight, params)
         if self._captured is None:
             try:
@@ -116,6 +131,10 @@ class GraphedStep:
                     "in the conf and resume with --is_continue (and please report it)."
                 ) from exc
         return self._replay(model_input, ground_truth, lbs_weight, params)
+
+    def _compile_fell_back(self) -> bool:
+        """Whether a torch.compile of the fast path failed and its eager code runs instead."""
+        return bool(getattr(self.model, "_compile_failed", False) or geometry_fused._COMPILE_FAILED)
 
     def release(self) -> None:
         """Drop the captured graph. Its memory pool is private: the blocks that no caller still holds go

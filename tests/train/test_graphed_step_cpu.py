@@ -1,0 +1,45 @@
+"""GraphedStep's decisions that need no GPU (the capture itself is tested on the GPU: tests/model/
+test_graphed_step.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pointavatar.model import geometry_fused
+from pointavatar.train.graphed_step import GraphedStep
+
+
+@pytest.mark.parametrize("where", ["model", "fused_geometry"])
+def test_no_capture_after_a_compile_fallback(monkeypatch, where):
+    """Once a torch.compile of the fast path has failed (the model's pieces, or the fused geometry's
+    passes), the steps stay eager: a capture would fail on the failed trace's leftover autograd state."""
+    model = torch.nn.Linear(2, 2)
+    if where == "model":
+        model._compile_failed = True
+    else:
+        monkeypatch.setattr(geometry_fused, "_COMPILE_FAILED", ["RuntimeError: test"])
+    step = GraphedStep(model, loss_fn=None)
+    calls = []
+    monkeypatch.setattr(step, "_eager", lambda *args: calls.append("eager"))
+    monkeypatch.setattr(step, "_capture", lambda *args: pytest.fail("captured after a compile fallback"))
+    model_input, ground_truth = {"x": torch.zeros(2, 3)}, {"rgb": torch.zeros(2, 3)}
+    with pytest.warns(UserWarning, match="run eagerly from now on"):
+        for _ in range(3):  # the same configuration: the second and third steps would capture and replay
+            step(model_input, ground_truth, 1.0)
+    assert calls == ["eager"] * 3
+
+
+def test_capture_after_the_first_step_of_a_configuration(monkeypatch):
+    """Without a fallback: the first step of a configuration is eager, the second captures."""
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(geometry_fused, "_COMPILE_FAILED", [])
+    step = GraphedStep(model, loss_fn=None)
+    calls = []
+    monkeypatch.setattr(step, "_eager", lambda *args: calls.append("eager"))
+    monkeypatch.setattr(step, "_capture", lambda *args: calls.append("capture") or "captured")
+    monkeypatch.setattr(step, "_replay", lambda *args: calls.append("replay"))
+    model_input, ground_truth = {"x": torch.zeros(2, 3)}, {"rgb": torch.zeros(2, 3)}
+    for _ in range(3):
+        step(model_input, ground_truth, 1.0)
+    assert calls == ["eager", "capture", "replay", "replay"]
