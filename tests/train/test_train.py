@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from run_fixtures import ROOT, load_model_ckpt, tiny
+from tolerances import assert_close
 
 from pointavatar.engine import checkpoints as ckpt
 from pointavatar.engine.experiment import Experiment
@@ -320,3 +321,34 @@ def test_cuda_graph_training_on_gpu(subject, tmp_path):
     assert graphed is not None
     assert graphed.captures >= 2 and graphed.overflows == 0
     assert all(np.isfinite(first)) and first[-1] < first[0]
+
+
+@pytest.mark.slow
+def test_fused_backwards_train_as_the_reference(subject, tmp_path):
+    """The fast path with the memory options (fused geometry with the sweep recomputed, fused deformer,
+    recomputation chunks, the FLAME prior's query recomputed) trains the reference run's model: after two
+    epochs, with upsampling and pruning, the same points and parameters within float32's default
+    tolerance (the paths sum the same products in other orders; geometry_bf16 off, as it rounds on
+    purpose)."""
+    runs = {}
+    for name, keys in {
+        "reference": {"model.implementation": "reference"},
+        "lean": {
+            "model.implementation": "fast",
+            "model.geometry_backward": "fused_recompute",
+            "model.deformer_backward": "fused",
+            "model.geometry_bf16": False,
+            "model.recompute_chunk": 37,
+        },
+    }.items():
+        conf = tiny(SUBJECT1, subject, tmp_path / name, **keys)
+        trainer = Trainer(conf, nepoch=1, device="cpu")
+        trainer.run()
+        runs[name] = load_model_ckpt(trainer.exp.train_dir)["model_state_dict"]
+    reference, lean = runs["reference"], runs["lean"]
+    assert reference.keys() == lean.keys()
+    for key, value in reference.items():  # float32's default tolerance holds
+        if value.is_floating_point():
+            assert_close(lean[key], value, msg=key)
+        else:
+            assert torch.equal(lean[key], value), key
