@@ -340,8 +340,8 @@ class PointAvatar(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``deformer_network.query_weights`` at detached points for the FLAME prior. On the fast path in
         training it runs on chunks of ``PRIOR_QUERY_CHUNK`` points under ``torch.utils.checkpoint``: its
-        activations (about 4 KB a point, 1.6 GiB at 409,600 points) are recomputed in the backward, one
-        chunk at a time, instead of kept (same values and gradients)."""
+        activations (5.2 KB a point kept without it, 2.0 GiB at 409,600 points; benchmarks/RESULTS.md,
+        step 5) are recomputed in the backward, one chunk at a time (same values and gradients)."""
         query = self.deformer_network.query_weights
         if not (fast and self.training and torch.is_grad_enabled()):
             return query(points)
