@@ -3,8 +3,9 @@
 ``forward_with_gradient_fused`` returns what ``GeometryNetwork.forward_with_gradient_explicit`` returns,
 but autograd records a single ``torch.autograd.Function`` whose hand-written backward recomputes the
 activations, slopes, curvatures, skip concatenations and the encoding from the saved pre-activations and
-x: training keeps 2 activations per hidden layer (z_l and the sweep vector g_l) instead of the reference
-graph's many.
+x: training keeps 2 activations per hidden layer (z_l and the sweep vector g_l), or only z_l with
+``recompute_sweep``, instead of the reference graph's many. The passes run on chunks of rows and, on
+CUDA, through torch.compile as plain tensor functions (``_run``).
 """
 
 from __future__ import annotations
