@@ -460,8 +460,9 @@ class ModelConf:
     only (float64 is left exact). On an H200 with the CUDA graph at 409,600 points: 88 ms and 36.9 GiB
     a step against 120 ms and 43.6 GiB; canonical normals move by 0.57 degrees on average; synthetic512
     test PSNR 30.22 dB against the reference path's 30.33 dB in the same call (benchmarks/RESULTS.md,
-    step 5). False: the geometry in float32 (TF32 products with model.tf32). Eval, tracking and the baked
-    renderer stay in full precision."""
+    step 5). False: the geometry in float32 (TF32 products with model.tf32). On GPUs without bf16 tensor
+    cores (before Ampere, compute capability 8.0) it stays in float32 either way. Eval, tracking and the
+    baked renderer stay in full precision."""
     tf32: bool = True
     """Allow TF32 tensor-core matmuls on CUDA (fp32 storage and accumulation, inputs rounded to 10
     mantissa bits). On, as in the original's PyTorch 1.11 (its default on Ampere and later GPUs); canonical

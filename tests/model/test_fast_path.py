@@ -224,6 +224,17 @@ def test_prior_query_is_recomputed_not_kept(flame_files, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_geometry_bf16_only_on_gpus_with_bf16_tensor_cores(flame_files, monkeypatch):
+    model = build(flame_files)
+    assert model.geometry_bf16  # the default
+    for capability, expected in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert model._geometry_in_bf16(torch.device("cuda", 0)) is expected, capability
+    assert model._geometry_in_bf16(torch.device("cpu"))  # the CPU (tests)
+    model.geometry_bf16 = False
+    assert not model._geometry_in_bf16(torch.device("cpu"))
+
+
 def test_default_is_fast_on_cuda_only(flame_files):
     model = build(flame_files)
     assert model.implementation == "auto"  # since the synthetic512 pair (benchmarks/RESULTS.md)

@@ -206,7 +206,7 @@ class PointAvatar(nn.Module):
         if self.geometry_backward != "autograd":  # "fused" or "fused_recompute"
             # model.geometry_bf16: the products' operands and the kept activations in bf16.
             # Like autocast, it rounds float32 only (float64 tests stay exact).
-            bf16 = torch.bfloat16 if self.geometry_bf16 and y.dtype == torch.float32 else None
+            bf16 = torch.bfloat16 if self._geometry_in_bf16(y.device) and y.dtype == torch.float32 else None
             compiled = self._compiles(y.device) and self.compile_scope != "none"
             out, grad = forward_with_gradient_fused(
                 self.geometry_network,
@@ -218,12 +218,20 @@ class PointAvatar(nn.Module):
             )
         else:
             # model.geometry_bf16: bf16 matmuls with fp32 accumulation; outputs back in y's dtype.
-            with torch.autocast(device_type=y.device.type, dtype=torch.bfloat16, enabled=self.geometry_bf16):
+            bf16 = self._geometry_in_bf16(y.device)
+            with torch.autocast(device_type=y.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out, grad = self.geometry_network.forward_with_gradient_explicit(y)
             out, grad = out.to(y.dtype), grad.to(y.dtype)  # no-ops in full precision
         normals_c = F.normalize(grad[:c], dim=-1)
         albedo = torch.sigmoid(ALBEDO_SCALE * out[:c, 1:4])
         return normals_c, albedo, out[:c, 0], grad
+
+    def _geometry_in_bf16(self, device: torch.device) -> bool:
+        """``model.geometry_bf16`` where it pays: on the CPU (tests) and on GPUs with bf16 tensor cores
+        (compute capability 8.0, Ampere, and later); older GPUs keep the geometry in fp32."""
+        if not self.geometry_bf16:
+            return False
+        return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
 
     def _deform_fast(
         self,
