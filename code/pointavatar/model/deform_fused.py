@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from pointavatar.model import geometry_fused
 from pointavatar.model.deform_explicit import _first_layer, _linear
 from pointavatar.model.deformer import SKINNING_TEMPERATURE, ForwardDeformer
-from pointavatar.model.geometry import softplus_slope
+from pointavatar.model.geometry import softplus_curvature, softplus_slope
 from pointavatar.model.geometry_fused import _mm
 
 
@@ -83,13 +83,11 @@ def _forward_pass(z0, tz0, weights, biases, beta, threshold, final_activation, s
 
 def _activation_vjp(d_a: torch.Tensor, z: torch.Tensor, tz: torch.Tensor, beta: float, threshold: float):
     """Back through a = softplus(z), ta_k = tz_k s: d_a [4, N, D] (d a; d ta) -> ((d z; d tz) [4, N, D],
-    the slope s [N, D]). d z = d a s + sum_k d ta_k tz_k c and d tz = d ta s, with torch's curvature
-    convention c = beta s (1 - s), zeroed where beta z >= threshold (as its Softplus double backward and
-    ``geometry._SoftplusVJPLean``)."""
+    the slope s [N, D]). d z = d a s + sum_k d ta_k tz_k c and d tz = d ta s, with c torch's curvature
+    (``geometry.softplus_curvature``)."""
     s = softplus_slope(z, beta, threshold)
-    curv = torch.where(z * beta < threshold, beta * s * (1 - s), torch.zeros_like(s))
     d_y = d_a * s
-    d_y[0] += (d_a[1:] * tz).sum(0) * curv
+    d_y[0] += (d_a[1:] * tz).sum(0) * softplus_curvature(z, s, beta, threshold)
     return d_y, s
 
 

@@ -20,6 +20,13 @@ def softplus_slope(z: torch.Tensor, beta: float, threshold: float) -> torch.Tens
     return torch.where(bz > threshold, torch.ones_like(bz), torch.sigmoid(bz))
 
 
+def softplus_curvature(z: torch.Tensor, s: torch.Tensor, beta: float, threshold: float) -> torch.Tensor:
+    """d softplus'(z) / dz given the slope s = ``softplus_slope(z, ...)``: beta s (1 - s), zeroed where
+    beta z >= threshold as torch's Softplus double backward does (note >=: at equality the slope is
+    still sigmoid but the curvature 0)."""
+    return torch.where(z * beta < threshold, beta * s * (1 - s), torch.zeros_like(s))
+
+
 def softplus_vjp(
     g: torch.Tensor, z: torch.Tensor, w: torch.Tensor, beta: float, threshold: float
 ) -> torch.Tensor:
@@ -56,10 +63,7 @@ class _SoftplusVJPLean(torch.autograd.Function):
         grad_g = u * s if ctx.needs_input_grad[0] else None
         grad_z = None
         if ctx.needs_input_grad[1]:
-            # d/dz sigmoid(beta z) = beta s (1 - s); torch's Softplus double backward zeroes it where
-            # beta z >= threshold (note >=: at equality the slope is sigmoid but the curvature 0).
-            curv = torch.where(z * beta < threshold, beta * s * (1 - s), torch.zeros_like(s))
-            grad_z = u * g * curv
+            grad_z = u * g * softplus_curvature(z, s, beta, threshold)
         grad_w = (g * s).T @ grad_out if ctx.needs_input_grad[2] else None
         return grad_g, grad_z, grad_w, None, None
 

@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from pointavatar.model.embedder import encode, encode_vjp
-from pointavatar.model.geometry import GeometryNetwork, softplus_slope
+from pointavatar.model.geometry import GeometryNetwork, softplus_curvature, softplus_slope
 
 _SQRT2 = math.sqrt(2)
 # Rows per pass (forward and backward). The backward's transients (every layer's sweep term, and with
@@ -155,10 +155,7 @@ def _backward_pass(
             if need_w[l]:
                 d_w[l] = _mm(u.T, d_g, mm)
             d_u = _mm(d_g, weights[l].T, mm)  # [N, out_l]
-            # torch's Softplus curvature: 0 where beta z >= threshold (slope 1 there, or exactly at
-            # the threshold still sigmoid but flat, as in its double backward).
-            curv = torch.where(zs[l] * beta < threshold, beta * slopes[l] * (1 - slopes[l]), 0.0)
-            dz_sweep[l] = d_u * gs[l] * curv
+            dz_sweep[l] = d_u * gs[l] * softplus_curvature(zs[l], slopes[l], beta, threshold)
             d_g = d_u * slopes[l]
         if need_x and (l == 0 or l in skip_in):
             if g_in is None:
