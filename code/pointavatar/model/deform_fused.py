@@ -22,23 +22,10 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from pointavatar.model import geometry_fused
 from pointavatar.model.deform_explicit import _first_layer, _linear
 from pointavatar.model.deformer import SKINNING_TEMPERATURE, ForwardDeformer
 from pointavatar.model.geometry import softplus_curvature, softplus_slope
-from pointavatar.model.geometry_fused import _mm
-
-
-def _run(name: str, fn, compiled: bool, *args):
-    """``geometry_fused._run`` (torch.compile with a dynamic point count, eager fallback) for passes that
-    also take tangents [3, N, D]: their dim 1 is marked dynamic here, the [N, D] tensors' dim 0 there."""
-    if compiled:
-        n = args[0].shape[0]
-        for a in args:
-            for t in a if isinstance(a, list) else [a]:
-                if isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[0] == 3 and t.shape[1] == n:
-                    torch._dynamo.mark_dynamic(t, 1)
-    return geometry_fused._run(name, fn, compiled, *args)
+from pointavatar.model.geometry_fused import _fused_dtypes, _mm, _run
 
 
 def _stack(z: torch.Tensor, tz: torch.Tensor) -> torch.Tensor:
@@ -231,16 +218,9 @@ def softplus_chain_with_tangents(
     """
     if z0.dim() != 2 or tz0.shape != (3, *z0.shape):
         raise ValueError(f"z0 must be [N, D] and tz0 [3, N, D], got {tuple(z0.shape)} and {tuple(tz0.shape)}")
-    if torch.is_grad_enabled() and torch.is_autocast_enabled(z0.device.type):
-        # The backward runs outside the forward's autocast and would mix bf16 and fp32 matmul operands.
-        raise RuntimeError(
-            "softplus_chain_with_tangents does not support torch.autocast when gradients are recorded; "
-            "use save_dtype / mm_dtype, or deform_explicit's trunk under autocast"
-        )
-    if save_dtype == z0.dtype:
-        save_dtype = None
-    if mm_dtype == z0.dtype:
-        mm_dtype = None
+    save_dtype, mm_dtype = _fused_dtypes(
+        z0, save_dtype, mm_dtype, "softplus_chain_with_tangents", "deform_explicit's trunk"
+    )
     linears = list(linears)
     return _FusedSoftplusChain.apply(
         z0,

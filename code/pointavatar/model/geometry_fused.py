@@ -205,17 +205,24 @@ _COMPILE_FAILED: list[str] = []
 
 def _run(name: str, fn, compiled: bool, *args):
     """fn(*args); with ``compiled``, through torch.compile (dynamic point count), falling back to the eager
-    function for good, with one warning, if compiling fails. The passes are compiled as plain tensor
-    functions, not the autograd.Function around them (Dynamo's tracing of custom Functions failed on
-    torch 2.11 with an AssertionError)."""
+    function for good, with one warning, if compiling fails. The passes (here and in deform_fused.py)
+    are compiled as plain tensor functions, not the autograd.Function around them (Dynamo's tracing of
+    custom Functions failed on torch 2.11 with an AssertionError).
+
+    args[0] has the point count N as its first dimension. Among the tensor arguments (and lists of
+    them), the point dimension is marked dynamic: dim 0 of [N, D] tensors, dim 1 of [3, N, D] tangents.
+    The layer widths stay static (the weights come as a tuple: not marked)."""
     if not compiled or _COMPILE_FAILED:
         return fn(*args)
     n = args[0].shape[0]
-    # The point count is dynamic, the layer widths static (the weights come as a tuple: not marked).
     for a in args:
         for t in a if isinstance(a, list) else [a]:
-            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == n:
+            if not isinstance(t, torch.Tensor):
+                continue
+            if t.dim() == 2 and t.shape[0] == n:
                 torch._dynamo.mark_dynamic(t, 0)
+            elif t.dim() == 3 and t.shape[0] == 3 and t.shape[1] == n:
+                torch._dynamo.mark_dynamic(t, 1)
     c = _COMPILED.get(name)
     if c is not None:
         return c(*args)
@@ -225,7 +232,8 @@ def _run(name: str, fn, compiled: bool, *args):
     except Exception as exc:  # the eager pass is exact: a compiler problem must not stop training
         _COMPILE_FAILED.append(f"{type(exc).__name__}: {exc}")
         warnings.warn(
-            f"torch.compile of the fused geometry failed ({type(exc).__name__}: {exc}); running it eagerly",
+            f"torch.compile of the fused pass {name!r} failed ({type(exc).__name__}: {exc}); running the "
+            "fused passes eagerly",
             stacklevel=2,
         )
         return fn(*args)
@@ -306,6 +314,20 @@ class _FusedGeometry(torch.autograd.Function):
         return d_x, *[None] * (first - 1), *d_w, *d_b
 
 
+def _fused_dtypes(
+    x: torch.Tensor, save_dtype: torch.dtype | None, mm_dtype: torch.dtype | None, name: str, instead: str
+) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """A fused function's save_dtype and mm_dtype, None where they are x's own dtype; refused under
+    torch.autocast while gradients are recorded (the hand-written backward runs outside the forward's
+    autocast and would mix bf16 and fp32 matmul operands)."""
+    if torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type):
+        raise RuntimeError(
+            f"{name} does not support torch.autocast when gradients are recorded; use save_dtype / "
+            f"mm_dtype, or {instead} under autocast"
+        )
+    return (None if save_dtype == x.dtype else save_dtype), (None if mm_dtype == x.dtype else mm_dtype)
+
+
 def _chunks(t: torch.Tensor, rows: int) -> list[torch.Tensor]:
     """t in chunks of at most ``rows`` rows, as copies (a view would make torch.compile guard on its
     base's size, which changes with the point count); t itself when it fits in one."""
@@ -356,17 +378,10 @@ def forward_with_gradient_fused(
         row_chunk: the passes run on chunks of at most this many rows (the weight gradients summed
             over them), so that their transient memory does not grow with N; the kept memory does.
     """
-    if torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type):
-        # The backward runs outside the forward's autocast and would mix bf16 and fp32 matmul operands.
-        raise RuntimeError(
-            "forward_with_gradient_fused does not support torch.autocast when gradients are recorded; "
-            "use save_dtype for the memory, or forward_with_gradient_explicit under autocast"
-        )
+    save_dtype, mm_dtype = _fused_dtypes(
+        x, save_dtype, mm_dtype, "forward_with_gradient_fused", "forward_with_gradient_explicit"
+    )
     lins = [getattr(net, f"lin{l}") for l in range(net.num_layers - 1)]
-    if save_dtype == x.dtype:
-        save_dtype = None
-    if mm_dtype == x.dtype:
-        mm_dtype = None
     return _FusedGeometry.apply(
         x,
         net.embed.multires,
