@@ -60,6 +60,30 @@ def encode_vjp(x: torch.Tensor, grad_enc: torch.Tensor, multires: int) -> torch.
     return grad_x
 
 
+def encode_jvp(x: torch.Tensor, t: torch.Tensor, multires: int) -> torch.Tensor:
+    """d enc(x) [t]: t [N, d] -> [N, d (1 + 2 multires)]; the adjoint of g_enc -> encode_vjp(x, g_enc)."""
+    parts = [t]
+    for i in range(multires):
+        freq = float(2.0**i)
+        fx = freq * x
+        parts.append(freq * torch.cos(fx) * t)
+        parts.append(-freq * torch.sin(fx) * t)
+    return torch.cat(parts, dim=-1)
+
+
+def encode_vjp_dx(x: torch.Tensor, g_enc: torch.Tensor, t: torch.Tensor, multires: int) -> torch.Tensor:
+    """d <t, encode_vjp(x, g_enc)> / dx with g_enc held fixed: [N, d] (the vjp's own x dependence)."""
+    d = x.shape[-1]
+    out = torch.zeros_like(x)
+    for i in range(multires):
+        freq = float(2.0**i)
+        g_sin = g_enc[..., d * (1 + 2 * i) : d * (2 + 2 * i)]
+        g_cos = g_enc[..., d * (2 + 2 * i) : d * (3 + 2 * i)]
+        fx = freq * x
+        out = out - (freq * freq) * (g_sin * torch.sin(fx) + g_cos * torch.cos(fx))
+    return out * t
+
+
 def get_embedder(multires: int, d_in: int = 3) -> tuple[PositionalEncoding, int]:
     """(encoder, output width); the original's helper name."""
     enc = PositionalEncoding(multires, d_in)

@@ -17,7 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from pointavatar.model.embedder import encode, encode_vjp
+from pointavatar.model.embedder import encode, encode_jvp, encode_vjp, encode_vjp_dx
 from pointavatar.model.geometry import GeometryNetwork, softplus_curvature, softplus_slope
 
 _SQRT2 = math.sqrt(2)
@@ -33,30 +33,6 @@ def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Te
     if dtype is None:
         return a @ b
     return (a.to(dtype) @ b.to(dtype)).to(a.dtype)
-
-
-def _encode_jvp(x: torch.Tensor, t: torch.Tensor, multires: int) -> torch.Tensor:
-    """d enc(x) [t]: t [N, d] -> [N, d (1 + 2 multires)]; the adjoint of g_enc -> encode_vjp(x, g_enc)."""
-    parts = [t]
-    for i in range(multires):
-        freq = float(2.0**i)
-        fx = freq * x
-        parts.append(freq * torch.cos(fx) * t)
-        parts.append(-freq * torch.sin(fx) * t)
-    return torch.cat(parts, dim=-1)
-
-
-def _encode_vjp_dx(x: torch.Tensor, g_enc: torch.Tensor, t: torch.Tensor, multires: int) -> torch.Tensor:
-    """d <t, encode_vjp(x, g_enc)> / dx with g_enc held fixed: [N, d] (the vjp's own x dependence)."""
-    d = x.shape[-1]
-    out = torch.zeros_like(x)
-    for i in range(multires):
-        freq = float(2.0**i)
-        g_sin = g_enc[..., d * (1 + 2 * i) : d * (2 + 2 * i)]
-        g_cos = g_enc[..., d * (2 + 2 * i) : d * (3 + 2 * i)]
-        fx = freq * x
-        out = out - (freq * freq) * (g_sin * torch.sin(fx) + g_cos * torch.cos(fx))
-    return out * t
 
 
 def _forward_pass(
@@ -138,7 +114,7 @@ def _backward_pass(
 
     # 1. Up the sweep: the adjoint dG of every sweep vector, seeded by the encoding vjp's adjoint
     # (its input at each layer's input: cat([dG, d_g_enc]) / sqrt 2 at a skip layer).
-    d_g_enc = _encode_jvp(x, d_grad, multires)  # [N, E]
+    d_g_enc = encode_jvp(x, d_grad, multires)  # [N, E]
     d_w = [None] * n_lin
     dz_sweep = [None] * last
     g_enc = None  # d sdf / d enc(x), only for the x gradient
@@ -195,7 +171,7 @@ def _backward_pass(
     d_x = None
     if need_x:
         d_enc = d_h_next if d_enc is None else d_enc + d_h_next
-        d_x = encode_vjp(x, d_enc, multires) + _encode_vjp_dx(x, g_enc, d_grad, multires)
+        d_x = encode_vjp(x, d_enc, multires) + encode_vjp_dx(x, g_enc, d_grad, multires)
     return d_x, d_w, d_b
 
 
