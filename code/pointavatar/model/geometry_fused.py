@@ -221,10 +221,11 @@ class _FusedGeometry(torch.autograd.Function):
     """(out, grad) of the geometry MLP in one node; see ``forward_with_gradient_fused`` for the math.
 
     Inputs: x [N, d], the encoding's multires, the skip layer indices, Softplus beta and threshold, the
-    dtype the activations are saved in (None = the compute dtype), then the L weights [out_l, in_l] and
-    the L biases [out_l]. Saved: x, the weights, the L - 1 hidden pre-activations z_l [N, out_l] and the
-    L - 2 sweep vectors g_l = d sdf / d softplus(z_l) [N, out_l] below the top one (the top one is
-    W_last[0], read again from the weight).
+    dtype the activations are saved in (None = the compute dtype), the products' operand dtype, compiled,
+    recompute_sweep, the row chunk, then the L weights [out_l, in_l] and the L biases [out_l]. Saved: x,
+    the weights and, per chunk of rows, the L - 1 hidden pre-activations z_l and (unless
+    recompute_sweep) the L - 2 sweep vectors g_l = d sdf / d softplus(z_l) below the top one (the top
+    one is W_last[0], read again from the weight).
     """
 
     @staticmethod

@@ -245,7 +245,7 @@ class PointAvatar(nn.Module):
         Softplus layers run first as fused nodes that compile their own passes (deform_fused.py) and
         the blendshape head and FLAME algebra are the compiled piece."""
         frame = (betas, transformations, pose_feature)
-        compiled = self._compiles(points.device) and self.compile_scope in ("per_point", "all")
+        compiled = self._compiles_deformer(points.device)
         if self.deformer_backward == "autograd":
             if compiled:
                 return self._compiled_call("deform", self._deform_piece, points, *frame)
@@ -259,12 +259,15 @@ class PointAvatar(nn.Module):
             return self._compiled_call("flame", self._flame_piece, points, *fields, *frame)
         return self._flame_piece(points, *fields, *frame)
 
+    def _compiles_deformer(self, device: torch.device) -> bool:
+        """Whether the deformer's piece is compiled on ``device`` (``compile_scope`` "per_point" or "all")."""
+        return self._compiles(device) and self.compile_scope in ("per_point", "all")
+
     def _contractions(self, device: torch.device) -> str:
         """``deform_contractions`` resolved: "auto" is pointwise where the piece is compiled."""
         if self.deform_contractions != "auto":
             return self.deform_contractions
-        compiled = self._compiles(device) and self.compile_scope in ("per_point", "all")
-        return "pointwise" if compiled else "einsum"
+        return "pointwise" if self._compiles_deformer(device) else "einsum"
 
     def _flame_piece(self, points, h, t, weights, t_weights, betas, transformations, pose_feature):
         """The blendshape head and FLAME's forward_pts with tangents (``deformer_backward`` "fused")."""
