@@ -235,6 +235,18 @@ def test_geometry_bf16_only_on_gpus_with_bf16_tensor_cores(flame_files, monkeypa
     assert not model._geometry_in_bf16(torch.device("cpu"))
 
 
+def test_compile_fell_back_reports_the_pieces_and_the_fused_passes(flame_files, monkeypatch):
+    """What train.cuda_graph reads to stay eager after a failed torch.compile (GraphedStep)."""
+    monkeypatch.setattr(geometry_fused, "_COMPILE_FAILED", [])
+    model = build(flame_files)
+    assert not model.compile_fell_back
+    model._compile_failed = True  # a piece's compile failed (PointAvatar._compiled_call)
+    assert model.compile_fell_back
+    model._compile_failed = False
+    monkeypatch.setattr(geometry_fused, "_COMPILE_FAILED", ["RuntimeError: test"])  # a fused pass's
+    assert model.compile_fell_back
+
+
 def test_default_is_fast_on_cuda_only(flame_files):
     model = build(flame_files)
     assert model.implementation == "auto"  # since the synthetic512 pair (benchmarks/RESULTS.md)

@@ -6,19 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pointavatar.model import geometry_fused
 from pointavatar.train.graphed_step import GraphedStep
 
 
-@pytest.mark.parametrize("where", ["model", "fused_geometry"])
-def test_no_capture_after_a_compile_fallback(monkeypatch, where):
-    """Once a torch.compile of the fast path has failed (the model's pieces, or the fused geometry's
-    passes), the steps stay eager: a capture would fail on the failed trace's leftover autograd state."""
+def test_no_capture_after_a_compile_fallback(monkeypatch):
+    """Once a torch.compile of the fast path has failed (the model's ``compile_fell_back``: its pieces, or
+    the fused passes; tests/model/test_fast_path.py), the steps stay eager: a capture would fail on the
+    failed trace's leftover autograd state."""
     model = torch.nn.Linear(2, 2)
-    if where == "model":
-        model._compile_failed = True
-    else:
-        monkeypatch.setattr(geometry_fused, "_COMPILE_FAILED", ["RuntimeError: test"])
+    model.compile_fell_back = True
     step = GraphedStep(model, loss_fn=None)
     calls = []
     monkeypatch.setattr(step, "_eager", lambda *args: calls.append("eager"))
@@ -33,7 +29,7 @@ def test_no_capture_after_a_compile_fallback(monkeypatch, where):
 def test_capture_after_the_first_step_of_a_configuration(monkeypatch):
     """Without a fallback: the first step of a configuration is eager, the second captures."""
     model = torch.nn.Linear(2, 2)
-    monkeypatch.setattr(geometry_fused, "_COMPILE_FAILED", [])
+    model.compile_fell_back = False
     step = GraphedStep(model, loss_fn=None)
     calls = []
     monkeypatch.setattr(step, "_eager", lambda *args: calls.append("eager"))

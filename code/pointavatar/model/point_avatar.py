@@ -15,6 +15,7 @@ from torch import nn
 
 from pointavatar.config import ModelConf
 from pointavatar.flame import FLAME
+from pointavatar.model import geometry_fused
 from pointavatar.model.deform_explicit import deform_with_jacobian_explicit, flame_with_tangents
 from pointavatar.model.deform_fused import skinning_with_tangents_fused, trunk_with_tangents_fused
 from pointavatar.model.deformer import ForwardDeformer
@@ -148,6 +149,12 @@ class PointAvatar(nn.Module):
         if self.uses_fast_path(query.device):
             return nearest_neighbor_fast(query, ref)
         return nearest_neighbor(query, ref)
+
+    @property
+    def compile_fell_back(self) -> bool:
+        """Whether a torch.compile of the fast path failed (a piece here, or the fused passes) and its eager
+        code runs instead."""
+        return self._compile_failed or bool(geometry_fused._COMPILE_FAILED)
 
     def _compiles(self, device: torch.device) -> bool:
         """Whether ``_compiled_call`` compiles on ``device`` (CUDA only; tests may say otherwise)."""

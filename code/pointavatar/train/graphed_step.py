@@ -31,7 +31,6 @@ from typing import NamedTuple
 import torch
 
 from pointavatar.errors import PointAvatarError
-from pointavatar.model import geometry_fused
 from pointavatar.render import fixed_binning
 
 
@@ -133,8 +132,8 @@ class GraphedStep:
         return self._replay(model_input, ground_truth, lbs_weight, params)
 
     def _compile_fell_back(self) -> bool:
-        """Whether a torch.compile of the fast path failed and its eager code runs instead."""
-        return bool(getattr(self.model, "_compile_failed", False) or geometry_fused._COMPILE_FAILED)
+        """Whether a torch.compile of the model's fast path failed and its eager code runs instead."""
+        return bool(getattr(self.model, "compile_fell_back", False))
 
     def release(self) -> None:
         """Drop the captured graph. Its memory pool is private: the blocks that no caller still holds go
