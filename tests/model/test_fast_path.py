@@ -20,6 +20,14 @@ from pointavatar.model import geometry_fused, point_avatar
 from pointavatar.train.losses import Loss
 
 
+def set_backwards(model, backward: str) -> None:
+    """A case name such as "fused_recompute+deformer" onto the model: model.geometry_backward, then
+    "+deformer" for model.deformer_backward = "fused" and "+bf16" for model.geometry_bf16 (else off)."""
+    model.geometry_backward = backward.split("+")[0]
+    model.deformer_backward = "fused" if "+deformer" in backward else "autograd"
+    model.geometry_bf16 = "+bf16" in backward
+
+
 def forward_and_grads(model, seed: int, dtype=torch.float64):
     """Training forward, the full training loss (VGG off) and the gradients of every parameter."""
     model.train()
@@ -65,8 +73,7 @@ def test_fast_path_equals_reference_in_float64(flame_files, monkeypatch, seed, c
     fast.recompute_chunk = chunk  # 37: several chunks of points, the last one shorter
     fast.deform_contractions = contractions
     # "fused": the geometry's hand-written backward (geometry_fused.py); "+deformer": the deformer's too.
-    fast.geometry_backward = backward.removesuffix("+deformer")
-    fast.deformer_backward = "fused" if backward.endswith("+deformer") else "autograd"
+    set_backwards(fast, backward)
     if chunk:
         assert fast.pc.n_points > 2 * chunk and fast.pc.n_points % chunk
     assert fast.uses_fast_path(torch.device("cpu")) and not reference.uses_fast_path(torch.device("cpu"))
@@ -282,9 +289,7 @@ def test_fast_path_equals_reference_on_gpu_in_float32(flame_files, scope, chunk,
     fast = copy.deepcopy(reference)
     reference.implementation, fast.implementation = "reference", "fast"
     fast.compile_scope, fast.recompute_chunk, fast.deform_contractions = scope, chunk, contractions
-    fast.geometry_backward = backward.removesuffix("+deformer")
-    fast.deformer_backward = "fused" if backward.endswith("+deformer") else "autograd"
-    fast.geometry_bf16 = False  # on by default on the GPU; here the fp32 fast path against the reference
+    set_backwards(fast, backward)  # geometry_bf16 off: here the fp32 fast path against the reference
 
     def run(model):
         model.train()

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from test_fast_path import set_backwards
 from test_model import IMG_RES, build, make_input, perturb_
 from tolerances import assert_close
 
@@ -122,10 +123,8 @@ def test_graphed_steps_equal_eager_steps(flame_files, monkeypatch, scope, chunk,
     monkeypatch.setattr(point_avatar, "EIKONAL_JITTER", 0.0)
     eager, graph, emb_e, emb_g = make_pair(flame_files, scope)
     eager.recompute_chunk = graph.recompute_chunk = chunk
-    geometry = backward.removesuffix("+bf16").removesuffix("+deformer")
-    eager.geometry_backward = graph.geometry_backward = geometry
-    eager.deformer_backward = graph.deformer_backward = "fused" if "+deformer" in backward else "autograd"
-    eager.geometry_bf16 = graph.geometry_bf16 = backward.endswith("+bf16")
+    set_backwards(eager, backward)
+    set_backwards(graph, backward)
     steps = batches(4)
     loss_fn = make_loss(vgg)
     graphed = GraphedStep(graph, loss_fn)
