@@ -434,25 +434,29 @@ class ModelConf:
     on an H200: 7.3 GiB and 190 ms a step with 65536, against 44 GiB and 136 ms with 0; README
     "Speed"). 0: one pass, all stored. Same values and gradients either way."""
     geometry_backward: str = field(
-        default="autograd", metadata=_choices("autograd", "fused", "fused_recompute")
+        default="auto", metadata=_choices("auto", "autograd", "fused", "fused_recompute")
     )
     """(ours) Fast path, training: how the geometry network's forward and explicit SDF-gradient sweep
     are differentiated. "autograd": ordinary differentiable ops, every intermediate kept as autograd
-    (or torch.compile's partitioner) chooses. "fused": one autograd node with a hand-written backward
-    (model/geometry_fused.py) that keeps only each hidden layer's pre-activation and sweep vector and
-    recomputes the rest (same values and gradients, tested in float64; at 409,600 points on an H200
-    with geometry_bf16: 19.4 GiB and 133 ms a step against 36.9 GiB and 88 ms). "fused_recompute": the
-    same keeping the pre-activations only and running the sweep again in the backward (half of the
-    geometry's kept memory again, for one more sweep; not measured on a GPU yet)."""
-    deformer_backward: str = field(default="autograd", metadata=_choices("autograd", "fused", "fused_bf16"))
+    (or torch.compile's partitioner) chooses; the fastest. "fused": one autograd node with a hand-written
+    backward (model/geometry_fused.py) that keeps only each hidden layer's pre-activation and sweep
+    vector and recomputes the rest (same values and gradients, tested in float64). "fused_recompute":
+    the same keeping the pre-activations only and running the sweep again in the backward. At 409,600
+    points on an H200 with geometry_bf16 and deformer_backward "fused_bf16": 10.3 GiB and 115 ms a step,
+    against 36.9 GiB and 88 ms with "autograd" for both (benchmarks/RESULTS.md, step 6). "auto":
+    "autograd" on GPUs with at least 44 GiB of memory, "fused_recompute" on smaller ones (24 and 40 GB
+    cards), "autograd" off CUDA; the trainer prints what it chose."""
+    deformer_backward: str = field(
+        default="auto", metadata=_choices("auto", "autograd", "fused", "fused_bf16")
+    )
     """(ours) Fast path, training: how the deformer network's layers with their three Jacobian
     tangents are differentiated. "autograd": ordinary differentiable ops (torch.compile chooses what to
-    keep). "fused": the trunk's and the skinning branch's Softplus layers as one autograd node each with
-    a hand-written backward (model/deform_fused.py) keeping only the pre-activations and their tangents
-    (same values and gradients, tested in float64; the trunk keeps 8.3 instead of 14.4 KB a point,
-    measured on the CPU; not measured on a GPU yet). "fused_bf16": the same with the kept
+    keep); the fastest. "fused": the trunk's and the skinning branch's Softplus layers as one autograd
+    node each with a hand-written backward (model/deform_fused.py) keeping only the pre-activations and
+    their tangents (same values and gradients, tested in float64). "fused_bf16": the same with the kept
     pre-activations stored in bf16 (float32 runs only; the forward values are unchanged, the gradients
-    are computed from the rounded pre-activations)."""
+    are computed from the rounded pre-activations). "auto": "autograd" on GPUs with at least 44 GiB of
+    memory, "fused_bf16" on smaller ones, "autograd" off CUDA (as geometry_backward's "auto")."""
     geometry_bf16: bool = True
     """(ours) Fast path, training only: the geometry network's matrix products (its forward and the
     explicit gradient sweep) in bfloat16 with fp32 accumulation (torch.autocast; with the fused backward

@@ -17,6 +17,7 @@ from tolerances import assert_close
 from pointavatar.config import LossConf
 from pointavatar.engine.memory import kept_bytes
 from pointavatar.model import geometry_fused, point_avatar
+from pointavatar.train import trainer as trainer_module
 from pointavatar.train.losses import Loss
 
 
@@ -240,6 +241,33 @@ def test_geometry_bf16_only_on_gpus_with_bf16_tensor_cores(flame_files, monkeypa
     assert model._geometry_in_bf16(torch.device("cpu"))  # the CPU (tests)
     model.geometry_bf16 = False
     assert not model._geometry_in_bf16(torch.device("cpu"))
+
+
+def test_auto_backwards_are_lean_on_gpus_below_44_gib(flame_files, monkeypatch):
+    """model.geometry_backward / deformer_backward "auto" (the defaults): the fastest pair on large GPUs,
+    the lean pair below LEAN_BELOW_GIB, autograd off CUDA; an explicit value is kept; the trainer's line."""
+    model = build(flame_files)
+    assert (model.geometry_backward, model.deformer_backward) == ("auto", "auto")
+    cuda = torch.device("cuda", 0)
+    assert model.backwards(torch.device("cpu")) == ("autograd", "autograd")
+    for gib, expected in ((23.6, ("fused_recompute", "fused_bf16")), (39.4, ("fused_recompute", "fused_bf16")),
+                          (44.0, ("autograd", "autograd")), (139.8, ("autograd", "autograd"))):  # fmt: skip
+        monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device, g=gib: g)
+        assert model.backwards(cuda) == expected, gib
+    model.deformer_backward = "fused"  # explicit: kept; the geometry's "auto" still resolves
+    assert model.backwards(cuda) == ("autograd", "fused")
+    monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device: 23.6)
+    assert model.backwards(cuda) == ("fused_recompute", "fused")
+    monkeypatch.setattr(trainer_module, "gpu_memory_gib", lambda device: 23.6)
+    line = trainer_module.backwards_line(model, cuda)
+    assert line == (
+        "Fast path: geometry backward fused_recompute, deformer backward fused (auto: a 23.6 GiB GPU, below 44 GiB)"
+    )
+    model.geometry_backward = "autograd"
+    model.deformer_backward = "fused_bf16"
+    assert trainer_module.backwards_line(model, cuda) == (
+        "Fast path: geometry backward autograd, deformer backward fused_bf16"
+    )
 
 
 def test_compile_fell_back_reports_the_pieces_and_the_fused_passes(flame_files, monkeypatch):

@@ -59,6 +59,15 @@ def deformed_normals(cols: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
 
 # Points per recomputed chunk of the FLAME prior's deformer query on the fast path (PointAvatar._prior_query).
 PRIOR_QUERY_CHUNK = 65536
+# model.geometry_backward / deformer_backward "auto": the lean backwards on GPUs with less memory than
+# this. The fastest ones peak at 36.9 GiB at 409,600 points on an H200 (10.3 GiB lean, about 30 % slower
+# there; benchmarks/RESULTS.md, step 6), so 40 GB cards and smaller get the lean pair, 48 GB and larger not.
+LEAN_BELOW_GIB = 44.0
+
+
+def gpu_memory_gib(device: torch.device) -> float:
+    """Total memory of a CUDA device, GiB."""
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
 
 
 class PointAvatar(nn.Module):
@@ -102,6 +111,7 @@ class PointAvatar(nn.Module):
         self.implementation = conf.implementation
         self.recompute_chunk = int(conf.recompute_chunk)
         self.geometry_bf16 = bool(conf.geometry_bf16)
+        # "auto" resolves per device (``backwards``): the fastest on large GPUs, the lean ones below.
         self.geometry_backward = conf.geometry_backward
         self.deformer_backward = conf.deformer_backward
         self._compiled = {}  # torch.compile'd fast-path pieces, built on the first fast CUDA forward
@@ -194,11 +204,22 @@ class PointAvatar(nn.Module):
         self._compiled[name] = compiled
         return result
 
+    def backwards(self, device: torch.device) -> tuple[str, str]:
+        """``geometry_backward`` and ``deformer_backward`` as they apply on ``device``. "auto" is
+        "autograd" for both (the fastest step) on a GPU with at least ``LEAN_BELOW_GIB`` of memory, and
+        the lean pair ("fused_recompute", "fused_bf16") on a smaller one; "autograd" off CUDA."""
+        geometry, deformer = self.geometry_backward, self.deformer_backward
+        if "auto" in (geometry, deformer):
+            lean = device.type == "cuda" and gpu_memory_gib(device) < LEAN_BELOW_GIB
+            geometry = ("fused_recompute" if lean else "autograd") if geometry == "auto" else geometry
+            deformer = ("fused_bf16" if lean else "autograd") if deformer == "auto" else deformer
+        return geometry, deformer
+
     def _geometry_fast(
         self, points: torch.Tensor, jittered: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``_geometry_piece``, compiled on CUDA unless ``compile_scope`` is "none"."""
-        if self.compile_scope == "none" or self.geometry_backward != "autograd":
+        if self.compile_scope == "none" or self.backwards(points.device)[0] != "autograd":
             # The fused geometry compiles its own forward and backward passes (geometry_fused.py).
             return self._geometry_piece(points, jittered)
         return self._compiled_call("geometry", self._geometry_piece, points, jittered)
@@ -210,7 +231,8 @@ class PointAvatar(nn.Module):
         their eikonal samples -> (normals n_c [c, 3], albedo [c, 3], sdf [c], grad [2c, 3])."""
         c = points.shape[0]
         y = torch.cat([points.detach(), jittered], dim=0)
-        if self.geometry_backward != "autograd":  # "fused" or "fused_recompute"
+        geometry_backward = self.backwards(y.device)[0]
+        if geometry_backward != "autograd":  # "fused" or "fused_recompute"
             # model.geometry_bf16: the products' operands and the kept activations in bf16.
             # Like autocast, it rounds float32 only (float64 tests stay exact).
             bf16 = torch.bfloat16 if self._geometry_in_bf16(y.device) and y.dtype == torch.float32 else None
@@ -221,7 +243,7 @@ class PointAvatar(nn.Module):
                 save_dtype=bf16,
                 mm_dtype=bf16,
                 compiled=compiled,
-                recompute_sweep=self.geometry_backward == "fused_recompute",
+                recompute_sweep=geometry_backward == "fused_recompute",
             )
         else:
             # model.geometry_bf16: bf16 matmuls with fp32 accumulation; outputs back in y's dtype.
@@ -253,11 +275,12 @@ class PointAvatar(nn.Module):
         the blendshape head and FLAME algebra are the compiled piece."""
         frame = (betas, transformations, pose_feature)
         compiled = self._compiles_deformer(points.device)
-        if self.deformer_backward == "autograd":
+        deformer_backward = self.backwards(points.device)[1]
+        if deformer_backward == "autograd":
             if compiled:
                 return self._compiled_call("deform", self._deform_piece, points, *frame)
             return self._deform_piece(points, *frame)
-        bf16 = self.deformer_backward == "fused_bf16" and points.dtype == torch.float32
+        bf16 = deformer_backward == "fused_bf16" and points.dtype == torch.float32
         kept = {"save_dtype": torch.bfloat16 if bf16 else None, "compiled": compiled}
         h, t = trunk_with_tangents_fused(self.deformer_network, points, **kept)
         weights, t_weights = skinning_with_tangents_fused(self.deformer_network, h, t, **kept)

@@ -30,9 +30,21 @@ from ..engine.experiment import Experiment, build_model
 from ..engine.inputs import FrameInputs
 from ..engine.plots import render_grids
 from ..errors import PointAvatarError
+from ..model.point_avatar import LEAN_BELOW_GIB, gpu_memory_gib
 from .graphed_step import GraphedStep, forward_loss_backward
 from .losses import Loss
 from .schedule import PointSchedule, make_optimizer
+
+
+def backwards_line(model, device: torch.device) -> str:
+    """The fast path's backward choices on ``device``, and why where "auto" chose them."""
+    geometry, deformer = model.backwards(device)
+    line = f"Fast path: geometry backward {geometry}, deformer backward {deformer}"
+    if "auto" in (model.geometry_backward, model.deformer_backward) and device.type == "cuda":
+        gib = gpu_memory_gib(device)
+        side = "below" if gib < LEAN_BELOW_GIB else "at least"
+        line += f" (auto: a {gib:.1f} GiB GPU, {side} {LEAN_BELOW_GIB:g} GiB)"
+    return line
 
 
 class Trainer:
@@ -80,6 +92,8 @@ class Trainer:
 
         self.model = build_model(conf, self.train_set, self.train_set.shape_params).to(self.device)
         self.loss = Loss(conf.loss, var_expression=self.train_set.var_expression).to(self.device)
+        if self.model.uses_fast_path(self.device) and self.ranks.is_main:
+            print(backwards_line(self.model, self.device))
         self.schedule = PointSchedule(conf, self.ranks)
         # train.cuda_graph: the step's forward, loss and backward replayed from a CUDA graph (CUDA only).
         self.graphed_step = (
