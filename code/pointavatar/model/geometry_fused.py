@@ -177,6 +177,9 @@ def _backward_pass(
 
 _COMPILED: dict[str, object] = {}  # the two passes, torch.compile'd once per process
 _COMPILE_FAILED: list[str] = []
+# Inductor options for the passes' torch.compile (None: its defaults). Benchmarks set it
+# (bench_geometry.py --inductor KEY=VALUE); clear _COMPILED after changing it.
+COMPILE_OPTIONS: dict | None = None
 
 
 def _run(name: str, fn, compiled: bool, *args):
@@ -202,7 +205,7 @@ def _run(name: str, fn, compiled: bool, *args):
     c = _COMPILED.get(name)
     if c is not None:
         return c(*args)
-    c = torch.compile(fn)
+    c = torch.compile(fn, options=COMPILE_OPTIONS)
     try:
         result = c(*args)
     except Exception as exc:  # the eager pass is exact: a compiler problem must not stop training

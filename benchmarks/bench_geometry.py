@@ -1,0 +1,151 @@
+"""Time and peak memory of the geometry network's training work alone (forward, SDF-gradient sweep,
+backward), for the fast path's variants, on CUDA.
+
+The geometry piece is most of the 409,600-point training step (benchmarks/RESULTS.md, step 6): this
+isolates it, so that a change to it can be measured in seconds instead of a whole-model benchmark.
+Rows = 2 N (the points and their eikonal samples). A variant is MODE[:KEY=VALUE,...]:
+
+- MODE: "autocast" (geometry_backward "autograd" with geometry_bf16: the default on large GPUs),
+  "fp32" (autograd, no bf16), "fused" or "fused_recompute" (the hand-written backward, bf16);
+- KEY=VALUE: torch._inductor options for the compile (e.g. realize_reads_threshold=16), applied to
+  the autocast piece or to the fused passes (geometry_fused.COMPILE_OPTIONS).
+
+    python benchmarks/bench_geometry.py --rows 819200 --variants autocast fused_recompute \\
+        fused_recompute:realize_reads_threshold=16 --out bench_geometry.json
+
+Each variant's weight gradients are compared with the first variant's (relative error of the
+largest), as a check that the variants compute the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
+
+from pointavatar.config import load_conf  # noqa: E402
+from pointavatar.model import geometry_fused  # noqa: E402
+from pointavatar.model.geometry import GeometryNetwork  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("autocast", "fp32", "fused", "fused_recompute")
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    mode, _, rest = spec.partition(":")
+    if mode not in MODES:
+        raise SystemExit(f"variant {spec!r}: the mode must be one of {', '.join(MODES)}")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value) if value else True
+    return mode, options
+
+
+def make_step(net: GeometryNetwork, mode: str, options: dict):
+    """A function y -> (out, grad) for the variant, compiled as the fast path compiles it."""
+    torch._dynamo.reset()
+    geometry_fused._COMPILED.clear()
+    geometry_fused.COMPILE_OPTIONS = options or None
+    if mode in ("autocast", "fp32"):
+
+        def piece(y):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "autocast"):
+                out, grad = net.forward_with_gradient_explicit(y)
+            return out.float(), grad.float()
+
+        return torch.compile(piece, dynamic=True, options=options or None)
+    bf16 = torch.bfloat16
+    return lambda y: geometry_fused.forward_with_gradient_fused(
+        net, y, save_dtype=bf16, mm_dtype=bf16, compiled=True, recompute_sweep=mode == "fused_recompute"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[819200])
+    parser.add_argument("--variants", nargs="+", default=["autocast", "fused_recompute"])
+    parser.add_argument("--conf", default=str(ROOT / "confs" / "subject1.conf"))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--profile", default=None, help="a variant to profile (two steps, kernel table)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_geometry.py needs a CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = True  # model.tf32, the default
+    torch.manual_seed(0)
+    net = GeometryNetwork(load_conf(args.conf).model.geometry_network).cuda()
+    params = [p for p in net.parameters() if p.requires_grad]
+    rows_out = []
+    for rows in args.rows:
+        y = (torch.rand(rows, 3, device="cuda") - 0.5) * 1.2
+        with torch.no_grad():
+            width = net(y[:1]).shape[1]  # sdf and the albedo logits
+        r_out = torch.randn(rows, width, device="cuda")
+        r_grad = torch.randn(rows, 3, device="cuda")
+        first_grads = None
+        for spec in args.variants:
+            mode, options = parse_variant(spec)
+            step_fn = make_step(net, mode, options)
+
+            def step(step_fn=step_fn, y=y, r_out=r_out, r_grad=r_grad):
+                for p in params:
+                    p.grad = None
+                out, grad = step_fn(y)
+                loss = (out * r_out).sum() + (grad * r_grad).sum()
+                loss.backward()
+
+            for _ in range(args.warmup):
+                step()
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(args.repeat):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+            grads = [p.grad.float().clone() for p in params]
+            if first_grads is None:
+                first_grads, err = grads, 0.0
+            else:
+                err = max(
+                    float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+                    for a, b in zip(grads, first_grads, strict=True)
+                )
+            row = {"rows": rows, "variant": spec, "step_ms": statistics.median(times), "peak_gib": peak,
+                   "grad_rel_err_vs_first": err}  # fmt: skip
+            rows_out.append(row)
+            print(
+                f"rows={rows} {spec}: {row['step_ms']:.2f} ms, peak +{peak:.2f} GiB, grads vs first {err:.2e}"
+            )
+            if args.profile == spec:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    step()
+                    step()
+                    torch.cuda.synchronize()
+                print(
+                    prof.key_averages().table(
+                        sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90
+                    )
+                )
+    if args.out:
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows_out}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
