@@ -324,7 +324,7 @@ def test_cuda_graph_training_on_gpu(subject, tmp_path):
 
 
 @pytest.mark.slow
-def test_fused_backwards_train_as_the_reference(subject, tmp_path):
+def test_fused_backwards_train_as_the_reference(subject, tmp_path, capsys):
     """The fast path with the memory options (fused geometry with the sweep recomputed, fused deformer,
     recomputation chunks, the FLAME prior's query recomputed) trains the reference run's model: after two
     epochs, with upsampling and pruning, the same points and parameters within float32's default
@@ -345,6 +345,10 @@ def test_fused_backwards_train_as_the_reference(subject, tmp_path):
         trainer = Trainer(conf, nepoch=1, device="cpu")
         trainer.run()
         runs[name] = load_model_ckpt(trainer.exp.train_dir)["model_state_dict"]
+        # The fast path says which backwards it trains with; the reference path has none to say.
+        said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Fast path:")]
+        expected = ["Fast path: geometry backward fused_recompute, deformer backward fused"]
+        assert said == (expected if name == "lean" else []), name
     reference, lean = runs["reference"], runs["lean"]
     assert reference.keys() == lean.keys()
     for key, value in reference.items():  # float32's default tolerance holds
