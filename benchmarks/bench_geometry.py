@@ -29,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
+from timing import timed  # noqa: E402
+
 from pointavatar.config import load_conf  # noqa: E402
 from pointavatar.model import geometry_fused  # noqa: E402
 from pointavatar.model.geometry import GeometryNetwork  # noqa: E402
@@ -102,19 +104,11 @@ def main(argv: list[str] | None = None) -> None:
                 loss = (out * r_out).sum() + (grad * r_grad).sum()
                 loss.backward()
 
-            for _ in range(args.warmup):
-                step()
+            timed(step, torch.device("cuda"), args.warmup, 0)
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(args.repeat):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
+            times = timed(step, torch.device("cuda"), 0, args.repeat)
             peak = (torch.cuda.max_memory_allocated() - base) / 2**30
             grads = [p.grad.float().clone() for p in params]
             if first_grads is None:

@@ -20,6 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
+from timing import timed  # noqa: E402
+
 from pointavatar.model import _knn_triton  # noqa: E402
 from pointavatar.model.knn import nearest_neighbor, nearest_neighbor_fast  # noqa: E402
 
@@ -27,18 +29,8 @@ SWEEP = [(64, 64, 4), (128, 64, 4), (128, 64, 8), (64, 32, 4), (32, 64, 4), (128
 
 
 def time_ms(fn, repeat: int) -> float:
-    """Median of `repeat` CUDA-event timings of fn() after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median CUDA time of fn() in ms, after two untimed calls."""
+    return statistics.median(timed(fn, torch.device("cuda"), 2, repeat))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
+from timing import timed  # noqa: E402
+
 from pointavatar.config import load_conf  # noqa: E402
 from pointavatar.engine.batching import (
     batch_size_for,  # noqa: E402
@@ -64,25 +66,6 @@ def synthetic_conf(data: Path, out: Path, res: int, backend: str, implementation
             **{f"model.{k}": v for k, v in model_keys.items()},
         }
     )
-
-
-def timed(fn, device, warmup: int, repeat: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1000)
-    return times
 
 
 def memory_split(model, loss_fn, conf, model_input, ground_truth, optimizer) -> dict:
