@@ -39,3 +39,35 @@ def test_capture_after_the_first_step_of_a_configuration(monkeypatch):
     for _ in range(3):
         step(model_input, ground_truth, 1.0)
     assert calls == ["eager", "capture", "replay", "replay"]
+
+
+def test_out_of_memory_in_the_capture_is_passed_on_as_such(monkeypatch):
+    """A capture that runs out of memory is not the graph's failure (whose message says to turn the graph
+    off): the out-of-memory error goes up, for the trainer to name the memory keys; other capture errors
+    stay a PointAvatarError with the graph's fix."""
+    from pointavatar.errors import PointAvatarError
+
+    model = torch.nn.Linear(2, 2)
+    model.compile_fell_back = False
+    model_input, ground_truth = {"x": torch.zeros(2, 3)}, {"rgb": torch.zeros(2, 3)}
+
+    def capture_failing(error):
+        def capture(*args):
+            try:
+                raise error
+            except Exception as inner:  # as a capture's end does: another error raised while handling it
+                raise RuntimeError("CUDA graph capture invalidated") from inner
+
+        return capture
+
+    for error, expected in ((torch.cuda.OutOfMemoryError("CUDA out of memory"), torch.cuda.OutOfMemoryError),
+                            (RuntimeError("operation not permitted when stream is capturing"), PointAvatarError)):  # fmt: skip
+        step = GraphedStep(model, loss_fn=None)
+        monkeypatch.setattr(step, "_eager", lambda *args: None)
+        monkeypatch.setattr(step, "_capture", capture_failing(error))
+        step(model_input, ground_truth, 1.0)  # eager: the first step of the configuration
+        with pytest.raises(expected) as info:
+            step(model_input, ground_truth, 1.0)
+        assert str(error) in str(info.value)
+        if expected is PointAvatarError:
+            assert "train.cuda_graph = false" in str(info.value)

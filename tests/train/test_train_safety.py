@@ -348,3 +348,38 @@ def test_epoch_progress_shows_the_total_and_an_eta(subject, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "epoch 0/1 done in" in out and "epoch 1/1 done in" in out
     assert "1/2 epochs of this run done; about" in out
+
+
+def test_out_of_memory_names_the_keys_that_save_memory(subject, tmp_path, monkeypatch):
+    """A step that runs out of GPU memory stops the run with the conf keys to change, leanest first
+    where they are not set yet, and the epochs done stay resumable."""
+    conf = tiny(SUBJECT1, subject, tmp_path, **{"model.implementation": "fast"})
+    trainer = Trainer(conf, nepoch=2, device="cpu")
+    real_step = trainer._step
+    calls = {"n": 0}
+
+    def step_then_oom(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:  # epoch 1's first step (one step an epoch here)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(*args)
+
+    monkeypatch.setattr(trainer, "_step", step_then_oom)
+    with pytest.raises(PointAvatarError) as info:
+        trainer.run()
+    message = str(info.value)
+    assert message.startswith("the GPU ran out of memory in a training step of epoch 1 (")
+    assert (
+        'model.geometry_backward = "fused_recompute" with model.deformer_backward = "fused_bf16"' in message
+    )
+    assert "model.recompute_chunk = 65536" in message
+    assert "train.max_points_training (800" in message and "--is_continue" in message
+    assert isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
+    assert load_model_ckpt(trainer.exp.train_dir, "latest") is not None  # epoch 0's checkpoint
+
+    # Already at the leanest backwards and chunks: only the sizes are left to suggest.
+    trainer.model.geometry_backward, trainer.model.deformer_backward = "fused_recompute", "fused_bf16"
+    trainer.model.recompute_chunk = 65536
+    message = trainer._out_of_memory_message(3)
+    assert "geometry_backward" not in message and "recompute_chunk" not in message
+    assert "model.point_cloud.max_points" in message

@@ -120,6 +120,10 @@ class GraphedStep:
                 root = exc
                 while root.__context__ is not None:
                     root = root.__context__
+                if isinstance(root, torch.cuda.OutOfMemoryError):
+                    # Not the graph's fault: the trainer says what to change. A new exception, as
+                    # re-raising root here would make its context chain a cycle.
+                    raise torch.cuda.OutOfMemoryError(str(root)) from None
                 traceback.print_exception(root, file=sys.stderr)
                 frames = [f for f in traceback.extract_tb(root.__traceback__) if "pointavatar" in f.filename]
                 where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""

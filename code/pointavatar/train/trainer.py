@@ -404,7 +404,10 @@ class Trainer:
             # With a CUDA graph the last step's outputs belong to the graph's memory: let go of them
             # before a new configuration releases that graph.
             losses = fragment_idx = fragment_weights = None
-            losses, fragment_idx, fragment_weights = self._step(model_input, ground_truth, lbs_weight)
+            try:
+                losses, fragment_idx, fragment_weights = self._step(model_input, ground_truth, lbs_weight)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise PointAvatarError(self._out_of_memory_message(epoch)) from exc
             self.schedule.observe(fragment_idx, fragment_weights, self.model.pc.n_points)
             bad_ranks: list[int] = []
             if self.ranks.distributed:
@@ -479,6 +482,30 @@ class Trainer:
         if self.graphed_step is not None:
             return self.graphed_step(model_input, ground_truth, lbs_weight)
         return forward_loss_backward(self.model, self.loss, model_input, ground_truth, lbs_weight)
+
+    def _out_of_memory_message(self, epoch: int) -> str:
+        """What to change when a training step runs out of GPU memory (the keys not yet at their leanest)."""
+        gpu = ""
+        if self.device.type == "cuda":
+            gpu = f" on {torch.cuda.get_device_name(self.device)} ({gpu_memory_gib(self.device):.1f} GiB)"
+        fixes = []
+        if self.model.uses_fast_path(self.device):
+            if self.model.backwards(self.device) != ("fused_recompute", "fused_bf16"):
+                fixes.append(
+                    'model.geometry_backward = "fused_recompute" with model.deformer_backward = "fused_bf16" '
+                    "(10.3 GiB at 409,600 points on an H200)"
+                )
+            if self.model.recompute_chunk == 0:
+                fixes.append("model.recompute_chunk = 65536 (the per-point work recomputed by chunks)")
+        fixes.append(
+            f"a smaller train.max_points_training ({self.conf.train.max_points_training}: fewer frames a step) "
+            f"or model.point_cloud.max_points ({self.conf.model.point_cloud.max_points})"
+        )
+        return (
+            f"the GPU ran out of memory in a training step of epoch {epoch} ({self.model.pc.n_points} points, "
+            f"batch {self.batch_size}){gpu}. Set in the conf: " + "; or ".join(fixes) + ". Then resume "
+            "with --is_continue: the run goes on from its last checkpoint."
+        )
 
     def _graph_counts(self) -> tuple[int, int, int]:
         g = self.graphed_step
