@@ -323,6 +323,24 @@ def test_cuda_graph_training_on_gpu(subject, tmp_path):
     assert all(np.isfinite(first)) and first[-1] < first[0]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_out_of_memory_on_gpu_names_the_memory_keys(subject, tmp_path):
+    """A real CUDA out-of-memory in a step (the allocator capped to almost nothing after the trainer is
+    built) stops the run with the memory keys, not a traceback of the allocator."""
+    conf = tiny(SUBJECT1, subject, tmp_path, **{"train.cuda_graph": True, "model.render_backend": "auto"})
+    trainer = Trainer(conf, nepoch=1, device="cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(max(torch.cuda.memory_allocated() / 2**30 + 0.01, 0.02) * 2**30
+                                               / torch.cuda.get_device_properties(0).total_memory)  # fmt: skip
+    try:
+        with pytest.raises(PointAvatarError, match="the GPU ran out of memory in a training step of epoch 0"):
+            trainer.run()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+
+
 @pytest.mark.slow
 def test_fused_backwards_train_as_the_reference(subject, tmp_path, capsys):
     """The fast path with the memory options (fused geometry with the sweep recomputed, fused deformer,
