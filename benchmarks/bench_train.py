@@ -36,7 +36,7 @@ from pointavatar.engine.batching import (
     move_to,  # noqa: E402
 )
 from pointavatar.train.graphed_step import GraphedStep, forward_loss_backward  # noqa: E402
-from pointavatar.train.schedule import make_optimizer  # noqa: E402
+from pointavatar.train.schedule import make_optimizer, uses_fused_adam  # noqa: E402
 from pointavatar.train.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,6 +172,12 @@ def main() -> None:
     )
     p.add_argument("--recompute-chunk", type=int, default=0, help="model.recompute_chunk (fast path)")
     p.add_argument(
+        "--adam",
+        choices=["auto", "default", "fused"],
+        default="auto",
+        help="the Adam: as the trainer (auto: fused on CUDA with the fast path), torch's default, or fused",
+    )
+    p.add_argument(
         "--compile-scope",
         default="all",
         choices=["per_point", "all", "geometry", "none"],
@@ -239,7 +245,8 @@ def main() -> None:
         ground_truth = {k: v[:bs] for k, v in ground_truth.items()}
         model_input = move_to(model_input, device)
         ground_truth = move_to(ground_truth, device)
-        optimizer = make_optimizer(model, conf.train.learning_rate)
+        fused = uses_fused_adam(model, device) if args.adam == "auto" else args.adam == "fused"
+        optimizer = make_optimizer(model, conf.train.learning_rate, fused=fused)
         model.train()
         graphed = GraphedStep(model, loss_fn) if args.cuda_graph and device.type == "cuda" else None
 
@@ -311,6 +318,7 @@ def main() -> None:
         "geometry_bf16": args.geometry_bf16,
         "geometry_backward": args.geometry_backward,
         "deformer_backward": args.deformer_backward,
+        "adam": args.adam,
         "deform_contractions": args.deform_contractions,
         "recompute_chunk": args.recompute_chunk,
         "compile_scope": args.compile_scope,

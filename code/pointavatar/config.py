@@ -424,9 +424,9 @@ class ModelConf:
     """(ours) The training-step engine. "reference": the straightforward autograd implementation (SDF
     normals by double backward, deformer Jacobian by forward-mode JVPs, 1-NN by candidate top-k), the
     truth in tests. "fast": explicit first-order SDF gradients and deformer tangents, the per-point work
-    compiled with torch.compile on CUDA, and the Triton 1-NN (same values and gradients, tested; the
-    synthetic512 pair of runs in benchmarks/RESULTS.md). "auto": fast on a CUDA device, reference on
-    the CPU (where the fast path gains nothing)."""
+    compiled with torch.compile on CUDA, the Triton 1-NN and, on CUDA, torch's fused Adam (same values
+    and gradients, tested; the synthetic512 pair of runs in benchmarks/RESULTS.md). "auto": fast on a
+    CUDA device, reference on the CPU (where the fast path gains nothing)."""
     recompute_chunk: int = field(default=0, metadata=_range(min=0))
     """(ours) Fast path, training only: the per-point work (SDF sweep, deformer, FLAME, shading) runs in
     chunks of this many points whose activations are recomputed in the backward instead of stored

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
+from tolerances import assert_close
 from torch import nn
 
 from pointavatar.config import Conf, PointCloudConf
 from pointavatar.errors import PointAvatarError
 from pointavatar.model import PointCloud
-from pointavatar.train.schedule import PRUNE_MIN_RADIUS, PointSchedule
+from pointavatar.train.schedule import PRUNE_MIN_RADIUS, PointSchedule, make_optimizer, uses_fused_adam
 
 
 class TinyModel(nn.Module):
@@ -184,3 +186,54 @@ def test_epoch_values_are_one_function_of_epoch_and_cloud_size():
     assert schedule.epoch_values(0, 400).batch_size == 8
     assert schedule.epoch_values(0, 409600).batch_size == 2
     assert schedule.epoch_values(0, 10**7).batch_size == 1
+
+
+def test_fused_adam_takes_the_default_adams_steps_and_survives_a_resize():
+    """The fused Adam (fast path on CUDA; its CPU kernel here) updates as torch's default Adam, and a
+    resize keeps it fused with its moments moved."""
+    _, model, schedule, default = make(8, keep_optimizer_state=True)
+    fused_model = copy.deepcopy(model)
+    fused = make_optimizer(fused_model, default.param_groups[0]["lr"], fused=True)
+    assert fused.defaults["fused"] and not default.defaults["fused"]
+    adam_steps(model, default, n=5)
+    adam_steps(fused_model, fused, n=5)
+    for (name, a), b in zip(model.named_parameters(), fused_model.parameters(), strict=True):
+        assert_close(b, a, msg=name)  # the same formulas, possibly in another order: fp32's default tolerance
+    schedule.reset_visibility(fused_model.pc.points)
+    schedule.observe(*fragments([1, 5, 6], 8), 8)
+    old_avg = fused.state[fused_model.pc.points]["exp_avg"].clone()
+    change, fused = schedule.begin_epoch(1, 0, fused_model, fused)
+    assert change.pruned and fused.defaults["fused"]
+    assert torch.equal(fused.state[fused_model.pc.points]["exp_avg"], old_avg[[1, 5, 6]])
+    adam_steps(fused_model, fused, n=1)  # the moved state (its step counts) is usable by the fused kernel
+    assert int(fused.state[fused_model.pc.points]["step"]) == 6
+
+
+def test_fused_adam_only_on_cuda_with_the_fast_path():
+    class Stub:
+        def __init__(self, fast):
+            self.fast = fast
+
+        def uses_fast_path(self, device):
+            return self.fast
+
+    assert uses_fused_adam(Stub(True), torch.device("cuda", 0))
+    assert not uses_fused_adam(Stub(False), torch.device("cuda", 0))  # the reference path: torch's default
+    assert not uses_fused_adam(Stub(True), torch.device("cpu"))
+
+
+def test_adam_state_moves_between_the_fused_and_the_default_adam():
+    """A run resumed with the other Adam (trained on CUDA with the fast path, resumed on the CPU or
+    with the reference path, or the other way) loads the checkpointed state and steps on alike."""
+    _, model, _, default = make(8)
+    adam_steps(model, default, n=3)
+    twin = copy.deepcopy(model)
+    fused = make_optimizer(twin, default.param_groups[0]["lr"], fused=True)
+    fused.load_state_dict(copy.deepcopy(default.state_dict()))  # copies: as from a checkpoint file
+    back = make_optimizer(model, default.param_groups[0]["lr"])
+    back.load_state_dict(copy.deepcopy(fused.state_dict()))
+    adam_steps(twin, fused, n=2)
+    adam_steps(model, back, n=2)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert_close(b, a, msg=name)
+    assert int(fused.state[twin.pc.points]["step"]) == int(back.state[model.pc.points]["step"]) == 5

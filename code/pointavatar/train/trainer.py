@@ -33,7 +33,7 @@ from ..errors import PointAvatarError
 from ..model.point_avatar import LEAN_BELOW_GIB, gpu_memory_gib
 from .graphed_step import GraphedStep, forward_loss_backward
 from .losses import Loss
-from .schedule import PointSchedule, make_optimizer
+from .schedule import PointSchedule, make_optimizer, uses_fused_adam
 
 
 def backwards_line(model, device: torch.device) -> str:
@@ -99,7 +99,9 @@ class Trainer:
         self.graphed_step = (
             GraphedStep(self.model, self.loss) if tc.cuda_graph and self.device.type == "cuda" else None
         )
-        self.optimizer = make_optimizer(self.model, self.schedule.learning_rate)
+        self.optimizer = make_optimizer(
+            self.model, self.schedule.learning_rate, fused=uses_fused_adam(self.model, self.device)
+        )
         # Bound to the first Adam, as in the original: after the first resize it no longer drives the
         # learning rate unless train.fix_lr_schedule is set (spec §10.1).
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -213,7 +215,9 @@ class Trainer:
         tc = self.conf.train
         if tc.prune_on_resume:
             self.schedule.load_state_dict(payload, self.model.pc.points)
-        self.optimizer = make_optimizer(self.model, self.schedule.learning_rate)
+        self.optimizer = make_optimizer(
+            self.model, self.schedule.learning_rate, fused=uses_fused_adam(self.model, self.device)
+        )
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, list(tc.sched_milestones), gamma=tc.sched_factor
         )
