@@ -11,6 +11,7 @@ Timing: CUDA events around forward + backward (the backward of (images * fixed c
 points and features), after warm-up (which also compiles the Triton kernels), median over --reps runs.
 Memory: peak allocated during one forward + backward minus what was allocated before it (inputs).
 `--sweep` also times the Triton kernel's tile / chunk / warp settings at B = 2, N = 409,600.
+`--composite-runs` times the compositing backward that sums runs of pixels first (COMPOSITE_BWD_RUNS).
 """
 
 from __future__ import annotations
@@ -173,16 +174,24 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time the Triton kernel settings")
     ap.add_argument("--profile", action="store_true", help="also print per-kernel times (torch.profiler)")
     ap.add_argument("--md", type=Path, help="write the markdown table here too")
+    ap.add_argument(
+        "--composite-runs",
+        action="store_true",
+        help="the compositing backward sums runs of pixels holding the same point before its atomic adds",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_render.py needs a CUDA device.")
 
     import triton
 
+    from pointavatar.render import _triton_impl
+
+    _triton_impl.COMPOSITE_BWD_RUNS = args.composite_runs
     device = torch.cuda.get_device_name()
     header = (
         f"date {datetime.date.today()}, device {device}, torch {torch.__version__}, triton {triton.__version__}\n"
-        f"command: {' '.join(sys.argv)}"
+        f"command: {' '.join(sys.argv)}; compositing backward: {'runs' if args.composite_runs else 'atomics'}"
     )
     print(header, flush=True)
     if args.sweep:

@@ -299,7 +299,12 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     ULP = "sums of K float32 products; a division may differ by an ulp between Triton and PyTorch"
     ORDER = "gradients sum over many pixels in another order (atomics vs index_put): float32 rounding"
 
-    for seed, (B, N, S, K, C, per_point) in enumerate([(2, 90, 20, 5, 4, False), (1, 300, 35, 3, 13, True)]):
+    from pointavatar.render import _triton_impl
+
+    # The compositing backward with one atomic add per slot, then with runs of pixels summed first.
+    cases = [(2, 90, 20, 5, 4, False), (1, 300, 35, 3, 13, True), (2, 12, 40, 4, 4, False)]
+    for runs, (seed, (B, N, S, K, C, per_point)) in [(r, c) for r in (False, True) for c in enumerate(cases)]:
+        _triton_impl.COMPOSITE_BWD_RUNS = runs
         g = torch.Generator().manual_seed(seed)
         pts = torch.rand(B, N, 3, generator=g) * 2.6 - 1.3
         pts[..., 2] = torch.randint(0, 6, (B, N), generator=g).float() * 0.5 - 0.5
@@ -321,6 +326,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         assert_close(wc, wt, rtol=1e-5, atol=1e-6, reason=ULP)
         assert_close(gfc, gft, rtol=1e-5, atol=1e-5, reason=ORDER)
         assert_close(gpc, gpt, rtol=1e-4, atol=1e-4 * gpt.abs().max().item(), reason=ORDER)
+    _triton_impl.COMPOSITE_BWD_RUNS = False
 
     # A fixed binning budget (no host sync, for CUDA graphs): the same fragments when it is large
     # enough, and needed > capacity (results to discard) when it is one pair short.

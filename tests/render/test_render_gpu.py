@@ -52,8 +52,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("runs", [False, True], ids=["atomics", "runs"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-B{c[1]}-N{c[2]}-S{c[3]}" for c in CASES])
-def test_cuda_backend_matches_torch(case):
+def test_cuda_backend_matches_torch(case, runs, monkeypatch):
+    """runs: the compositing backward that sums runs of pixels holding the same point before adding."""
+    from pointavatar.render import _triton_impl
+
+    monkeypatch.setattr(_triton_impl, "COMPOSITE_BWD_RUNS", runs)
     cloud, B, N, size, radius, K, C = case
     seed = N + size
     pts = (head_cloud if cloud == "head" else uniform_cloud)(B, N, seed).cuda()

@@ -36,6 +36,11 @@ _NUM_WARPS_RASTER = 1  # tile 8, chunk 32, 1 warp: fastest in the H100 sweep (be
 _BLOCK_BIN = 512  # points per program in the binning kernels
 _BLOCK_PIX = 128  # pixels per program in the compositing kernels
 _BLOCK_SLOTS = 1024  # fragment slots per program in the rasterizer backward
+# The compositing backward's feature gradients: False, one atomic add per (pixel, slot, channel); True,
+# consecutive pixels of a block whose slot holds the same point first summed (a segmented scan), one atomic
+# add per run: far fewer atomics on the same addresses when few points cover many pixels. Same sums in
+# another order. Not yet timed on a GPU (benchmarks/bench_render.py --composite-runs).
+COMPOSITE_BWD_RUNS = False
 
 
 @triton.jit
@@ -282,6 +287,12 @@ def _composite_fwd_kernel(
 
 
 @triton.jit
+def _segmented_add(start_a, sum_a, start_b, sum_b):
+    """Segmented-sum combine: b's running sum restarts where b starts a run."""
+    return start_a | start_b, tl.where(start_b != 0, sum_b, sum_a + sum_b)
+
+
+@triton.jit
 def _composite_bwd_kernel(
     idx_ptr,  # [P, K] int64
     dist_ptr,  # [P, K]
@@ -299,8 +310,10 @@ def _composite_bwd_kernel(
     KP: tl.constexpr,
     CP: tl.constexpr,
     BLOCK: tl.constexpr,
+    RUNS: tl.constexpr,
 ):
-    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    lane = tl.arange(0, BLOCK)
+    pix = tl.program_id(0) * BLOCK + lane
     pm = pix < P
     ch = tl.arange(0, CP)
     cm = ch < C
@@ -329,7 +342,17 @@ def _composite_bwd_kernel(
         gf = tl.sum(g * f, axis=1)
         # I = sum_{l<k} w_l f_l + T_k (alpha_k f_k + (1 - alpha_k) S_k)  =>  dI/dalpha_k = T_k (f_k - S_k)
         grad_alphas = tl.where(sel, (trans * (gf - suffix))[:, None], grad_alphas)
-        tl.atomic_add(grad_feat_ptr + pt[:, None] * C + ch[None, :], w[:, None] * g, mask=fm)
+        if RUNS:
+            # Runs of consecutive pixels whose slot holds the same point: summed here, added once.
+            slot = K - 1 - kr
+            prev = tl.load(idx_ptr + (pix - 1) * K + slot, mask=pm & (lane > 0), other=-2)
+            nxt = tl.load(idx_ptr + (pix + 1) * K + slot, mask=(pix + 1 < P) & (lane < BLOCK - 1), other=-2)
+            starts = tl.broadcast_to((prev != pt).to(tl.int32)[:, None], (BLOCK, CP))
+            _, run_sums = tl.associative_scan((starts, w[:, None] * g), 0, _segmented_add)
+            ends = (nxt != pt)[:, None]
+            tl.atomic_add(grad_feat_ptr + pt[:, None] * C + ch[None, :], run_sums, mask=fm & ends)
+        else:
+            tl.atomic_add(grad_feat_ptr + pt[:, None] * C + ch[None, :], w[:, None] * g, mask=fm)
         suffix = tl.where(valid, alpha * gf + (1.0 - alpha) * suffix, suffix)
     # alpha = 1 - d / r^2  =>  d alpha / d d = -1 / r^2; empty slots get no gradient.
     tl.store(grad_dist_ptr + off2, tl.where(ids >= 0, -grad_alphas / r2s, 0.0), mask=m2)
@@ -540,6 +563,7 @@ class _AlphaComposite(torch.autograd.Function):
             KP=_next_pow2(K),
             CP=_next_pow2(C),
             BLOCK=_BLOCK_PIX,
+            RUNS=COMPOSITE_BWD_RUNS,
         )
         return (
             None,
