@@ -442,8 +442,8 @@ class ModelConf:
     backward (model/geometry_fused.py) that keeps only each hidden layer's pre-activation and sweep
     vector and recomputes the rest (same values and gradients, tested in float64). "fused_recompute":
     the same keeping the pre-activations only and running the sweep again in the backward. At 409,600
-    points on an H200 with geometry_bf16 and deformer_backward "fused_bf16": 10.3 GiB and 115 ms a step,
-    against 36.9 GiB and 88 ms with "autograd" for both (benchmarks/RESULTS.md, step 6). "auto":
+    points on an H200 with geometry_bf16 and deformer_backward "fused_bf16": 10.3 GiB and 111 ms a step,
+    against 34.9 GiB and 93 ms with "autograd" for both (benchmarks/RESULTS.md, step 6). "auto":
     "autograd" on GPUs with at least 44 GiB of memory, "fused_recompute" on smaller ones (24 and 40 GB
     cards), "autograd" off CUDA; the trainer prints what it chose."""
     deformer_backward: str = field(

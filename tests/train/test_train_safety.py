@@ -24,6 +24,7 @@ from pointavatar.engine.device import resolve_device
 from pointavatar.engine.experiment import Experiment
 from pointavatar.errors import PointAvatarError
 from pointavatar.evaluate.runner import Evaluator
+from pointavatar.train import trainer as trainer_module
 from pointavatar.train.trainer import Trainer
 
 
@@ -383,3 +384,9 @@ def test_out_of_memory_names_the_keys_that_save_memory(subject, tmp_path, monkey
     message = trainer._out_of_memory_message(3)
     assert "geometry_backward" not in message and "recompute_chunk" not in message
     assert "model.point_cloud.max_points" in message
+    # The reference path on a GPU is told about the fast engine first.
+    trainer.model.implementation, trainer.device = "reference", torch.device("cuda", 0)
+    monkeypatch.setattr(trainer_module, "gpu_memory_gib", lambda device: 23.6)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a 24 GB card")
+    message = trainer._out_of_memory_message(3)
+    assert 'model.implementation = "auto"' in message and "on a 24 GB card (23.6 GiB)" in message

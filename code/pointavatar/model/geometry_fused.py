@@ -177,8 +177,8 @@ def _backward_pass(
 
 _COMPILED: dict[str, object] = {}  # the two passes, torch.compile'd once per process
 _COMPILE_FAILED: list[str] = []
-# Inductor options for the passes' torch.compile (None: its defaults). Benchmarks set it
-# (bench_geometry.py --inductor KEY=VALUE); clear _COMPILED after changing it.
+# Inductor options for the passes' torch.compile, here and in deform_fused.py (None: its defaults).
+# Benchmarks set it (bench_geometry.py's variants MODE:KEY=VALUE); clear _COMPILED after changing it.
 COMPILE_OPTIONS: dict | None = None
 
 

@@ -60,8 +60,8 @@ def deformed_normals(cols: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
 # Points per recomputed chunk of the FLAME prior's deformer query on the fast path (PointAvatar._prior_query).
 PRIOR_QUERY_CHUNK = 65536
 # model.geometry_backward / deformer_backward "auto": the lean backwards on GPUs with less memory than
-# this. The fastest ones peak at 36.9 GiB at 409,600 points on an H200 (10.3 GiB lean, about 30 % slower
-# there; benchmarks/RESULTS.md, step 6), so 40 GB cards and smaller get the lean pair, 48 GB and larger not.
+# this. The fastest ones peak at 34.9 GiB at 409,600 points on an H200 (the lean pair 10.3 GiB, at 111
+# against 93 ms a step; benchmarks/RESULTS.md, step 6): 40 GB cards and smaller get the lean pair.
 LEAN_BELOW_GIB = 44.0
 
 

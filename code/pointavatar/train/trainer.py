@@ -501,6 +501,10 @@ class Trainer:
                 )
             if self.model.recompute_chunk == 0:
                 fixes.append("model.recompute_chunk = 65536 (the per-point work recomputed by chunks)")
+        elif self.device.type == "cuda":
+            fixes.append(
+                'model.implementation = "auto" (the fast engine, and with it the keys above that save memory)'
+            )
         fixes.append(
             f"a smaller train.max_points_training ({self.conf.train.max_points_training}: fewer frames a step) "
             f"or model.point_cloud.max_points ({self.conf.model.point_cloud.max_points})"
