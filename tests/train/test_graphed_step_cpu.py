@@ -71,3 +71,24 @@ def test_out_of_memory_in_the_capture_is_passed_on_as_such(monkeypatch):
         assert str(error) in str(info.value)
         if expected is PointAvatarError:
             assert "train.cuda_graph = false" in str(info.value)
+
+
+def test_epoch_summary_gives_the_graph_counts_and_seconds_of_the_epoch():
+    """The trainer's epoch line: this epoch's captures and eager steps with the seconds they took
+    (GraphedStep's cumulative counters minus those at the epoch's start)."""
+    from types import SimpleNamespace
+
+    from pointavatar.train.trainer import Trainer
+
+    step = GraphedStep(torch.nn.Linear(2, 2), loss_fn=None)
+    trainer = SimpleNamespace(graphed_step=step)
+    trainer._graph_counts = lambda: Trainer._graph_counts(trainer)
+    step.eager_steps, step.captures, step.eager_seconds, step.capture_seconds = 3, 2, 1.0, 0.5
+    before = trainer._graph_counts()
+    step.eager_steps, step.captures, step.overflows = 5, 3, 1
+    step.eager_seconds, step.capture_seconds = 1.84, 0.81
+    assert Trainer._graph_summary(trainer, before) == (
+        "; CUDA graph: 1 captured (0.31 s), 2 eager steps (0.84 s), 1 rerun (rasterizer budget)"
+    )
+    trainer.graphed_step = None
+    assert Trainer._graph_summary(trainer, before) == ""

@@ -23,6 +23,7 @@ random in both, from the same generator.
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -68,7 +69,9 @@ class GraphedStep:
     gradients left in ``param.grad`` (and passed on to the per-frame inputs), as the eager step would.
 
     margin, slack: the rasterizer's pair budget is ``needed * margin + slack`` of the last eager step.
-    Counters for logs and tests: ``captures``, ``eager_steps``, ``overflows``. A capture that fails
+    Counters for logs and tests: ``captures``, ``eager_steps``, ``overflows``, and the seconds spent in
+    eager steps and in captures (``eager_seconds``, ``capture_seconds``, wall clock with the device
+    synchronised around them; a capture's own replay not included). A capture that fails
     raises `PointAvatarError` (set ``train.cuda_graph = false``).
     """
 
@@ -82,6 +85,8 @@ class GraphedStep:
         self.captures = 0
         self.eager_steps = 0
         self.overflows = 0
+        self.eager_seconds = 0.0
+        self.capture_seconds = 0.0
         self.capacity: int | None = None
         self._key = None
         self._captured: _Captured | None = None
@@ -174,6 +179,7 @@ class GraphedStep:
     def _eager(self, model_input, ground_truth, lbs_weight, params) -> StepResult:
         """The plain step; it also measures the rasterizer's pair count for the next capture's budget."""
         self.eager_steps += 1
+        start = _synchronized_clock()
         for p in params:
             p.grad = None
         self._needed.zero_()
@@ -181,7 +187,8 @@ class GraphedStep:
             losses, fragment_idx, fragment_weights = forward_loss_backward(
                 self.model, self.loss_fn, model_input, ground_truth, lbs_weight
             )
-        self.capacity = int(int(self._needed) * self.margin) + self.slack
+        self.capacity = int(int(self._needed) * self.margin) + self.slack  # int(): the device is done
+        self.eager_seconds += time.perf_counter() - start
         # Detached: a caller holding this step's losses must not keep its autograd graph alive while the
         # next call captures (its gradient-accumulation nodes belong to another stream, which breaks
         # the capture).
@@ -197,7 +204,7 @@ class GraphedStep:
         truth = {k: static(v) for k, v in ground_truth.items()}
         for p in params:
             p.grad = None  # so that the backward allocates the gradients from the graph's memory
-        torch.cuda.synchronize()
+        start = _synchronized_clock()
         torch.cuda.empty_cache()  # the eager step's cached blocks, for the graph's pool
         graph = torch.cuda.CUDAGraph()
         # "thread_local": only this thread's calls may break the capture, not the DataLoader's pin-memory
@@ -207,6 +214,7 @@ class GraphedStep:
             with fixed_binning(self.capacity, self._needed):
                 result = forward_loss_backward(self.model, self.loss_fn, inputs, truth, lbs_weight)
         self.captures += 1
+        self.capture_seconds += _synchronized_clock() - start
         losses, fragment_idx, fragment_weights = result
         result = StepResult({k: v.detach() for k, v in losses.items()}, fragment_idx, fragment_weights)
         grads = [p.grad for p in params]
@@ -234,3 +242,9 @@ class GraphedStep:
         if live:
             torch.autograd.backward([v for v, _ in live], [g for _, g in live])
         return cap.result
+
+
+def _synchronized_clock() -> float:
+    """time.perf_counter() once the CUDA device has finished its queued work."""
+    torch.cuda.synchronize()
+    return time.perf_counter()

@@ -515,16 +515,21 @@ class Trainer:
             "with --is_continue: the run goes on from its last checkpoint."
         )
 
-    def _graph_counts(self) -> tuple[int, int, int]:
+    def _graph_counts(self) -> tuple[float, ...]:
+        """(eager steps, captures, reruns, seconds in eager steps, seconds in captures) so far."""
         g = self.graphed_step
-        return (0, 0, 0) if g is None else (g.eager_steps, g.captures, g.overflows)
+        if g is None:
+            return (0, 0, 0, 0.0, 0.0)
+        return (g.eager_steps, g.captures, g.overflows, g.eager_seconds, g.capture_seconds)
 
-    def _graph_summary(self, before: tuple[int, int, int]) -> str:
+    def _graph_summary(self, before: tuple[float, ...]) -> str:
         """The epoch's CUDA-graph bookkeeping for its summary line ('' without train.cuda_graph)."""
         if self.graphed_step is None:
             return ""
-        eager, captures, overflows = (a - b for a, b in zip(self._graph_counts(), before, strict=True))
-        text = f"; CUDA graph: {captures} captured, {eager} eager steps"
+        eager, captures, overflows, eager_s, capture_s = (
+            a - b for a, b in zip(self._graph_counts(), before, strict=True)
+        )
+        text = f"; CUDA graph: {captures} captured ({capture_s:.2f} s), {eager} eager steps ({eager_s:.2f} s)"
         return text + (f", {overflows} rerun (rasterizer budget)" if overflows else "")
 
     def _trainable_parameters(self, inputs_active: bool) -> list[torch.Tensor]:
