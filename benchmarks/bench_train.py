@@ -273,7 +273,8 @@ def main() -> None:
         )
         if graphed is not None:
             print(
-                f"  cuda graph: {graphed.captures} captures, {graphed.eager_steps} eager steps, "
+                f"  cuda graph: {graphed.captures} captures ({graphed.capture_seconds:.2f} s), "
+                f"{graphed.eager_steps} eager steps ({graphed.eager_seconds:.2f} s, the first compiling), "
                 f"{graphed.overflows} overflows, budget {graphed.capacity} pairs",
                 flush=True,
             )
