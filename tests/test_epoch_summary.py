@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from run_fixtures import SUBJECT1, tiny
 
 from pointavatar.train.graphed_step import GraphedStep
 from pointavatar.train.trainer import Trainer
@@ -35,23 +36,21 @@ def test_epoch_lines_are_summed_by_point_band():
     log = "\n".join(
         [
             "Canonical expression: ...",
-            "epoch 0/2 done in 16.0 s (400 points, radius 0.16875, batch 16)" + graph_part(1, 9.5, 1, 5.25),
+            "epoch 0/2 done in 16.0 s (400 points, radius 0.16875, batch 16; data wait 0.50 s)"
+            + graph_part(1, 9.5, 1, 5.25),
             "  1/3 epochs of this run done; about 10 s left",
-            "epoch 1/2 done in 1.5 s (327 points, radius 0.16875, batch 16)" + graph_part(1, 0.25, 1, 0.5),
-            "epoch 2/2 done in 3.5 s (128674 points, radius 0.00535, batch 6)" + graph_part(1, 0.5, 2, 1.0),
+            "epoch 1/2 done in 1.5 s (327 points, radius 0.16875, batch 16; data wait 0.25 s)"
+            + graph_part(1, 0.25, 1, 0.5),
+            "epoch 2/2 done in 3.5 s (128674 points, radius 0.00535, batch 6; data wait 0.00 s)"
+            + graph_part(1, 0.5, 2, 1.0),
         ]
     )
     rows = epoch_summary.parse(log)
     assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[2]["batch"] == 6
     summary = epoch_summary.summarize(rows)
-    assert summary[0] == (
-        "327 to 400 points",
-        2,
-        pytest.approx(17.5),
-        pytest.approx(9.75),
-        pytest.approx(5.75),
-    )
-    assert summary[-1] == ("all epochs", 3, pytest.approx(21.0), pytest.approx(10.25), pytest.approx(6.75))
+    approx = pytest.approx
+    assert summary[0] == ("327 to 400 points", 2, approx(17.5), approx(0.75), approx(9.75), approx(5.75))
+    assert summary[-1] == ("all epochs", 3, approx(21.0), approx(0.75), approx(10.25), approx(6.75))
 
 
 def test_lines_without_seconds_or_graph_give_epoch_times_only():
@@ -61,10 +60,15 @@ def test_lines_without_seconds_or_graph_give_epoch_times_only():
             "epoch 1/1 done in 1.9 s (327 points, radius 0.16875, batch 16); CUDA graph: 1 captured, 1 eager steps",
         ]
     )
-    assert epoch_summary.summarize(epoch_summary.parse(log))[-1] == (
-        "all epochs",
-        2,
-        pytest.approx(4.5),
-        None,
-        None,
-    )
+    total = epoch_summary.summarize(epoch_summary.parse(log))[-1]
+    assert total == ("all epochs", 2, pytest.approx(4.5), None, None, None)
+
+
+def test_a_real_epoch_line_of_the_trainer_is_read(subject, tmp_path, capsys):
+    """The trainer's own epoch lines (CPU: no CUDA-graph part), data wait included."""
+    conf = tiny(SUBJECT1, subject, tmp_path)
+    Trainer(conf, nepoch=1, device="cpu").run()
+    rows = epoch_summary.parse(capsys.readouterr().out)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(r["data_s"] is not None and 0 <= r["data_s"] <= r["seconds"] for r in rows)
+    assert all(r["capture_s"] is None for r in rows)

@@ -36,6 +36,19 @@ from .losses import Loss
 from .schedule import PointSchedule, make_optimizer, uses_fused_adam
 
 
+def _timed_iteration(iterable, seconds: list[float]):
+    """The items of ``iterable``, adding the time each ``next`` takes to ``seconds[0]``."""
+    iterator = iter(iterable)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        seconds[0] += time.perf_counter() - start
+        yield item
+
+
 def backwards_line(model, device: torch.device) -> str:
     """The fast path's backward choices on ``device``, and why where "auto" chose them."""
     geometry, deformer = model.backwards(device)
@@ -390,8 +403,10 @@ class Trainer:
         steps = 0
         graph_counts = self._graph_counts()
         start = time.time()
+        data_wait = [0.0]  # seconds this epoch spent waiting for the DataLoader's next batch
         bar = tqdm(
-            loader,
+            _timed_iteration(loader, data_wait),
+            total=len(loader),
             desc=f"epoch {epoch}/{self.nepoch}",
             leave=False,
             dynamic_ncols=True,
@@ -465,7 +480,7 @@ class Trainer:
             batch += f" per rank x {self.ranks.world_size} ranks"
         print(
             f"epoch {epoch}/{self.nepoch} done in {elapsed:.1f} s ({self.model.pc.n_points} points, "
-            f"radius {self.model.pc.radius:.5f}, {batch})"
+            f"radius {self.model.pc.radius:.5f}, {batch}; data wait {data_wait[0]:.2f} s)"
             + (f"; {skipped} of {steps} steps skipped (non-finite gradients)" if skipped else "")
             + self._graph_summary(graph_counts)
         )
