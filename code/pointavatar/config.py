@@ -208,6 +208,14 @@ class TrainConf:
     whenever the point count, batch, radius or FLAME-prior weight changes (train/graphed_step.py): the
     same kernels, launched at once, so small point counts stop being bound by the host (6,400 points:
     24.5 -> 11.7 ms a step on the H200). Ignored on the CPU. False: every step launched eagerly."""
+    ground_truth_on_device: str = field(default="auto", metadata=_choices("auto", "on", "off"))
+    """(ours) Where the training images and masks wait for their batch. "on": all of them (float32,
+    as loaded) stay on the training device, and each step gathers its frames there by index; the
+    DataLoader then moves only the small per-frame inputs (a 16-frame 512 x 512 batch is 64 MB to
+    stack, pin and copy every step otherwise). Needs dataset.train.load_images. "off": every batch
+    through the DataLoader's workers, as the original. Same batches and results either way. "auto": on
+    on a CUDA device when they take at most a quarter of its memory (synthetic512: 1.6 GB), off
+    otherwise (a real subject of 3,000 frames at 512 x 512 is 12.6 GB: on for 80 GB cards and more)."""
     keep_optimizer_state: bool = False
     """(ours, quirk fix) True: keep the Adam moments across prune/upsample (resized with the points) and
     restore the optimizer state on resume. False (original, spec §7, §10.2): a fresh Adam each time."""

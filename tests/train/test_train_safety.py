@@ -390,3 +390,41 @@ def test_out_of_memory_names_the_keys_that_save_memory(subject, tmp_path, monkey
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a 24 GB card")
     message = trainer._out_of_memory_message(3)
     assert 'model.implementation = "auto"' in message and "on a 24 GB card (23.6 GiB)" in message
+
+
+def test_ground_truth_on_device_trains_the_same_run(subject, tmp_path):
+    """train.ground_truth_on_device "on" (here on the CPU, the same code as on a GPU): the frames' images
+    gathered from one stacked tensor give the run of the DataLoader path bit for bit; the dataset's
+    items then carry no images and its host copies are gone."""
+    states = {}
+    for mode in ("off", "on"):
+        conf = tiny(SUBJECT1, subject, tmp_path / mode, **{"train.ground_truth_on_device": mode})
+        trainer = Trainer(conf, nepoch=2, device="cpu")
+        if mode == "on":
+            assert set(trainer.ground_truth) == {"rgb", "object_mask"}
+            assert trainer.ground_truth["rgb"].shape[0] == len(trainer.train_set)
+            assert trainer.train_set[0][2] == {} and "rgb" not in trainer.train_set.data
+        else:
+            assert trainer.ground_truth == {} and set(trainer.train_set[0][2]) == {"rgb", "object_mask"}
+        trainer.run()
+        states[mode] = load_model_ckpt(trainer.exp.train_dir)["model_state_dict"]
+    for key, value in states["off"].items():
+        assert torch.equal(states["on"][key], value), key
+
+
+def test_ground_truth_on_device_auto_and_its_errors(subject, tmp_path, monkeypatch):
+    # "auto": off the GPU never; on a GPU up to a quarter of its memory.
+    conf = tiny(SUBJECT1, subject, tmp_path / "auto")
+    assert conf.train.ground_truth_on_device == "auto"
+    assert Trainer(conf, nepoch=1, device="cpu").ground_truth == {}
+    monkeypatch.setattr(trainer_module, "gpu_memory_gib", lambda device: 24.0)
+    cuda = torch.device("cuda", 0)
+    assert trainer_module.ground_truth_fits(cuda, 6 * 2**30)
+    assert not trainer_module.ground_truth_fits(cuda, int(12.6 * 2**30))  # a 3,000-frame subject
+    assert not trainer_module.ground_truth_fits(torch.device("cpu"), 1)
+    # "on" without the images loaded at start: one message naming both keys, and nothing written.
+    conf = tiny(SUBJECT1, subject, tmp_path / "on",
+                **{"train.ground_truth_on_device": "on", "dataset.train.load_images": False})  # fmt: skip
+    with pytest.raises(PointAvatarError, match=r"dataset\.train\.load_images = true.*ground_truth_on_device"):
+        Trainer(conf, nepoch=1, device="cpu")
+    assert not (tmp_path / "on").exists()  # checked before anything is written

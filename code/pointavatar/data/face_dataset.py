@@ -236,6 +236,9 @@ class FaceDataset(Dataset):
         self.num_pixels = self.img_res[0] * self.img_res[1]
         self.hard_mask = hard_mask
         self.only_json = only_json
+        # Set by the trainer when it holds the ground truth itself (train.ground_truth_on_device):
+        # items then carry no images.
+        self.ground_truth_elsewhere = False
         self.use_background = use_background
         self.load_images = load_images
 
@@ -307,7 +310,8 @@ class FaceDataset(Dataset):
         return len(self.data["img_name"])
 
     def __getitem__(self, idx: int) -> tuple[int, dict[str, Any], dict[str, torch.Tensor]]:
-        """Return (idx, sample, ground_truth) (spec §3.6); ground_truth is {} with only_json."""
+        """Return (idx, sample, ground_truth) (spec §3.6); ground_truth is {} with only_json (or
+        ground_truth_elsewhere)."""
         sample = {
             "idx": torch.LongTensor([idx]),
             "img_name": torch.LongTensor([self.data["img_name"][idx]]),
@@ -318,7 +322,7 @@ class FaceDataset(Dataset):
             "cam_pose": self.data["world_mats"][idx],  # [3, 4] converted (spec §3.5)
         }
         ground_truth: dict[str, torch.Tensor] = {}
-        if not self.only_json:
+        if not (self.only_json or self.ground_truth_elsewhere):
             if "rgb" in self.data:
                 rgb, mask = self.data["rgb"][idx], self.data["object_mask"][idx]
             else:

@@ -35,6 +35,15 @@ from .graphed_step import GraphedStep, forward_loss_backward
 from .losses import Loss
 from .schedule import PointSchedule, make_optimizer, uses_fused_adam
 
+# train.ground_truth_on_device "auto": at most this share of the GPU's memory for the training images.
+GROUND_TRUTH_DEVICE_SHARE = 0.25
+
+
+def ground_truth_fits(device: torch.device, nbytes: int) -> bool:
+    """train.ground_truth_on_device "auto": whether ``nbytes`` of training images and masks go on
+    ``device`` (a CUDA device, at most GROUND_TRUTH_DEVICE_SHARE of its memory)."""
+    return device.type == "cuda" and nbytes <= GROUND_TRUTH_DEVICE_SHARE * gpu_memory_gib(device) * 2**30
+
 
 def _timed_iteration(iterable, seconds: list[float]):
     """The items of ``iterable``, adding the time each ``next`` takes to ``seconds[0]``."""
@@ -103,6 +112,7 @@ class Trainer:
         if self.train_set.var_expression is not None:
             print("Expression variance:", fmt_vector(self.train_set.var_expression))
 
+        self.ground_truth = self._ground_truth_on_device()  # {} unless train.ground_truth_on_device
         self.model = build_model(conf, self.train_set, self.train_set.shape_params).to(self.device)
         self.loss = Loss(conf.loss, var_expression=self.train_set.var_expression).to(self.device)
         if self.model.uses_fast_path(self.device) and self.ranks.is_main:
@@ -412,9 +422,13 @@ class Trainer:
             dynamic_ncols=True,
             disable=not self.ranks.is_main,
         )
-        for data_index, (_, model_input, ground_truth) in enumerate(bar):
+        for data_index, (indices, model_input, ground_truth) in enumerate(bar):
             model_input = move_to(model_input, self.device)
-            ground_truth = move_to(ground_truth, self.device)
+            if self.ground_truth:  # the frames' images and masks, gathered where they already are
+                rows = indices.to(self.device, non_blocking=True)
+                ground_truth = {k: v.index_select(0, rows) for k, v in self.ground_truth.items()}
+            else:
+                ground_truth = move_to(ground_truth, self.device)
             if self.inputs.enabled:
                 model_input = self.inputs.apply(model_input)
             self.optimizer.zero_grad(set_to_none=True)
@@ -501,6 +515,31 @@ class Trainer:
         if self.graphed_step is not None:
             return self.graphed_step(model_input, ground_truth, lbs_weight)
         return forward_loss_backward(self.model, self.loss, model_input, ground_truth, lbs_weight)
+
+    def _ground_truth_on_device(self) -> dict[str, torch.Tensor]:
+        """train.ground_truth_on_device: the training images and masks stacked on the training device
+        (the dataset's items then carry none), or {} for the DataLoader path."""
+        mode, ds = self.conf.train.ground_truth_on_device, self.train_set
+        if mode == "off":
+            return {}
+        if "rgb" not in ds.data:
+            if mode == "on":
+                raise PointAvatarError(
+                    'train.ground_truth_on_device = "on" needs the training images loaded at start: set '
+                    'dataset.train.load_images = true, or train.ground_truth_on_device = "off".'
+                )
+            return {}
+        nbytes = sum(t.numel() * t.element_size() for key in ("rgb", "object_mask") for t in ds.data[key])
+        if mode == "auto" and not ground_truth_fits(self.device, nbytes):
+            return {}
+        store = {key: torch.stack(ds.data[key]).to(self.device) for key in ("rgb", "object_mask")}
+        ds.ground_truth_elsewhere = True
+        for key in ("rgb", "object_mask"):
+            del ds.data[key]  # the host copies (the DataLoader's workers no longer read them)
+        if self.ranks.is_main:
+            where = f"{self.device}: {nbytes / 2**30:.2f} GiB"
+            print(f"Training images and masks on {where} (train.ground_truth_on_device)")
+        return store
 
     def _out_of_memory_message(self, epoch: int) -> str:
         """What to change when a training step runs out of GPU memory (the keys not yet at their leanest)."""
