@@ -235,7 +235,8 @@ def main() -> None:
         trainer.batch_size = bs
         loader = trainer._loader()
         batch_iter = iter(loader)
-        _, model_input, ground_truth = next(batch_iter)
+        indices, model_input, ground_truth = next(batch_iter)
+        ground_truth = trainer.batch_ground_truth(indices, ground_truth)  # on the device, as in training
         while model_input["idx"].shape[0] < bs:  # fewer frames than B: repeat them
             model_input = {
                 k: torch.cat([v, v]) if torch.is_tensor(v) else v + v for k, v in model_input.items()
@@ -244,7 +245,6 @@ def main() -> None:
         model_input = {k: v[:bs] for k, v in model_input.items()}
         ground_truth = {k: v[:bs] for k, v in ground_truth.items()}
         model_input = move_to(model_input, device)
-        ground_truth = move_to(ground_truth, device)
         fused = uses_fused_adam(model, device) if args.adam == "auto" else args.adam == "fused"
         optimizer = make_optimizer(model, conf.train.learning_rate, fused=fused)
         model.train()

@@ -424,11 +424,7 @@ class Trainer:
         )
         for data_index, (indices, model_input, ground_truth) in enumerate(bar):
             model_input = move_to(model_input, self.device)
-            if self.ground_truth:  # the frames' images and masks, gathered where they already are
-                rows = indices.to(self.device, non_blocking=True)
-                ground_truth = {k: v.index_select(0, rows) for k, v in self.ground_truth.items()}
-            else:
-                ground_truth = move_to(ground_truth, self.device)
+            ground_truth = self.batch_ground_truth(indices, ground_truth)
             if self.inputs.enabled:
                 model_input = self.inputs.apply(model_input)
             self.optimizer.zero_grad(set_to_none=True)
@@ -515,6 +511,14 @@ class Trainer:
         if self.graphed_step is not None:
             return self.graphed_step(model_input, ground_truth, lbs_weight)
         return forward_loss_backward(self.model, self.loss, model_input, ground_truth, lbs_weight)
+
+    def batch_ground_truth(self, indices: torch.Tensor, ground_truth: dict) -> dict[str, torch.Tensor]:
+        """A batch's images and masks on the training device: gathered by the frames' dataset
+        ``indices`` from the device copy (train.ground_truth_on_device), else the DataLoader's moved."""
+        if self.ground_truth:
+            rows = indices.to(self.device, non_blocking=True)
+            return {k: v.index_select(0, rows) for k, v in self.ground_truth.items()}
+        return move_to(ground_truth, self.device)
 
     def _ground_truth_on_device(self) -> dict[str, torch.Tensor]:
         """train.ground_truth_on_device: the training images and masks stacked on the training device
