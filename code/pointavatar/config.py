@@ -214,8 +214,8 @@ class TrainConf:
     DataLoader then moves only the small per-frame inputs (a 16-frame 512 x 512 batch is 64 MB to
     stack, pin and copy every step otherwise). Needs dataset.train.load_images. "off": every batch
     through the DataLoader's workers, as the original. Same batches and results either way. "auto": on
-    on a CUDA device when they take at most a quarter of its memory (synthetic512: 1.6 GB), off
-    otherwise (a real subject of 3,000 frames at 512 x 512 is 12.6 GB: on for 80 GB cards and more)."""
+    on a CUDA device when they take at most a tenth of its memory (synthetic512: 1.6 GB), off otherwise
+    (a real subject of 3,000 frames at 512 x 512 is 12.6 GB: on for the H200's 141 GB)."""
     keep_optimizer_state: bool = False
     """(ours, quirk fix) True: keep the Adam moments across prune/upsample (resized with the points) and
     restore the optimizer state on resume. False (original, spec §7, §10.2): a fresh Adam each time."""

@@ -413,14 +413,15 @@ def test_ground_truth_on_device_trains_the_same_run(subject, tmp_path):
 
 
 def test_ground_truth_on_device_auto_and_its_errors(subject, tmp_path, monkeypatch):
-    # "auto": off the GPU never; on a GPU up to a quarter of its memory.
+    # "auto": off the GPU never; on a GPU up to a tenth of its memory.
     conf = tiny(SUBJECT1, subject, tmp_path / "auto")
     assert conf.train.ground_truth_on_device == "auto"
     assert Trainer(conf, nepoch=1, device="cpu").ground_truth == {}
-    monkeypatch.setattr(trainer_module, "gpu_memory_gib", lambda device: 24.0)
     cuda = torch.device("cuda", 0)
-    assert trainer_module.ground_truth_fits(cuda, 6 * 2**30)
-    assert not trainer_module.ground_truth_fits(cuda, int(12.6 * 2**30))  # a 3,000-frame subject
+    for gib, fits, too_big in ((24.0, 1.6, 2.5), (139.8, 12.6, 14.0)):  # synthetic512; a 3,000-frame subject
+        monkeypatch.setattr(trainer_module, "gpu_memory_gib", lambda device, g=gib: g)
+        assert trainer_module.ground_truth_fits(cuda, int(fits * 2**30)), gib
+        assert not trainer_module.ground_truth_fits(cuda, int(too_big * 2**30)), gib
     assert not trainer_module.ground_truth_fits(torch.device("cpu"), 1)
     # "on" without the images loaded at start: one message naming both keys, and nothing written.
     conf = tiny(SUBJECT1, subject, tmp_path / "on",

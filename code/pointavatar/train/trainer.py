@@ -36,7 +36,9 @@ from .losses import Loss
 from .schedule import PointSchedule, make_optimizer, uses_fused_adam
 
 # train.ground_truth_on_device "auto": at most this share of the GPU's memory for the training images.
-GROUND_TRUTH_DEVICE_SHARE = 0.25
+# With it, the largest step of model.*_backward "auto" still fits: 34.9 GiB + 4.8 on a 48 GB card
+# (47.5 GiB), 10.3 GiB + 2.4 on a 24 GB one (benchmarks/RESULTS.md, step 6).
+GROUND_TRUTH_DEVICE_SHARE = 0.10
 
 
 def ground_truth_fits(device: torch.device, nbytes: int) -> bool:
