@@ -124,9 +124,7 @@ class Trainer:
         self.graphed_step = (
             GraphedStep(self.model, self.loss) if tc.cuda_graph and self.device.type == "cuda" else None
         )
-        self.optimizer = make_optimizer(
-            self.model, self.schedule.learning_rate, fused=uses_fused_adam(self.model, self.device)
-        )
+        self.optimizer = self._new_optimizer()
         # Bound to the first Adam, as in the original: after the first resize it no longer drives the
         # learning rate unless train.fix_lr_schedule is set (spec §10.1).
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -240,9 +238,7 @@ class Trainer:
         tc = self.conf.train
         if tc.prune_on_resume:
             self.schedule.load_state_dict(payload, self.model.pc.points)
-        self.optimizer = make_optimizer(
-            self.model, self.schedule.learning_rate, fused=uses_fused_adam(self.model, self.device)
-        )
+        self.optimizer = self._new_optimizer()
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, list(tc.sched_milestones), gamma=tc.sched_factor
         )
@@ -513,6 +509,12 @@ class Trainer:
         if self.graphed_step is not None:
             return self.graphed_step(model_input, ground_truth, lbs_weight)
         return forward_loss_backward(self.model, self.loss, model_input, ground_truth, lbs_weight)
+
+    def _new_optimizer(self) -> torch.optim.Adam:
+        """The model's Adam at the base rate: fused on CUDA with the fast path (``uses_fused_adam``)."""
+        return make_optimizer(
+            self.model, self.schedule.learning_rate, fused=uses_fused_adam(self.model, self.device)
+        )
 
     def batch_ground_truth(self, indices: torch.Tensor, ground_truth: dict) -> dict[str, torch.Tensor]:
         """A batch's images and masks on the training device: gathered by the frames' dataset
