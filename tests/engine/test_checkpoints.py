@@ -372,6 +372,31 @@ def test_first_non_finite_paths():
     assert ckpt.first_non_finite({"half": torch.tensor([65504.0]).half() * 2}) == "half"
 
 
+def test_first_non_finite_by_chunks(monkeypatch):
+    """Large tensors are tested a chunk at a time (a bounded buffer beside a large CUDA tensor): a single
+    NaN is found in the last chunk of a contiguous tensor, of a transposed one, and of one whose rows are
+    larger than a chunk; and an out-of-memory error is raised, not taken for a dtype without a kernel."""
+    monkeypatch.setattr(ckpt, "_FINITE_CHUNK", 7)
+    seen = []
+    real_isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(t.numel()) or real_isfinite(t))
+    for make in (lambda: torch.zeros(10, 6), lambda: torch.zeros(6, 10).t(), lambda: torch.zeros(3, 9, 2)[:, :, 0]):
+        t = make()
+        assert ckpt.first_non_finite({"w": t}) is None
+        assert max(seen) <= 7 and sum(seen) == t.numel()
+        seen.clear()
+        t[-1, -1] = float("nan")
+        assert ckpt.first_non_finite({"w": t}) == "w"
+        seen.clear()
+
+    def out_of_memory(t):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "isfinite", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        ckpt.first_non_finite({"w": torch.zeros(3)})
+
+
 def test_non_finite_payload_is_refused_before_writing(tmp_path):
     store = saved_run(tmp_path)
     before = {p: p.read_bytes() for p in store.root.rglob("*") if p.is_file()}

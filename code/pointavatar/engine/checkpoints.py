@@ -208,6 +208,23 @@ def _children(obj: Any, prefix: str):
             yield f"{prefix}[{i}]", value
 
 
+# Elements tested at once: the test's boolean buffer stays at 4 MiB whatever the tensor's size, so that the
+# check of a large CUDA tensor does not itself run the GPU out of memory.
+_FINITE_CHUNK = 1 << 22
+
+
+def _chunks(t: torch.Tensor):
+    if t.dim() == 0 or t.numel() <= _FINITE_CHUNK:
+        yield t
+    elif t.is_contiguous():
+        yield from t.view(-1).split(_FINITE_CHUNK)
+    elif t[0].numel() > _FINITE_CHUNK:  # not contiguous, with rows larger than a chunk: row by row
+        for row in t.unbind(0):
+            yield from _chunks(row)
+    else:  # not contiguous: views of whole rows
+        yield from t.split(_FINITE_CHUNK // max(1, t[0].numel()))
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     if t.is_sparse:
         t = t.coalesce().values()
@@ -215,10 +232,16 @@ def _all_finite(t: torch.Tensor) -> bool:
         t = t.values()
     if not (t.is_floating_point() or t.is_complex()):
         return True
-    try:
-        return bool(torch.isfinite(t).all())
-    except (RuntimeError, NotImplementedError):  # float8 and other dtypes without an isfinite kernel
-        return bool(torch.isfinite(t.float()).all())
+    for part in _chunks(t):
+        try:
+            ok = bool(torch.isfinite(part).all())
+        except torch.OutOfMemoryError:
+            raise  # a RuntimeError too: not a dtype without a kernel
+        except (RuntimeError, NotImplementedError):  # float8 and other dtypes without an isfinite kernel
+            ok = bool(torch.isfinite(part.float()).all())
+        if not ok:
+            return False
+    return True
 
 
 def first_non_finite(obj: Any, _prefix: str = "") -> str | None:
