@@ -380,7 +380,11 @@ def test_first_non_finite_by_chunks(monkeypatch):
     seen = []
     real_isfinite = torch.isfinite
     monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(t.numel()) or real_isfinite(t))
-    for make in (lambda: torch.zeros(10, 6), lambda: torch.zeros(6, 10).t(), lambda: torch.zeros(3, 9, 2)[:, :, 0]):
+    for make in (
+        lambda: torch.zeros(10, 6),
+        lambda: torch.zeros(6, 10).t(),
+        lambda: torch.zeros(3, 9, 2)[:, :, 0],
+    ):
         t = make()
         assert ckpt.first_non_finite({"w": t}) is None
         assert max(seen) <= 7 and sum(seen) == t.numel()
