@@ -11,7 +11,7 @@ Timing: CUDA events around forward + backward (the backward of (images * fixed c
 points and features), after warm-up (which also compiles the Triton kernels), median over --reps runs.
 Memory: peak allocated during one forward + backward minus what was allocated before it (inputs).
 `--sweep` also times the Triton kernel's tile / chunk / warp settings at B = 2, N = 409,600.
-`--composite-runs` times the compositing backward that sums runs of pixels first (COMPOSITE_BWD_RUNS).
+`--atomic-sem acq_rel` times the backward kernels with Triton's default memory order for atomic adds.
 """
 
 from __future__ import annotations
@@ -175,9 +175,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also print per-kernel times (torch.profiler)")
     ap.add_argument("--md", type=Path, help="write the markdown table here too")
     ap.add_argument(
-        "--composite-runs",
-        action="store_true",
-        help="the compositing backward sums runs of pixels holding the same point before its atomic adds",
+        "--atomic-sem",
+        choices=["relaxed", "acq_rel"],
+        default="relaxed",
+        help="memory order of the backward kernels' atomic adds (_triton_impl.ATOMIC_SEM; acq_rel is "
+        "Triton's default)",
     )
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -187,11 +189,11 @@ def main() -> None:
 
     from pointavatar.render import _triton_impl
 
-    _triton_impl.COMPOSITE_BWD_RUNS = args.composite_runs
+    _triton_impl.ATOMIC_SEM = args.atomic_sem
     device = torch.cuda.get_device_name()
     header = (
         f"date {datetime.date.today()}, device {device}, torch {torch.__version__}, triton {triton.__version__}\n"
-        f"command: {' '.join(sys.argv)}; compositing backward: {'runs' if args.composite_runs else 'atomics'}"
+        f"command: {' '.join(sys.argv)}; atomic adds {args.atomic_sem}"
     )
     print(header, flush=True)
     if args.sweep:

@@ -178,6 +178,19 @@ def main() -> None:
         help="the Adam: as the trainer (auto: fused on CUDA with the fast path), torch's default, or fused",
     )
     p.add_argument(
+        "--visibility",
+        choices=["renderer", "torch"],
+        default="renderer",
+        help="the per-step visibility marking: on the renderer's backend, as the trainer (one Triton pass on "
+        "CUDA), or the PyTorch reference",
+    )
+    p.add_argument(
+        "--atomic-sem",
+        choices=["relaxed", "acq_rel"],
+        default="relaxed",
+        help="memory order of the renderer backward's atomic adds (render/_triton_impl.ATOMIC_SEM)",
+    )
+    p.add_argument(
         "--compile-scope",
         default="all",
         choices=["per_point", "all", "geometry", "none"],
@@ -206,6 +219,10 @@ def main() -> None:
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        from pointavatar.render import _triton_impl
+
+        _triton_impl.ATOMIC_SEM = args.atomic_sem
     tmp = Path(tempfile.mkdtemp())
     data = Path(args.data) if args.data else tmp / "data"
     conf = synthetic_conf(
@@ -255,7 +272,8 @@ def main() -> None:
             # The FLAME-prior weight of epoch 0 (the conf's lbs_weight).
             step_fn = graphed if graphed is not None else partial(forward_loss_backward, model, loss_fn)
             _, fragment_idx, fragment_weights = step_fn(model_input, ground_truth, conf.loss.lbs_weight)
-            trainer.schedule.observe(fragment_idx, fragment_weights, model.pc.n_points)
+            visibility = model.render_backend if args.visibility == "renderer" else "torch"
+            trainer.schedule.observe(fragment_idx, fragment_weights, model.pc.n_points, visibility)
             optimizer.step()
 
         if device.type == "cuda":
@@ -320,6 +338,8 @@ def main() -> None:
         "geometry_backward": args.geometry_backward,
         "deformer_backward": args.deformer_backward,
         "adam": args.adam,
+        "visibility": args.visibility,
+        "atomic_sem": args.atomic_sem,
         "deform_contractions": args.deform_contractions,
         "recompute_chunk": args.recompute_chunk,
         "compile_scope": args.compile_scope,

@@ -13,7 +13,7 @@ import torch
 from tolerances import assert_close
 
 from pointavatar.errors import PointAvatarError
-from pointavatar.render import alpha_composite, project_points, rasterize_points
+from pointavatar.render import alpha_composite, mark_visible, project_points, rasterize_points
 from pointavatar.render._torch_impl import pixel_centres
 
 
@@ -294,17 +294,18 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
     from tolerances import assert_close
-    from pointavatar.render import alpha_composite, fixed_binning, rasterize_points
+    from pointavatar.render import alpha_composite, fixed_binning, mark_visible, rasterize_points
 
     ULP = "sums of K float32 products; a division may differ by an ulp between Triton and PyTorch"
     ORDER = "gradients sum over many pixels in another order (atomics vs index_put): float32 rounding"
 
     from pointavatar.render import _triton_impl
 
-    # The compositing backward with one atomic add per slot, then with runs of pixels summed first.
+    # The backward kernels' atomic adds in both memory orders (the interpreter runs them as plain adds: the
+    # option must at least compile and keep the sums).
     cases = [(2, 90, 20, 5, 4, False), (1, 300, 35, 3, 13, True), (2, 12, 40, 4, 4, False)]
-    for runs, (seed, (B, N, S, K, C, per_point)) in [(r, c) for r in (False, True) for c in enumerate(cases)]:
-        _triton_impl.COMPOSITE_BWD_RUNS = runs
+    for sem, (seed, (B, N, S, K, C, per_point)) in [(m, c) for m in ("relaxed", "acq_rel") for c in enumerate(cases)]:
+        _triton_impl.ATOMIC_SEM = sem
         g = torch.Generator().manual_seed(seed)
         pts = torch.rand(B, N, 3, generator=g) * 2.6 - 1.3
         pts[..., 2] = torch.randint(0, 6, (B, N), generator=g).float() * 0.5 - 0.5
@@ -326,7 +327,15 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         assert_close(wc, wt, rtol=1e-5, atol=1e-6, reason=ULP)
         assert_close(gfc, gft, rtol=1e-5, atol=1e-5, reason=ORDER)
         assert_close(gpc, gpt, rtol=1e-4, atol=1e-4 * gpt.abs().max().item(), reason=ORDER)
-    _triton_impl.COMPOSITE_BWD_RUNS = False
+        # The visibility of these fragments: the Triton pass marks the points the reference marks.
+        for thresh, w in ((0.3, wt), (0.3, wt.to(torch.bfloat16)), (0.05, wt)):
+            vis = {b: torch.zeros(N, dtype=torch.bool) for b in ("torch", "cuda")}
+            vis["cuda"][::7] = True  # OR-ed into, not overwritten
+            vis["torch"][::7] = True
+            for b in vis:
+                mark_visible(ft.idx, w, N, thresh, vis[b], backend=b)
+            assert torch.equal(vis["cuda"], vis["torch"]) and vis["torch"][1::7].any()
+    _triton_impl.ATOMIC_SEM = "relaxed"
 
     # A fixed binning budget (no host sync, for CUDA graphs): the same fragments when it is large
     # enough, and needed > capacity (results to discard) when it is one pair short.
@@ -380,3 +389,17 @@ def test_triton_kernels_under_interpreter():
         [sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and "INTERPRETER-OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_mark_visible_refuses_mismatched_inputs():
+    idx = torch.full((1, 4, 4, 3), -1, dtype=torch.int64)
+    idx[0, 1, 2] = torch.tensor([2, 0, -1])
+    weights = torch.zeros(1, 4, 4, 3)
+    weights[0, 1, 2, 1] = 0.9
+    vis = torch.zeros(5, dtype=torch.bool)
+    mark_visible(idx, weights, 5, 0.5, vis, backend="torch")
+    assert vis.tolist() == [True, False, True, False, False]  # point 2 in front, point 0 heavy
+    with pytest.raises(PointAvatarError, match="share one shape"):
+        mark_visible(idx, weights[..., :2], 5, 0.5, vis)
+    with pytest.raises(PointAvatarError, match=r"contiguous bool tensor of shape \[5\]"):
+        mark_visible(idx, weights, 5, 0.5, torch.zeros(6, dtype=torch.bool))

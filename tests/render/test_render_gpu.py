@@ -6,7 +6,7 @@ import pytest
 import torch
 from tolerances import assert_close
 
-from pointavatar.render import alpha_composite, rasterize_points
+from pointavatar.render import alpha_composite, mark_visible, rasterize_points
 
 pytestmark = [
     pytest.mark.gpu,
@@ -52,13 +52,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("runs", [False, True], ids=["atomics", "runs"])
+@pytest.mark.parametrize("sem", ["relaxed", "acq_rel"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-B{c[1]}-N{c[2]}-S{c[3]}" for c in CASES])
-def test_cuda_backend_matches_torch(case, runs, monkeypatch):
-    """runs: the compositing backward that sums runs of pixels holding the same point before adding."""
+def test_cuda_backend_matches_torch(case, sem, monkeypatch):
+    """sem: the memory order of the backward kernels' atomic adds (the default "relaxed", and Triton's
+    own default); the visibility marked from the fragments, as the trainer does after each step."""
     from pointavatar.render import _triton_impl
 
-    monkeypatch.setattr(_triton_impl, "COMPOSITE_BWD_RUNS", runs)
+    monkeypatch.setattr(_triton_impl, "ATOMIC_SEM", sem)
     cloud, B, N, size, radius, K, C = case
     seed = N + size
     pts = (head_cloud if cloud == "head" else uniform_cloud)(B, N, seed).cuda()
@@ -83,6 +84,14 @@ def test_cuda_backend_matches_torch(case, runs, monkeypatch):
     order = "gradients sum over many pixels in different orders (atomics vs index_put)"
     assert_close(gfc, gft, rtol=1e-4, atol=1e-5 * gft.abs().max().item(), reason=order)
     assert_close(gpc, gpt, rtol=1e-4, atol=1e-5 * gpt.abs().max().item(), reason=order)
+
+    for thresh, w in ((0.5, wt), (0.3, wt.to(torch.bfloat16)), (0.02, wt)):
+        vis = {b: torch.zeros(N, dtype=torch.bool, device="cuda") for b in ("torch", "cuda")}
+        for b in vis:
+            vis[b][::11] = True  # OR-ed into, not overwritten
+            mark_visible(ft.idx, w, N, thresh, vis[b], backend=b)
+        assert torch.equal(vis["cuda"], vis["torch"])
+        assert vis["torch"].sum() > (N + 10) // 11
 
 
 def test_auto_uses_cuda_backend_without_warning():

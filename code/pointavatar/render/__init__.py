@@ -9,7 +9,15 @@
 `backend="torch"` is the pure-PyTorch reference; `backend="cuda"` the Triton fast path; "auto" picks.
 """
 
-from .api import BACKENDS, BinningBudget, PointFragments, alpha_composite, fixed_binning, rasterize_points
+from .api import (
+    BACKENDS,
+    BinningBudget,
+    PointFragments,
+    alpha_composite,
+    fixed_binning,
+    mark_visible,
+    rasterize_points,
+)
 from .camera import project_points
 
 __all__ = [
@@ -18,6 +26,7 @@ __all__ = [
     "PointFragments",
     "alpha_composite",
     "fixed_binning",
+    "mark_visible",
     "project_points",
     "rasterize_points",
 ]

@@ -235,3 +235,19 @@ def alpha_composite(
         0, pixel, contrib
     )
     return images.view(B, H, W, C), weights.detach()
+
+
+def mark_visible(
+    idx: torch.Tensor, weights: torch.Tensor, n_points: int, thresh: float, visible: torch.Tensor
+) -> None:
+    """Reference of `api.mark_visible`: visible[p] |= p is the front-most point of a pixel (slot 0) or has
+    a weight > thresh in any slot. idx, weights [B, H, W, K] (idx packed b * n_points + p, -1 empty)."""
+    # Without boolean indexing (whose result size the host would wait for): slots that do not count are
+    # sent to a spare entry n_points, then dropped.
+    hits = torch.zeros(n_points + 1, dtype=torch.bool, device=visible.device)
+    spare = torch.full((), n_points, dtype=idx.dtype, device=visible.device)
+    front = idx[..., 0]
+    heavy = (weights > thresh) & (idx >= 0)
+    for slot_idx, counts in ((front, front >= 0), (idx, heavy)):
+        hits.index_fill_(0, torch.where(counts, torch.remainder(slot_idx, n_points), spare).reshape(-1), True)
+    visible |= hits[:n_points]

@@ -35,12 +35,11 @@ CHUNK = 32  # candidates tested per step of the scan
 _NUM_WARPS_RASTER = 1  # tile 8, chunk 32, 1 warp: fastest in the H100 sweep (benchmarks/RESULTS.md)
 _BLOCK_BIN = 512  # points per program in the binning kernels
 _BLOCK_PIX = 128  # pixels per program in the compositing kernels
-_BLOCK_SLOTS = 1024  # fragment slots per program in the rasterizer backward
-# The compositing backward's feature gradients: False, one atomic add per (pixel, slot, channel); True,
-# consecutive pixels of a block whose slot holds the same point first summed (a segmented scan), one atomic
-# add per run: far fewer atomics on the same addresses when few points cover many pixels. Same sums in
-# another order. Not yet timed on a GPU (benchmarks/bench_render.py --composite-runs).
-COMPOSITE_BWD_RUNS = False
+_BLOCK_SLOTS = 1024  # fragment slots per program in the rasterizer backward and in mark_visible
+# Memory order of the backward kernels' atomic adds (gradient sums: only the final value matters, nothing
+# else is read around them): "relaxed" drops the fence that Triton's default "acq_rel" puts around each.
+# Same sums (their order is unspecified either way); benchmarks/bench_render.py --atomic-sem times both.
+ATOMIC_SEM = "relaxed"
 
 
 @triton.jit
@@ -216,6 +215,7 @@ def _rasterize_bwd_kernel(
     S,
     K: tl.constexpr,
     BLOCK: tl.constexpr,
+    SEM: tl.constexpr,
 ):
     off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = off < total
@@ -230,8 +230,8 @@ def _rasterize_bwd_kernel(
     x = tl.load(points_ptr + pt * 3, mask=act, other=0.0)
     y = tl.load(points_ptr + pt * 3 + 1, mask=act, other=0.0)
     # d = (px - x)^2 + (py - y)^2  =>  dd/dx = 2 (x - px), dd/dy = 2 (y - py)
-    tl.atomic_add(grad_points_ptr + pt * 3, 2.0 * g * (x - px), mask=act)
-    tl.atomic_add(grad_points_ptr + pt * 3 + 1, 2.0 * g * (y - py), mask=act)
+    tl.atomic_add(grad_points_ptr + pt * 3, 2.0 * g * (x - px), mask=act, sem=SEM)
+    tl.atomic_add(grad_points_ptr + pt * 3 + 1, 2.0 * g * (y - py), mask=act, sem=SEM)
 
 
 @triton.jit
@@ -287,12 +287,6 @@ def _composite_fwd_kernel(
 
 
 @triton.jit
-def _segmented_add(start_a, sum_a, start_b, sum_b):
-    """Segmented-sum combine: b's running sum restarts where b starts a run."""
-    return start_a | start_b, tl.where(start_b != 0, sum_b, sum_a + sum_b)
-
-
-@triton.jit
 def _composite_bwd_kernel(
     idx_ptr,  # [P, K] int64
     dist_ptr,  # [P, K]
@@ -310,10 +304,9 @@ def _composite_bwd_kernel(
     KP: tl.constexpr,
     CP: tl.constexpr,
     BLOCK: tl.constexpr,
-    RUNS: tl.constexpr,
+    SEM: tl.constexpr,
 ):
-    lane = tl.arange(0, BLOCK)
-    pix = tl.program_id(0) * BLOCK + lane
+    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     pm = pix < P
     ch = tl.arange(0, CP)
     cm = ch < C
@@ -342,17 +335,7 @@ def _composite_bwd_kernel(
         gf = tl.sum(g * f, axis=1)
         # I = sum_{l<k} w_l f_l + T_k (alpha_k f_k + (1 - alpha_k) S_k)  =>  dI/dalpha_k = T_k (f_k - S_k)
         grad_alphas = tl.where(sel, (trans * (gf - suffix))[:, None], grad_alphas)
-        if RUNS:
-            # Runs of consecutive pixels whose slot holds the same point: summed here, added once.
-            slot = K - 1 - kr
-            prev = tl.load(idx_ptr + (pix - 1) * K + slot, mask=pm & (lane > 0), other=-2)
-            nxt = tl.load(idx_ptr + (pix + 1) * K + slot, mask=(pix + 1 < P) & (lane < BLOCK - 1), other=-2)
-            starts = tl.broadcast_to((prev != pt).to(tl.int32)[:, None], (BLOCK, CP))
-            _, run_sums = tl.associative_scan((starts, w[:, None] * g), 0, _segmented_add)
-            ends = (nxt != pt)[:, None]
-            tl.atomic_add(grad_feat_ptr + pt[:, None] * C + ch[None, :], run_sums, mask=fm & ends)
-        else:
-            tl.atomic_add(grad_feat_ptr + pt[:, None] * C + ch[None, :], w[:, None] * g, mask=fm)
+        tl.atomic_add(grad_feat_ptr + pt[:, None] * C + ch[None, :], w[:, None] * g, mask=fm, sem=SEM)
         suffix = tl.where(valid, alpha * gf + (1.0 - alpha) * suffix, suffix)
     # alpha = 1 - d / r^2  =>  d alpha / d d = -1 / r^2; empty slots get no gradient.
     tl.store(grad_dist_ptr + off2, tl.where(ids >= 0, -grad_alphas / r2s, 0.0), mask=m2)
@@ -497,6 +480,7 @@ class _RasterizePoints(torch.autograd.Function):
             size,
             K=K,
             BLOCK=_BLOCK_SLOTS,
+            SEM=ATOMIC_SEM,
         )
         return grad_points, None, None, None, None
 
@@ -563,7 +547,7 @@ class _AlphaComposite(torch.autograd.Function):
             KP=_next_pow2(K),
             CP=_next_pow2(C),
             BLOCK=_BLOCK_PIX,
-            RUNS=COMPOSITE_BWD_RUNS,
+            SEM=ATOMIC_SEM,
         )
         return (
             None,
@@ -583,3 +567,45 @@ def alpha_composite(idx: torch.Tensor, dists: torch.Tensor, features: torch.Tens
     """Fast compositing: (images [B, H, W, C], weights [B, H, W, K] detached)."""
     features = features.to(dists.dtype)
     return _AlphaComposite.apply(idx, dists, features, r2.detach())
+
+
+@triton.jit
+def _mark_visible_kernel(
+    idx_ptr,  # [B*H*W*K] int64, packed b * n_points + p
+    weight_ptr,  # [B*H*W*K]
+    visible_ptr,  # [n_points] bool, viewed as uint8
+    total,
+    n_points,
+    thresh,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = off < total
+    pt = tl.load(idx_ptr + off, mask=m, other=-1)
+    w = tl.load(weight_ptr + off, mask=m, other=0.0)
+    hit = (pt >= 0) & (((off % K) == 0) | (w > thresh))
+    # Every thread that writes an entry writes the same 1: no atomics needed.
+    tl.store(visible_ptr + pt % n_points, tl.full([BLOCK], 1, tl.uint8), mask=hit)
+
+
+@torch.no_grad()
+def mark_visible(
+    idx: torch.Tensor, weights: torch.Tensor, n_points: int, thresh: float, visible: torch.Tensor
+) -> None:
+    """`_torch_impl.mark_visible` in one pass over the slots (the reference makes about ten)."""
+    total = idx.numel()
+    if total == 0:
+        return
+    # The reference compares in the weights' dtype: round the threshold to it first.
+    thresh = float(torch.tensor(thresh, dtype=weights.dtype))
+    _mark_visible_kernel[(triton.cdiv(total, _BLOCK_SLOTS),)](
+        idx.contiguous(),
+        weights.contiguous(),
+        visible.view(torch.uint8),
+        total,
+        n_points,
+        thresh,
+        K=idx.shape[-1],
+        BLOCK=_BLOCK_SLOTS,
+    )

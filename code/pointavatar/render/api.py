@@ -242,3 +242,35 @@ def alpha_composite(
     if _resolve_backend(backend, features.device, where) == "cuda":
         return _load_triton().alpha_composite(idx, dists, features, r2)
     return _torch_impl.alpha_composite(idx, dists, features, r2)
+
+
+@torch.no_grad()
+def mark_visible(
+    fragment_idx: torch.Tensor,
+    fragment_weights: torch.Tensor,
+    n_points: int,
+    thresh: float,
+    visible: torch.Tensor,
+    backend: str = "auto",
+) -> None:
+    """OR into ``visible`` [n_points] (bool, in place) the front-most point of every pixel and every point
+    whose compositing weight exceeds ``thresh`` in some slot (spec §2.5's visibility, before a prune).
+
+    fragment_idx [B, H, W, K] packed b * n_points + p (-1 empty), fragment_weights [B, H, W, K] (the
+    weights `alpha_composite` returns). backend: "auto" | "torch" | "cuda", as for the renderer.
+    """
+    where = "mark_visible"
+    if fragment_idx.shape != fragment_weights.shape or fragment_idx.dim() != 4:
+        raise PointAvatarError(
+            f"{where}: fragment_idx and fragment_weights must share one shape [B, H, W, K], got "
+            f"{list(fragment_idx.shape)} and {list(fragment_weights.shape)}."
+        )
+    if visible.shape != (n_points,) or visible.dtype != torch.bool or not visible.is_contiguous():
+        raise PointAvatarError(
+            f"{where}: visible must be a contiguous bool tensor of shape [{n_points}], got "
+            f"{list(visible.shape)} {visible.dtype}."
+        )
+    if _resolve_backend(backend, fragment_idx.device, where) == "cuda":
+        _load_triton().mark_visible(fragment_idx, fragment_weights, n_points, thresh, visible)
+    else:
+        _torch_impl.mark_visible(fragment_idx, fragment_weights, n_points, thresh, visible)

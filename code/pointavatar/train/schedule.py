@@ -35,6 +35,7 @@ from ..config import Conf, TrainConf
 from ..engine.batching import batch_size_for
 from ..engine.distributed import Ranks
 from ..errors import PointAvatarError
+from ..render import mark_visible
 
 # Hard-coded in the original (spec §10.4).
 PRUNE_MIN_RADIUS = 0.006
@@ -118,23 +119,22 @@ class PointSchedule:
         self.visible = torch.zeros(points.shape[0], dtype=torch.bool, device=points.device)
 
     @torch.no_grad()
-    def observe(self, fragment_idx: torch.Tensor, fragment_weights: torch.Tensor, n_points: int) -> None:
+    def observe(
+        self,
+        fragment_idx: torch.Tensor,
+        fragment_weights: torch.Tensor,
+        n_points: int,
+        backend: str = "torch",
+    ) -> None:
         """OR in the front-most point of every pixel and every point with weight > prune_thresh.
 
-        fragment_idx [B, H, W, K] packed b * N + p (-1 empty); fragment_weights [B, H, W, K].
+        fragment_idx [B, H, W, K] packed b * N + p (-1 empty); fragment_weights [B, H, W, K]. backend:
+        the renderer's (model.render_backend): "cuda" marks them in one Triton pass.
         """
         vis = self.visible
         if vis is None or vis.shape != (n_points,) or vis.device != fragment_idx.device:
             vis = self.visible = torch.zeros(n_points, dtype=torch.bool, device=fragment_idx.device)
-        # Without boolean indexing (whose result size the host would wait for): slots that do not count
-        # are sent to a spare entry n_points, then dropped.
-        hits = torch.zeros(n_points + 1, dtype=torch.bool, device=vis.device)
-        spare = torch.full((), n_points, dtype=fragment_idx.dtype, device=vis.device)
-        front = fragment_idx[..., 0]
-        heavy = (fragment_weights > self.prune_thresh) & (fragment_idx >= 0)
-        for idx, counts in ((front, front >= 0), (fragment_idx, heavy)):
-            hits.index_fill_(0, torch.where(counts, torch.remainder(idx, n_points), spare).reshape(-1), True)
-        vis |= hits[:n_points]
+        mark_visible(fragment_idx, fragment_weights, n_points, self.prune_thresh, vis, backend=backend)
 
     def finish_epoch(self) -> None:
         """End of an epoch's steps: on several ranks, a point is visible if any rank saw it (so the

@@ -435,7 +435,9 @@ class Trainer:
                 losses, fragment_idx, fragment_weights = self._step(model_input, ground_truth, lbs_weight)
             except torch.cuda.OutOfMemoryError as exc:
                 raise PointAvatarError(self._out_of_memory_message(epoch)) from exc
-            self.schedule.observe(fragment_idx, fragment_weights, self.model.pc.n_points)
+            self.schedule.observe(
+                fragment_idx, fragment_weights, self.model.pc.n_points, self.model.render_backend
+            )
             bad_ranks: list[int] = []
             if self.ranks.distributed:
                 # Every rank ends with the same averaged gradients and the same two flags.
