@@ -172,6 +172,15 @@ def main() -> None:
     )
     p.add_argument("--recompute-chunk", type=int, default=0, help="model.recompute_chunk (fast path)")
     p.add_argument(
+        "--prior-query-chunk",
+        type=int,
+        default=65536,
+        help="model.prior_query_chunk (fast path; 0: one pass)",
+    )
+    p.add_argument(
+        "--compile-prior-query", action="store_true", help="model.compile_prior_query (fast path, CUDA)"
+    )
+    p.add_argument(
         "--adam",
         choices=["auto", "default", "fused"],
         default="auto",
@@ -240,6 +249,8 @@ def main() -> None:
     trainer = Trainer(conf, nepoch=0, device=device)  # applies model.tf32
     model, loss_fn = trainer.model, trainer.loss
     model.compile_scope = args.compile_scope
+    model.prior_query_chunk = args.prior_query_chunk
+    model.compile_prior_query = args.compile_prior_query
     model.deform_contractions = args.deform_contractions
     model.compile_mode = args.compile_mode
     batch_iter = None
@@ -342,6 +353,8 @@ def main() -> None:
         "atomic_sem": args.atomic_sem,
         "deform_contractions": args.deform_contractions,
         "recompute_chunk": args.recompute_chunk,
+        "prior_query_chunk": args.prior_query_chunk,
+        "compile_prior_query": args.compile_prior_query,
         "compile_scope": args.compile_scope,
         "cuda_graph": args.cuda_graph,
         "compile_mode": args.compile_mode,

@@ -65,13 +65,14 @@ def forward_and_grads(model, seed: int, dtype=torch.float64):
 )
 def test_fast_path_equals_reference_in_float64(flame_files, monkeypatch, seed, chunk, contractions, backward):
     """``backward``: model.geometry_backward, and "+deformer" model.deformer_backward = "fused" too. The
-    FLAME prior's deformer query is recomputed in chunks of 37 points (several, the last shorter)."""
-    monkeypatch.setattr(point_avatar, "PRIOR_QUERY_CHUNK", 37)
+    FLAME prior's deformer query runs with the per-point chunks: with chunk 37 it is recomputed in chunks
+    of 37 points (several, the last shorter), with 0 in one pass that keeps its activations."""
     reference = build(flame_files).double()
     perturb_(reference, 0.05)
     fast = copy.deepcopy(reference)
     reference.implementation, fast.implementation = "reference", "fast"
     fast.recompute_chunk = chunk  # 37: several chunks of points, the last one shorter
+    fast.prior_query_chunk = chunk
     fast.deform_contractions = contractions
     # "fused": the geometry's hand-written backward (geometry_fused.py); "+deformer": the deformer's too.
     set_backwards(fast, backward)
@@ -140,6 +141,19 @@ def test_compiled_pieces_get_no_parameters_or_views(flame_files, monkeypatch):
             assert all(own and not_param for _, _, own, not_param in pieces), (chunk, seen)
             geometry = [c for name, c, *_ in seen if name == "_geometry_piece"]
             assert sum(geometry) == (n if chunk == 0 else 2 * n)  # the points, then their recomputation
+            assert "query_weights" not in names  # the FLAME prior's query: eager unless asked
+    # model.compile_prior_query: the prior's query compiled too, per chunk (views of the points cloned),
+    # each chunk again in the backward's recomputation; with prior_query_chunk 0, once over all points.
+    model.compile_prior_query = True
+    for prior_chunk in (37, 0):
+        seen.clear()
+        model.prior_query_chunk = prior_chunk
+        out = model(make_input(2))
+        out.lbs_weights.sum().backward()
+        query = [s for s in seen if s[0] == "query_weights"]
+        assert all(own and not_param for _, _, own, not_param in query), query
+        assert sum(c for _, c, *_ in query) == (2 * n if prior_chunk else n)
+        assert len(query) == (2 * -(-n // prior_chunk) if prior_chunk else 1)
     assert not geometry_fused._COMPILE_FAILED
 
 
@@ -218,10 +232,11 @@ def test_deformer_bf16_saved_keeps_the_values_and_rounds_the_gradients(flame_fil
 
 def test_prior_query_is_recomputed_not_kept(flame_files, monkeypatch):
     """The FLAME prior's deformer query on the fast path keeps nothing for the backward (it is recomputed
-    by chunks); the reference path keeps its activations. Same values either way (and the same gradients:
-    the float64 equivalence test above runs with chunks of 37)."""
-    monkeypatch.setattr(point_avatar, "PRIOR_QUERY_CHUNK", 37)
+    by chunks, model.prior_query_chunk); the reference path, and the fast one with prior_query_chunk = 0,
+    keep its activations. Same values either way (and the same gradients: the float64 equivalence test
+    above runs with chunks of 37 and with 0)."""
     model = build(flame_files)
+    model.prior_query_chunk = 37
     perturb_(model, 0.05)
     model.train()
     points = model.pc.points.detach()
@@ -231,6 +246,10 @@ def test_prior_query_is_recomputed_not_kept(flame_files, monkeypatch):
     assert kept_fast == 0 < kept_ref
     for a, b in zip(fast, ref, strict=True):
         assert torch.equal(a, b)
+    model.prior_query_chunk = 0
+    kept_whole, whole = kept_bytes(model._prior_query, points, True, exclude=params)
+    assert kept_whole == kept_ref
+    assert all(torch.equal(a, b) for a, b in zip(whole, ref, strict=True))
 
 
 def test_geometry_bf16_only_on_gpus_with_bf16_tensor_cores(flame_files, monkeypatch):

@@ -8,6 +8,7 @@ spec §3.5). Images are row-major from the top row, P = H * W pixels, channels l
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +58,6 @@ def deformed_normals(cols: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
     return F.normalize(v * torch.sign(det).detach(), dim=-1)
 
 
-# Points per recomputed chunk of the FLAME prior's deformer query on the fast path (PointAvatar._prior_query).
-PRIOR_QUERY_CHUNK = 65536
 # model.geometry_backward / deformer_backward "auto": the lean backwards on GPUs with less memory than
 # this. The fastest ones peak at 34.9 GiB at 409,600 points on an H200 (the lean pair 10.3 GiB, at 111
 # against 93 ms a step; benchmarks/RESULTS.md, step 6): 40 GB cards and smaller get the lean pair.
@@ -110,6 +109,8 @@ class PointAvatar(nn.Module):
         self.render_backend = conf.render_backend
         self.implementation = conf.implementation
         self.recompute_chunk = int(conf.recompute_chunk)
+        self.prior_query_chunk = int(conf.prior_query_chunk)
+        self.compile_prior_query = bool(conf.compile_prior_query)
         self.geometry_bf16 = bool(conf.geometry_bf16)
         # "auto" resolves per device (``backwards``): the fastest on large GPUs, the lean ones below.
         self.geometry_backward = conf.geometry_backward
@@ -380,20 +381,26 @@ class PointAvatar(nn.Module):
         self, points: torch.Tensor, fast: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``deformer_network.query_weights`` at detached points for the FLAME prior. On the fast path in
-        training it runs on chunks of ``PRIOR_QUERY_CHUNK`` points under ``torch.utils.checkpoint``: its
-        activations (5.2 KB a point kept without it, 2.0 GiB at 409,600 points; benchmarks/RESULTS.md,
-        step 5) are recomputed in the backward, one chunk at a time (same values and gradients)."""
+        training it runs on chunks of ``prior_query_chunk`` points (0: all at once) under
+        ``torch.utils.checkpoint``: its activations (5.2 KB a point kept without it, 2.0 GiB at 409,600
+        points; benchmarks/RESULTS.md, step 5) are recomputed in the backward, one chunk at a time, and
+        with ``compile_prior_query`` each chunk is a compiled call. Same values and gradients."""
         query = self.deformer_network.query_weights
         if not (fast and self.training and torch.is_grad_enabled()):
+            return query(points)
+        if self.compile_prior_query:
+            query = partial(self._compiled_call, "prior", self.deformer_network.query_weights)
+        chunk = self.prior_query_chunk
+        if chunk <= 0:
             return query(points)
         parts = [
             torch.utils.checkpoint.checkpoint(
                 query,
-                points[start : start + PRIOR_QUERY_CHUNK],
+                points[start : start + chunk],
                 use_reentrant=False,
                 preserve_rng_state=False,  # nothing random inside
             )
-            for start in range(0, points.shape[0], PRIOR_QUERY_CHUNK)
+            for start in range(0, points.shape[0], chunk)
         ]
         if len(parts) == 1:
             return parts[0]
