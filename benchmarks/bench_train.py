@@ -35,6 +35,7 @@ from pointavatar.engine.batching import (
     batch_size_for,  # noqa: E402
     move_to,  # noqa: E402
 )
+from pointavatar.model import deform_explicit  # noqa: E402
 from pointavatar.train.graphed_step import GraphedStep, forward_loss_backward  # noqa: E402
 from pointavatar.train.schedule import make_optimizer, uses_fused_adam  # noqa: E402
 from pointavatar.train.trainer import Trainer  # noqa: E402
@@ -187,6 +188,12 @@ def main() -> None:
         help="the Adam: as the trainer (auto: fused on CUDA with the fast path), torch's default, or fused",
     )
     p.add_argument(
+        "--inverse",
+        choices=["closed_form", "lu"],
+        default="closed_form",
+        help="the inverse skinning's 4 x 4 inverse on the fast path (model/deform_explicit.INVERSE)",
+    )
+    p.add_argument(
         "--visibility",
         choices=["renderer", "torch"],
         default="renderer",
@@ -228,6 +235,7 @@ def main() -> None:
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    deform_explicit.INVERSE = args.inverse
     if device.type == "cuda":
         from pointavatar.render import _triton_impl
 
@@ -350,6 +358,7 @@ def main() -> None:
         "deformer_backward": args.deformer_backward,
         "adam": args.adam,
         "visibility": args.visibility,
+        "inverse": args.inverse,
         "atomic_sem": args.atomic_sem,
         "deform_contractions": args.deform_contractions,
         "recompute_chunk": args.recompute_chunk,

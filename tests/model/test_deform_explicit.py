@@ -7,7 +7,8 @@ import torch
 from test_model import IMG_RES, make_input, model_conf, perturb_
 from tolerances import assert_close
 
-from pointavatar.model.deform_explicit import deform_with_jacobian_explicit, einsum_pointwise
+from pointavatar.model import deform_explicit
+from pointavatar.model.deform_explicit import affine_inverse, deform_with_jacobian_explicit, einsum_pointwise
 from pointavatar.model.point_avatar import PointAvatar
 
 
@@ -43,9 +44,15 @@ def frame_inputs(model: PointAvatar, b: int = 2):
 VARIANTS = [(True, True), (False, True), (True, False), (False, False)]
 
 
-@pytest.mark.parametrize("contractions", ["einsum", "pointwise"])
+@pytest.mark.parametrize(
+    ("contractions", "inverse"), [("einsum", "closed_form"), ("pointwise", "closed_form"), ("einsum", "lu")]
+)
 @pytest.mark.parametrize(("ghostbone", "deform_c"), VARIANTS)
-def test_values_and_gradients_match_reference(flame_files, ghostbone, deform_c, contractions):
+def test_values_and_gradients_match_reference(
+    flame_files, monkeypatch, ghostbone, deform_c, contractions, inverse
+):
+    """inverse: deform_explicit.INVERSE, the inverse skinning's closed form (default) or LU."""
+    monkeypatch.setattr(deform_explicit, "INVERSE", inverse)
     model = build_variant(flame_files, ghostbone, deform_c)
     points = model.pc.points.detach().clone().requires_grad_(True)
     leaves, betas, tfs, pf = frame_inputs(model)
@@ -129,3 +136,57 @@ def test_unknown_contractions_are_refused(flame_files):
         deform_with_jacobian_explicit(
             model.deformer_network, model.FLAMEServer, model.pc.points, betas, tfs, pf, contractions="x"
         )
+
+
+def blended_rigid(n: int, joints: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    """[n, 4, 4] blends sum_j w_j A_j of rigid transforms A_j with softmax weights w (as M_c in skinning)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(joints, 3, 3, generator=g, dtype=dtype)).Q
+    q = q * torch.linalg.det(q)[:, None, None]  # proper rotations
+    a = torch.zeros(joints, 4, 4, dtype=dtype)
+    a[:, :3, :3], a[:, :3, 3], a[:, 3, 3] = q, 0.1 * torch.randn(joints, 3, generator=g, dtype=dtype), 1.0
+    w = torch.softmax(2.0 * torch.randn(n, joints, generator=g, dtype=dtype), dim=-1)
+    return torch.einsum("nj,jxy->nxy", w, a)
+
+
+def test_affine_inverse_is_the_inverse():
+    """The closed form against LU: skinning blends (bottom row (0, 0, 0, 1)) and general [[A, b], [0, s]]
+    (s != 1, A far from a rotation), in float64 to round-off; in float32 as close to the float64 inverse
+    as LU is (both round the same few operations)."""
+    m = blended_rigid(500, 6, 0)
+    assert_close(affine_inverse(m), torch.linalg.inv(m), rtol=1e-12, atol=1e-12)
+    g = torch.Generator().manual_seed(1)
+    general = torch.zeros(200, 4, 4, dtype=torch.float64)
+    general[:, :3, :] = torch.randn(200, 3, 4, generator=g, dtype=torch.float64)
+    general[:, 3, 3] = 0.5 + torch.rand(200, generator=g, dtype=torch.float64)
+    exact = torch.linalg.inv(general)
+    assert_close(
+        affine_inverse(general), exact, rtol=1e-9, atol=1e-9, reason="random A: condition up to ~1e3"
+    )
+    err_closed = (affine_inverse(m.float()).double() - torch.linalg.inv(m)).abs().max()
+    err_lu = (torch.linalg.inv(m.float()).double() - torch.linalg.inv(m)).abs().max()
+    assert err_closed < 4 * err_lu + 1e-7
+
+
+def test_affine_inverse_gradients():
+    """gradcheck of the closed form, and its gradient through a skinning blend (whose bottom-left zeros
+    do not vary) equal to LU's."""
+    m = blended_rigid(4, 3, 2).requires_grad_(True)
+    keep = torch.ones(4, 4, dtype=torch.float64)
+    keep[3, :3] = 0.0  # the structural zeros stay zero
+
+    def closed(x):
+        return affine_inverse(x * keep)
+
+    assert torch.autograd.gradcheck(closed, (m,))
+    g = torch.Generator().manual_seed(3)
+    weights = torch.softmax(torch.randn(5, 3, generator=g, dtype=torch.float64), -1).requires_grad_(True)
+    joints = blended_rigid(
+        3, 2, 4
+    ).detach()  # three rigid transforms (blends of two each: still [[A, b], [0, 1]])
+    cot = torch.randn(5, 4, 4, generator=g, dtype=torch.float64)
+    grads = []
+    for invert in (affine_inverse, torch.linalg.inv):
+        blend = torch.einsum("nj,jxy->nxy", weights, joints)
+        grads.append(torch.autograd.grad((invert(blend) * cot).sum(), weights)[0])
+    assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)

@@ -17,6 +17,36 @@ from torch import nn
 
 from pointavatar.model.deformer import N_POSE_FEATURES, SKINNING_TEMPERATURE, ForwardDeformer
 
+# How the inverse skinning inverts the blended canonical transform M_c [N, 4, 4]: "closed_form"
+# (`affine_inverse`: elementwise, fused by torch.compile with its neighbours) or "lu" (torch.linalg.inv_ex,
+# a batched LU factorisation per call and two batched [N, 4, 4] products in its backward; 1.6 ms of those
+# products alone a step at 409,600 points on an H200, benchmarks/RESULTS.md step 7). Same values.
+INVERSE = "closed_form"
+
+
+def _cross(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """u x v over the last axis (3), written out: elementwise for torch.compile to fuse."""
+    u0, u1, u2 = u.unbind(-1)
+    v0, v1, v2 = v.unbind(-1)
+    return torch.stack([u1 * v2 - u2 * v1, u2 * v0 - u0 * v2, u0 * v1 - u1 * v0], dim=-1)
+
+
+def affine_inverse(m: torch.Tensor) -> torch.Tensor:
+    """Inverse of [..., 4, 4] matrices [[A, b], [0, s]] (A 3 x 3, bottom row (0, 0, 0, s)), as a blend of
+    FLAME's rigid joint transforms is: [[A^-1, -A^-1 b / s], [0, 1 / s]], with A^-1 = adj(A) / det(A),
+    whose columns are cross products of A's rows. Exact algebra, no pivoting: for the near-rotations of
+    skinning (det near 1) as accurate as LU; the bottom row's zeros are assumed, not read. Elementwise
+    only (no batched products of tiny matrices)."""
+    r0, r1, r2 = m[..., 0, :3], m[..., 1, :3], m[..., 2, :3]
+    c0, c1, c2 = _cross(r1, r2), _cross(r2, r0), _cross(r0, r1)
+    det = (r0 * c0).sum(-1)[..., None, None]
+    a_inv = torch.stack([c0, c1, c2], dim=-1) / det  # [..., 3, 3]: the cross products as columns
+    s = m[..., 3:, 3:]  # [..., 1, 1]
+    a_inv_b = (a_inv * m[..., None, :3, 3]).sum(-1, keepdim=True)  # [..., 3, 1] = A^-1 b
+    top = torch.cat([a_inv, -a_inv_b / s], dim=-1)  # [..., 3, 4]
+    bottom = torch.cat([torch.zeros_like(m[..., 3:, :3]), 1.0 / s], dim=-1)  # [..., 1, 4]
+    return torch.cat([top, bottom], dim=-2)
+
 
 def _first_layer(deformer: ForwardDeformer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, 3] -> (pre-activation z [N, D] of lin0, d z / d x_k [3, N, D]) for k = x, y, z.
@@ -188,13 +218,14 @@ def flame_with_tangents(
     canonical_tf = flame.canonical_transformations.to(dtype)[0]  # [J, 4, 4]
     canonical_pf = flame.canonical_pose_feature.to(dtype)  # [1, 36]
 
-    # Inverse skinning: y = M_c^-1 [x'; 1] with M_c = sum_j W_j A_c_j (full 4x4 inverse, as the
-    # original). d(M^-1) = -M^-1 dM M^-1, so dy = M^-1 ([dx'; 0] - dM y), dM y = sum_j dW_j (A_c_j y).
+    # Inverse skinning: y = M_c^-1 [x'; 1] with M_c = sum_j W_j A_c_j (the original inverts the full
+    # 4 x 4; its bottom row is (0, 0, 0, sum_j W_j), so `affine_inverse`'s closed form gives the same).
+    # d(M^-1) = -M^-1 dM M^-1, so dy = M^-1 ([dx'; 0] - dM y), dM y = sum_j dW_j (A_c_j y).
     m_c = es("nj,jxy->nxy", weights, canonical_tf)  # [N, 4, 4]
     # inv_ex: no host check of the result (linalg.inv waits for the device to test for singular
     # matrices, which CUDA-graph capture refuses); a singular blend would give non-finite values,
     # which the trainer's gradient check catches.
-    m_inv = torch.linalg.inv_ex(m_c).inverse
+    m_inv = affine_inverse(m_c) if INVERSE == "closed_form" else torch.linalg.inv_ex(m_c).inverse
     x_h = torch.cat([x_flame, torch.ones_like(x_flame[:, :1])], dim=-1)  # [N, 4]
     y = es("nxy,ny->nx", m_inv, x_h)  # [N, 4]
     a_y = es("jxy,ny->njx", canonical_tf, y)  # [N, J, 4]
