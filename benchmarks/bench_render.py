@@ -145,6 +145,69 @@ def sweep(reps: int) -> tuple[int, int, int]:
     return best
 
 
+def composite_sweep(reps: int, batches: list[int], points: list[int]) -> tuple[int, int]:
+    """Time the compositing kernels' pixels per program and warps (rasterize + composite, forward and
+    backward, B x 512 x 512), check each setting's images and feature gradients against the current
+    one's, and return the fastest correct (block, warps) summed over the cases."""
+    from pointavatar.render import _triton_impl as tri
+
+    default = (tri._BLOCK_PIX, tri._NUM_WARPS_COMPOSITE)
+    cases = []
+    for B in batches:
+        for N in points:
+            pts, feats = head_cloud(B, N)
+            cot = torch.randn(B, SIZE, SIZE, 4, generator=torch.Generator().manual_seed(1)).cuda()
+            cases.append((B, N, pts, feats, cot))
+
+    def images_and_grads(case):
+        B, N, pts, feats, cot = case
+        f = feats.clone().requires_grad_()
+        frags = rasterize_points(pts.clone().requires_grad_(), SIZE, radius_for(N), K, backend="cuda")
+        images, _ = alpha_composite(frags, f, radius_for(N), backend="cuda")
+        images.backward(cot)
+        return images.detach(), f.grad
+
+    refs = [images_and_grads(c) for c in cases]
+    print("composite sweep: block warps -> fwd+bwd ms per case (B, N), images and gradients as the default")
+    best, best_ms = default, float("inf")
+    for block in (16, 32, 64, 128):
+        for warps in (1, 2, 4, 8):
+            tri._BLOCK_PIX, tri._NUM_WARPS_COMPOSITE = block, warps
+            try:
+                same = True
+                for case, (img, grad) in zip(cases, refs, strict=True):
+                    i, g = images_and_grads(case)
+                    same &= torch.allclose(i, img, rtol=1e-5, atol=1e-6)
+                    same &= torch.allclose(g, grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+                per_case = []
+                for _, N, pts, feats, cot in cases:
+                    points = pts.clone().requires_grad_()
+                    features = feats.clone().requires_grad_()
+                    times = []
+                    for _ in range(reps):
+                        points.grad = features.grad = None
+                        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        s.record()
+                        run_once(points, features, cot, radius_for(N), "cuda")
+                        e.record()
+                        torch.cuda.synchronize()
+                        times.append(s.elapsed_time(e))
+                    per_case.append(statistics.median(times))
+                total = sum(per_case)
+                cells = "  ".join(f"{ms:7.3f}" for ms in per_case)
+                print(f"  {block:4d} {warps:2d} -> {cells}  (sum {total:7.3f})  {same}", flush=True)
+                if same and total < best_ms:
+                    best, best_ms = (block, warps), total
+            except Exception as exc:  # a setting the compiler rejects
+                print(f"  {block:4d} {warps:2d} -> failed: {type(exc).__name__}: {exc}", flush=True)
+    tri._BLOCK_PIX, tri._NUM_WARPS_COMPOSITE = best
+    print(
+        f"composite sweep: using block {best[0]}, warps {best[1]} (default {default[0]}, {default[1]})",
+        flush=True,
+    )
+    return best
+
+
 def profile() -> None:
     """Per-kernel CUDA times of one "cuda" forward + backward at B = 2, N = 409,600 (torch.profiler)."""
     B, N = 2, 409_600
@@ -172,6 +235,12 @@ def main() -> None:
         "--reps", type=int, default=50, help="timed runs per case (torch uses a fifth, at least 5)"
     )
     ap.add_argument("--sweep", action="store_true", help="also time the Triton kernel settings")
+    ap.add_argument(
+        "--composite-sweep",
+        action="store_true",
+        help="also time the compositing kernels' pixels per program and warps (at --batches x --points), "
+        "then use the fastest for the table",
+    )
     ap.add_argument("--profile", action="store_true", help="also print per-kernel times (torch.profiler)")
     ap.add_argument("--md", type=Path, help="write the markdown table here too")
     ap.add_argument(
@@ -201,6 +270,9 @@ def main() -> None:
         header += (
             f"\nTriton rasterizer settings from --sweep: tile {best[0]}, chunk {best[1]}, warps {best[2]}"
         )
+    if args.composite_sweep:
+        block, warps = composite_sweep(max(10, args.reps // 2), args.batches, args.points)
+        header += f"\ncompositing settings from --composite-sweep: block {block}, warps {warps}"
     if args.profile:
         profile()
 

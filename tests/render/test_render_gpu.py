@@ -94,6 +94,30 @@ def test_cuda_backend_matches_torch(case, sem, monkeypatch):
         assert vis["torch"].sum() > (N + 10) // 11
 
 
+@pytest.mark.parametrize(("block", "warps"), [(16, 1), (32, 4), (64, 8)])
+def test_compositing_settings_match_torch(block, warps, monkeypatch):
+    """The compositing kernels' pixels per program and warps (bench_render.py --composite-sweep's choices):
+    the same images and gradients as the reference, here with a last program of the image only partly
+    filled (100 x 100 pixels)."""
+    from pointavatar.render import _triton_impl
+
+    monkeypatch.setattr(_triton_impl, "_BLOCK_PIX", block)
+    monkeypatch.setattr(_triton_impl, "_NUM_WARPS_COMPOSITE", warps)
+    B, N, size, K, C = 2, 3_000, 100, 10, 4
+    pts = head_cloud(B, N, 5).cuda()
+    g = torch.Generator().manual_seed(6)
+    feats = torch.rand(B, N, C, generator=g).cuda()
+    cot = torch.randn(B, size, size, C, generator=g).cuda()
+    _, it, wt, gpt, gft = run(pts, feats, cot, size, 0.05, K, "torch")
+    _, ic, wc, gpc, gfc = run(pts, feats, cot, size, 0.05, K, "cuda")
+    ulp = "sums of K <= 10 float32 products; a division may differ by an ulp between Triton and PyTorch"
+    assert_close(ic, it, rtol=1e-5, atol=1e-5, reason=ulp)
+    assert_close(wc, wt, rtol=1e-5, atol=1e-6, reason=ulp)
+    order = "gradients sum over many pixels in different orders (atomics vs index_put)"
+    assert_close(gfc, gft, rtol=1e-4, atol=1e-5 * gft.abs().max().item(), reason=order)
+    assert_close(gpc, gpt, rtol=1e-4, atol=1e-5 * gpt.abs().max().item(), reason=order)
+
+
 def test_auto_uses_cuda_backend_without_warning():
     pts = head_cloud(1, 2_000, 0).cuda()
     with warnings.catch_warnings():

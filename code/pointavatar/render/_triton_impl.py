@@ -34,7 +34,12 @@ TILE = 8  # tile side in pixels; a program handles TILE * TILE pixels
 CHUNK = 32  # candidates tested per step of the scan
 _NUM_WARPS_RASTER = 1  # tile 8, chunk 32, 1 warp: fastest in the H100 sweep (benchmarks/RESULTS.md)
 _BLOCK_BIN = 512  # points per program in the binning kernels
-_BLOCK_PIX = 128  # pixels per program in the compositing kernels
+# Pixels per program and warps of the compositing kernels. Their per-pixel slot arrays ([BLOCK, 16] each)
+# fill registers: at 128 pixels on 4 warps the sm_90 backward uses all 255 registers per thread and spills
+# (fwd 211), at 32 pixels 96 (fwd 64) (cuobjdump of the compiled kernels; benchmarks/RESULTS.md, step 7).
+# bench_render.py --composite-sweep times the combinations on a GPU.
+_BLOCK_PIX = 128
+_NUM_WARPS_COMPOSITE = 4
 _BLOCK_SLOTS = 1024  # fragment slots per program in the rasterizer backward and in mark_visible
 # Memory order of the backward kernels' atomic adds (gradient sums: only the final value matters, nothing
 # else is read around them): "relaxed" drops the fence that Triton's default "acq_rel" puts around each.
@@ -516,6 +521,7 @@ class _AlphaComposite(torch.autograd.Function):
             CP=_next_pow2(C),
             BLOCK=_BLOCK_PIX,
             STORE_T=need_grad,
+            num_warps=_NUM_WARPS_COMPOSITE,
         )
         ctx.mark_non_differentiable(weights)
         if need_grad:
@@ -548,6 +554,7 @@ class _AlphaComposite(torch.autograd.Function):
             CP=_next_pow2(C),
             BLOCK=_BLOCK_PIX,
             SEM=ATOMIC_SEM,
+            num_warps=_NUM_WARPS_COMPOSITE,
         )
         return (
             None,
