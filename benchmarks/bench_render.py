@@ -145,66 +145,68 @@ def sweep(reps: int) -> tuple[int, int, int]:
     return best
 
 
-def composite_sweep(reps: int, batches: list[int], points: list[int]) -> tuple[int, int]:
-    """Time the compositing kernels' pixels per program and warps (rasterize + composite, forward and
-    backward, B x 512 x 512), check each setting's images and feature gradients against the current
-    one's, and return the fastest correct (block, warps) summed over the cases."""
+def composite_sweep(reps: int, batches: list[int], points: list[int]) -> tuple[int, int, bool]:
+    """Time the compositing kernels' layout (`COMPOSITE_SLOTS`), pixels per program and warps (rasterize +
+    composite, forward and backward, B x 512 x 512), check each setting's images and feature gradients
+    against the current one's, and return the fastest correct (block, warps, slots) summed over the
+    cases."""
     from pointavatar.render import _triton_impl as tri
 
-    default = (tri._BLOCK_PIX, tri._NUM_WARPS_COMPOSITE)
+    default = (tri._BLOCK_PIX, tri._NUM_WARPS_COMPOSITE, tri.COMPOSITE_SLOTS)
     cases = []
     for B in batches:
         for N in points:
             pts, feats = head_cloud(B, N)
             cot = torch.randn(B, SIZE, SIZE, 4, generator=torch.Generator().manual_seed(1)).cuda()
-            cases.append((B, N, pts, feats, cot))
+            cases.append((N, pts, feats, cot))
 
     def images_and_grads(case):
-        B, N, pts, feats, cot = case
+        N, pts, feats, cot = case
         f = feats.clone().requires_grad_()
         frags = rasterize_points(pts.clone().requires_grad_(), SIZE, radius_for(N), K, backend="cuda")
         images, _ = alpha_composite(frags, f, radius_for(N), backend="cuda")
         images.backward(cot)
         return images.detach(), f.grad
 
+    def fwd_bwd_ms(case) -> float:
+        N, pts, feats, cot = case
+        points, features = pts.clone().requires_grad_(), feats.clone().requires_grad_()
+        times = []
+        for _ in range(reps):
+            points.grad = features.grad = None
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            run_once(points, features, cot, radius_for(N), "cuda")
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        return statistics.median(times)
+
     refs = [images_and_grads(c) for c in cases]
-    print("composite sweep: block warps -> fwd+bwd ms per case (B, N), images and gradients as the default")
+    print("composite sweep: layout block warps -> fwd+bwd ms per case, images and gradients as the default's")
+    grid = [(b, w, False) for b in (16, 32, 64, 128) for w in (1, 2, 4, 8)]
+    grid += [(b, w, True) for b in (32, 64, 128, 256) for w in (2, 4, 8)]
     best, best_ms = default, float("inf")
-    for block in (16, 32, 64, 128):
-        for warps in (1, 2, 4, 8):
-            tri._BLOCK_PIX, tri._NUM_WARPS_COMPOSITE = block, warps
-            try:
-                same = True
-                for case, (img, grad) in zip(cases, refs, strict=True):
-                    i, g = images_and_grads(case)
-                    same &= torch.allclose(i, img, rtol=1e-5, atol=1e-6)
-                    same &= torch.allclose(g, grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
-                per_case = []
-                for _, N, pts, feats, cot in cases:
-                    points = pts.clone().requires_grad_()
-                    features = feats.clone().requires_grad_()
-                    times = []
-                    for _ in range(reps):
-                        points.grad = features.grad = None
-                        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        s.record()
-                        run_once(points, features, cot, radius_for(N), "cuda")
-                        e.record()
-                        torch.cuda.synchronize()
-                        times.append(s.elapsed_time(e))
-                    per_case.append(statistics.median(times))
-                total = sum(per_case)
-                cells = "  ".join(f"{ms:7.3f}" for ms in per_case)
-                print(f"  {block:4d} {warps:2d} -> {cells}  (sum {total:7.3f})  {same}", flush=True)
-                if same and total < best_ms:
-                    best, best_ms = (block, warps), total
-            except Exception as exc:  # a setting the compiler rejects
-                print(f"  {block:4d} {warps:2d} -> failed: {type(exc).__name__}: {exc}", flush=True)
-    tri._BLOCK_PIX, tri._NUM_WARPS_COMPOSITE = best
-    print(
-        f"composite sweep: using block {best[0]}, warps {best[1]} (default {default[0]}, {default[1]})",
-        flush=True,
-    )
+    for block, warps, slots in grid:
+        tri._BLOCK_PIX, tri._NUM_WARPS_COMPOSITE, tri.COMPOSITE_SLOTS = block, warps, slots
+        name = f"  {'slots ' if slots else 'blocks'} {block:4d} {warps:2d}"
+        try:
+            same = True
+            for case, (img, grad) in zip(cases, refs, strict=True):
+                i, g = images_and_grads(case)
+                same &= torch.allclose(i, img, rtol=1e-5, atol=1e-6)
+                same &= torch.allclose(g, grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+            per_case = [fwd_bwd_ms(case) for case in cases]
+        except Exception as exc:  # a setting the compiler rejects
+            print(f"{name} -> failed: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        total = sum(per_case)
+        cells = "  ".join(f"{ms:7.3f}" for ms in per_case)
+        print(f"{name} -> {cells}  (sum {total:7.3f})  {bool(same)}", flush=True)
+        if same and total < best_ms:
+            best, best_ms = (block, warps, slots), total
+    tri._BLOCK_PIX, tri._NUM_WARPS_COMPOSITE, tri.COMPOSITE_SLOTS = best
+    print(f"composite sweep: using block, warps, slots {best} (default {default})", flush=True)
     return best
 
 
@@ -271,8 +273,10 @@ def main() -> None:
             f"\nTriton rasterizer settings from --sweep: tile {best[0]}, chunk {best[1]}, warps {best[2]}"
         )
     if args.composite_sweep:
-        block, warps = composite_sweep(max(10, args.reps // 2), args.batches, args.points)
-        header += f"\ncompositing settings from --composite-sweep: block {block}, warps {warps}"
+        block, warps, slots = composite_sweep(max(10, args.reps // 2), args.batches, args.points)
+        header += (
+            f"\ncompositing settings from --composite-sweep: block {block}, warps {warps}, slots {slots}"
+        )
     if args.profile:
         profile()
 

@@ -40,6 +40,11 @@ _BLOCK_BIN = 512  # points per program in the binning kernels
 # bench_render.py --composite-sweep times the combinations on a GPU.
 _BLOCK_PIX = 128
 _NUM_WARPS_COMPOSITE = 4
+# The compositing kernels' layout: False, each program holds its pixels' K slots as [BLOCK, KP] register
+# arrays (coalesced block loads); True, it reads and writes one slot of every pixel at a time (strided loads
+# that L1 serves across the slot loop): at 128 pixels on 4 warps 64 registers for the backward and 32 for
+# the forward instead of 255 and 211. Same operations in the same order, same values. The sweep times both.
+COMPOSITE_SLOTS = False
 _BLOCK_SLOTS = 1024  # fragment slots per program in the rasterizer backward and in mark_visible
 # Memory order of the backward kernels' atomic adds (gradient sums: only the final value matters, nothing
 # else is read around them): "relaxed" drops the fence that Triton's default "acq_rel" puts around each.
@@ -346,6 +351,96 @@ def _composite_bwd_kernel(
     tl.store(grad_dist_ptr + off2, tl.where(ids >= 0, -grad_alphas / r2s, 0.0), mask=m2)
 
 
+@triton.jit
+def _composite_fwd_slots_kernel(
+    idx_ptr,  # [P, K] int64
+    dist_ptr,  # [P, K]
+    r2_ptr,  # squared radius, read at point * r2_stride
+    r2_stride,
+    feat_ptr,  # [B*N, C]
+    image_ptr,  # [P, C] out
+    weight_ptr,  # [P, K] out
+    trans_ptr,  # [P, K] out: transmittance before each slot (for backward), if STORE_T
+    P,
+    C,
+    K: tl.constexpr,
+    CP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    STORE_T: tl.constexpr,
+):
+    """`_composite_fwd_kernel` reading and writing one slot of every pixel at a time (strided by K, the
+    block's slots staying in L1 across the loop) instead of holding [BLOCK, KP] arrays in registers.
+    The same operations in the same order: the same values."""
+    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pm = pix < P
+    ch = tl.arange(0, CP)
+    cm = ch < C
+    acc = tl.zeros([BLOCK, CP], dtype=feat_ptr.dtype.element_ty)
+    trans = tl.full([BLOCK], 1.0, dtype=dist_ptr.dtype.element_ty)
+    for k in tl.static_range(K):
+        off = pix * K + k
+        pt = tl.load(idx_ptr + off, mask=pm, other=-1)
+        valid = pt >= 0
+        d = tl.load(dist_ptr + off, mask=pm, other=0.0)
+        r2 = tl.load(r2_ptr + pt * r2_stride, mask=valid, other=1.0)
+        alpha = tl.where(valid, 1.0 - d / r2, 0.0)  # empty slots: alpha 0, they change nothing
+        w = alpha * trans
+        tl.store(weight_ptr + off, w, mask=pm)
+        if STORE_T:
+            tl.store(trans_ptr + off, trans, mask=pm)
+        f = tl.load(feat_ptr + pt[:, None] * C + ch[None, :], mask=valid[:, None] & cm[None, :], other=0.0)
+        acc += w[:, None] * f
+        trans = trans * (1.0 - alpha)
+    tl.store(image_ptr + pix[:, None] * C + ch[None, :], acc, mask=pm[:, None] & cm[None, :])
+
+
+@triton.jit
+def _composite_bwd_slots_kernel(
+    idx_ptr,  # [P, K] int64
+    dist_ptr,  # [P, K]
+    r2_ptr,
+    r2_stride,
+    feat_ptr,  # [B*N, C]
+    weight_ptr,  # [P, K] saved weights
+    trans_ptr,  # [P, K] saved transmittance
+    grad_image_ptr,  # [P, C]
+    grad_feat_ptr,  # [B*N, C] accumulated with atomics
+    grad_dist_ptr,  # [P, K] out
+    P,
+    C,
+    K: tl.constexpr,
+    CP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SEM: tl.constexpr,
+):
+    """`_composite_bwd_kernel` one slot of every pixel at a time (see `_composite_fwd_slots_kernel`);
+    the same operations in the same order."""
+    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pm = pix < P
+    ch = tl.arange(0, CP)
+    cm = ch < C
+    g = tl.load(grad_image_ptr + pix[:, None] * C + ch[None, :], mask=pm[:, None] & cm[None, :], other=0.0)
+    suffix = tl.zeros([BLOCK], dtype=dist_ptr.dtype.element_ty)
+    for kr in tl.static_range(K):
+        off = pix * K + (K - 1 - kr)
+        pt = tl.load(idx_ptr + off, mask=pm, other=-1)
+        valid = pt >= 0
+        d = tl.load(dist_ptr + off, mask=pm, other=0.0)
+        r2 = tl.load(r2_ptr + pt * r2_stride, mask=valid, other=1.0)
+        alpha = tl.where(valid, 1.0 - d / r2, 0.0)
+        w = tl.load(weight_ptr + off, mask=pm, other=0.0)
+        trans = tl.load(trans_ptr + off, mask=pm, other=0.0)
+        fm = valid[:, None] & cm[None, :]
+        f = tl.load(feat_ptr + pt[:, None] * C + ch[None, :], mask=fm, other=0.0)
+        gf = tl.sum(g * f, axis=1)
+        # I = sum_{l<k} w_l f_l + T_k (alpha_k f_k + (1 - alpha_k) S_k)  =>  dI/dalpha_k = T_k (f_k - S_k)
+        grad_alpha = trans * (gf - suffix)
+        # alpha = 1 - d / r^2  =>  d alpha / d d = -1 / r^2; empty slots get no gradient.
+        tl.store(grad_dist_ptr + off, tl.where(valid, -grad_alpha / r2, 0.0), mask=pm)
+        tl.atomic_add(grad_feat_ptr + pt[:, None] * C + ch[None, :], w[:, None] * g, mask=fm, sem=SEM)
+        suffix = tl.where(valid, alpha * gf + (1.0 - alpha) * suffix, suffix)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -505,24 +600,15 @@ class _AlphaComposite(torch.autograd.Function):
         weights = torch.empty((B, H, W, K), dtype=dists_c.dtype, device=feats.device)
         need_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         trans = torch.empty_like(weights) if need_grad else weights
-        _composite_fwd_kernel[(triton.cdiv(P, _BLOCK_PIX),)](
-            idx_c,
-            dists_c,
-            r2_c,
-            r2_stride,
-            feats,
-            images,
-            weights,
-            trans,
-            P,
-            C,
-            K=K,
-            KP=_next_pow2(K),
-            CP=_next_pow2(C),
-            BLOCK=_BLOCK_PIX,
-            STORE_T=need_grad,
-            num_warps=_NUM_WARPS_COMPOSITE,
+        args = (idx_c, dists_c, r2_c, r2_stride, feats, images, weights, trans, P, C)
+        grid = (triton.cdiv(P, _BLOCK_PIX),)
+        common = dict(
+            K=K, CP=_next_pow2(C), BLOCK=_BLOCK_PIX, STORE_T=need_grad, num_warps=_NUM_WARPS_COMPOSITE
         )
+        if COMPOSITE_SLOTS:
+            _composite_fwd_slots_kernel[grid](*args, **common)
+        else:
+            _composite_fwd_kernel[grid](*args, KP=_next_pow2(K), **common)
         ctx.mark_non_differentiable(weights)
         if need_grad:
             ctx.save_for_backward(idx_c, dists_c, r2_c, feats, weights, trans)
@@ -536,7 +622,7 @@ class _AlphaComposite(torch.autograd.Function):
         P = B * H * W
         grad_feats = torch.zeros_like(feats)
         grad_dists = torch.empty_like(dists)
-        _composite_bwd_kernel[(triton.cdiv(P, _BLOCK_PIX),)](
+        args = (
             idx,
             dists,
             r2,
@@ -549,13 +635,13 @@ class _AlphaComposite(torch.autograd.Function):
             grad_dists,
             P,
             C,
-            K=K,
-            KP=_next_pow2(K),
-            CP=_next_pow2(C),
-            BLOCK=_BLOCK_PIX,
-            SEM=ATOMIC_SEM,
-            num_warps=_NUM_WARPS_COMPOSITE,
         )
+        grid = (triton.cdiv(P, _BLOCK_PIX),)
+        common = dict(K=K, CP=_next_pow2(C), BLOCK=_BLOCK_PIX, SEM=ATOMIC_SEM, num_warps=_NUM_WARPS_COMPOSITE)
+        if COMPOSITE_SLOTS:
+            _composite_bwd_slots_kernel[grid](*args, **common)
+        else:
+            _composite_bwd_kernel[grid](*args, KP=_next_pow2(K), **common)
         return (
             None,
             grad_dists if ctx.needs_input_grad[1] else None,
