@@ -29,6 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
 from pointavatar.render import alpha_composite, rasterize_points  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import timed  # noqa: E402
+
+CUDA = torch.device("cuda")
+
 SIZE, K = 512, 10
 
 
@@ -81,25 +86,19 @@ def measure(B: int, N: int, backend: str, reps: int, warmup: int = 3) -> dict:
     filled = (frags.idx >= 0).float().mean().item()
     del frags
 
-    def timed(fn):
-        times = []
-        for _ in range(reps):
-            points.grad = features.grad = None
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+    def clear_grads():
+        points.grad = features.grad = None
+
+    def median_ms(fn):
+        return statistics.median(timed(fn, CUDA, 0, reps, setup=clear_grads))
 
     def forward():
         with torch.no_grad():
             frags = rasterize_points(points, SIZE, radius, K, backend=backend)
             alpha_composite(frags, features, radius, backend=backend)
 
-    t_fwd = timed(forward)
-    t_all = timed(lambda: run_once(points, features, cot, radius, backend))
+    t_fwd = median_ms(forward)
+    t_all = median_ms(lambda: run_once(points, features, cot, radius, backend))
     return dict(
         B=B, N=N, radius=radius, backend=backend, fwd=t_fwd, fwdbwd=t_all, peak_mb=peak / 2**20, filled=filled
     )
@@ -123,15 +122,9 @@ def sweep(reps: int) -> tuple[int, int, int]:
                 try:
                     out = rasterize_points(pts, SIZE, radius, K, backend="cuda")
                     same = torch.equal(out.idx, ref.idx) and torch.equal(out.dists, ref.dists)
-                    times = []
-                    for _ in range(reps):
-                        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        s.record()
-                        rasterize_points(pts, SIZE, radius, K, backend="cuda")
-                        e.record()
-                        torch.cuda.synchronize()
-                        times.append(s.elapsed_time(e))
-                    ms = statistics.median(times)
+                    ms = statistics.median(
+                        timed(lambda: rasterize_points(pts, SIZE, radius, K, backend="cuda"), CUDA, 0, reps)
+                    )
                     print(f"  {tile:3d} {chunk:3d} {warps:2d} -> {ms:7.3f} ms  {same}", flush=True)
                     if same and ms < best_ms:
                         best, best_ms = (tile, chunk, warps), ms
@@ -171,16 +164,14 @@ def composite_sweep(reps: int, batches: list[int], points: list[int]) -> tuple[i
     def fwd_bwd_ms(case) -> float:
         N, pts, feats, cot = case
         points, features = pts.clone().requires_grad_(), feats.clone().requires_grad_()
-        times = []
-        for _ in range(reps):
+
+        def clear_grads():
             points.grad = features.grad = None
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
+
+        def run():
             run_once(points, features, cot, radius_for(N), "cuda")
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        return statistics.median(times)
+
+        return statistics.median(timed(run, CUDA, 0, reps, setup=clear_grads))
 
     refs = [images_and_grads(c) for c in cases]
     print("composite sweep: layout block warps -> fwd+bwd ms per case, images and gradients as the default's")

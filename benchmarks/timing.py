@@ -7,13 +7,16 @@ import time
 import torch
 
 
-def timed(fn, device: torch.device, warmup: int, repeat: int) -> list[float]:
+def timed(fn, device: torch.device, warmup: int, repeat: int, setup=None) -> list[float]:
     """fn() run ``warmup`` times untimed, then ``repeat`` times: each run's time in ms (on CUDA between
-    two events around it, synchronised after each run)."""
+    two events around it, synchronised after each run). ``setup()``, if given, runs before each timed
+    run, outside the timed region (clearing gradients, say)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
+        if setup is not None:
+            setup()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
