@@ -352,6 +352,17 @@ def _composite_bwd_kernel(
 
 
 @triton.jit
+def _slot_alpha(idx_ptr, dist_ptr, r2_ptr, r2_stride, off, pm):
+    """One slot of each pixel (flat offsets ``off``): its point index, whether it is filled, the point's
+    squared radius and alpha = 1 - d / r^2 (0 for an empty slot, which then changes nothing)."""
+    pt = tl.load(idx_ptr + off, mask=pm, other=-1)
+    valid = pt >= 0
+    d = tl.load(dist_ptr + off, mask=pm, other=0.0)
+    r2 = tl.load(r2_ptr + pt * r2_stride, mask=valid, other=1.0)
+    return pt, valid, r2, tl.where(valid, 1.0 - d / r2, 0.0)
+
+
+@triton.jit
 def _composite_fwd_slots_kernel(
     idx_ptr,  # [P, K] int64
     dist_ptr,  # [P, K]
@@ -379,11 +390,7 @@ def _composite_fwd_slots_kernel(
     trans = tl.full([BLOCK], 1.0, dtype=dist_ptr.dtype.element_ty)
     for k in tl.static_range(K):
         off = pix * K + k
-        pt = tl.load(idx_ptr + off, mask=pm, other=-1)
-        valid = pt >= 0
-        d = tl.load(dist_ptr + off, mask=pm, other=0.0)
-        r2 = tl.load(r2_ptr + pt * r2_stride, mask=valid, other=1.0)
-        alpha = tl.where(valid, 1.0 - d / r2, 0.0)  # empty slots: alpha 0, they change nothing
+        pt, valid, r2, alpha = _slot_alpha(idx_ptr, dist_ptr, r2_ptr, r2_stride, off, pm)
         w = alpha * trans
         tl.store(weight_ptr + off, w, mask=pm)
         if STORE_T:
@@ -423,11 +430,7 @@ def _composite_bwd_slots_kernel(
     suffix = tl.zeros([BLOCK], dtype=dist_ptr.dtype.element_ty)
     for kr in tl.static_range(K):
         off = pix * K + (K - 1 - kr)
-        pt = tl.load(idx_ptr + off, mask=pm, other=-1)
-        valid = pt >= 0
-        d = tl.load(dist_ptr + off, mask=pm, other=0.0)
-        r2 = tl.load(r2_ptr + pt * r2_stride, mask=valid, other=1.0)
-        alpha = tl.where(valid, 1.0 - d / r2, 0.0)
+        pt, valid, r2, alpha = _slot_alpha(idx_ptr, dist_ptr, r2_ptr, r2_stride, off, pm)
         w = tl.load(weight_ptr + off, mask=pm, other=0.0)
         trans = tl.load(trans_ptr + off, mask=pm, other=0.0)
         fm = valid[:, None] & cm[None, :]
