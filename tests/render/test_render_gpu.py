@@ -41,6 +41,19 @@ def run(points, feats, cot, size, radius, K, backend):
     return frags, images, weights, p.grad, f.grad
 
 
+def assert_composited_alike(fast, reference):
+    """The "cuda" backend's (images, weights, point gradients, feature gradients), as `run` returns them
+    after the fragments, against the "torch" reference's."""
+    (ic, wc, gpc, gfc), (it, wt, gpt, gft) = fast, reference
+    ulp = "sums of K <= 10 float32 products; a division may differ by an ulp between Triton and PyTorch"
+    assert_close(ic, it, rtol=1e-5, atol=1e-5, reason=ulp)
+    assert_close(wc, wt, rtol=1e-5, atol=1e-6, reason=ulp)
+    # float32 rounding relative to the largest entry.
+    order = "gradients sum over many pixels in different orders (atomics vs index_put)"
+    assert_close(gfc, gft, rtol=1e-4, atol=1e-5 * gft.abs().max().item(), reason=order)
+    assert_close(gpc, gpt, rtol=1e-4, atol=1e-5 * gpt.abs().max().item(), reason=order)
+
+
 CASES = [
     # (cloud, B, N, size, radius, K, C)
     ("uniform", 1, 500, 64, 0.08, 5, 4),
@@ -77,13 +90,7 @@ def test_cuda_backend_matches_torch(case, sem, monkeypatch):
     # zbuf copies the inputs and dists are the same float32 operations (no fused multiply-add): equal.
     assert torch.equal(fc.zbuf, ft.zbuf)
     assert torch.equal(fc.dists.detach(), ft.dists.detach())
-    ulp = "sums of K <= 10 float32 products; a division may differ by an ulp between Triton and PyTorch"
-    assert_close(ic, it, rtol=1e-5, atol=1e-5, reason=ulp)
-    assert_close(wc, wt, rtol=1e-5, atol=1e-6, reason=ulp)
-    # float32 rounding relative to the largest entry.
-    order = "gradients sum over many pixels in different orders (atomics vs index_put)"
-    assert_close(gfc, gft, rtol=1e-4, atol=1e-5 * gft.abs().max().item(), reason=order)
-    assert_close(gpc, gpt, rtol=1e-4, atol=1e-5 * gpt.abs().max().item(), reason=order)
+    assert_composited_alike((ic, wc, gpc, gfc), (it, wt, gpt, gft))
 
     for thresh, w in ((0.5, wt), (0.3, wt.to(torch.bfloat16)), (0.02, wt)):
         vis = {b: torch.zeros(N, dtype=torch.bool, device="cuda") for b in ("torch", "cuda")}
@@ -110,14 +117,9 @@ def test_compositing_settings_match_torch(block, warps, slots, monkeypatch):
     g = torch.Generator().manual_seed(6)
     feats = torch.rand(B, N, C, generator=g).cuda()
     cot = torch.randn(B, size, size, C, generator=g).cuda()
-    _, it, wt, gpt, gft = run(pts, feats, cot, size, 0.05, K, "torch")
-    _, ic, wc, gpc, gfc = run(pts, feats, cot, size, 0.05, K, "cuda")
-    ulp = "sums of K <= 10 float32 products; a division may differ by an ulp between Triton and PyTorch"
-    assert_close(ic, it, rtol=1e-5, atol=1e-5, reason=ulp)
-    assert_close(wc, wt, rtol=1e-5, atol=1e-6, reason=ulp)
-    order = "gradients sum over many pixels in different orders (atomics vs index_put)"
-    assert_close(gfc, gft, rtol=1e-4, atol=1e-5 * gft.abs().max().item(), reason=order)
-    assert_close(gpc, gpt, rtol=1e-4, atol=1e-5 * gpt.abs().max().item(), reason=order)
+    _, *reference = run(pts, feats, cot, size, 0.05, K, "torch")
+    _, *fast = run(pts, feats, cot, size, 0.05, K, "cuda")
+    assert_composited_alike(fast, reference)
 
 
 def test_auto_uses_cuda_backend_without_warning():
