@@ -138,14 +138,13 @@ def sweep(reps: int) -> tuple[int, int, int]:
     return best
 
 
-def composite_sweep(reps: int, batches: list[int], points: list[int]) -> tuple[int, int, bool]:
-    """Time the compositing kernels' layout (`COMPOSITE_SLOTS`), pixels per program and warps (rasterize +
+def composite_sweep(reps: int, batches: list[int], points: list[int]) -> tuple[int, int]:
+    """Time the compositing kernels' pixels per program and warps (rasterize +
     composite, forward and backward, B x 512 x 512), check each setting's images and feature gradients
-    against the current one's, and return the fastest correct (block, warps, slots) summed over the
-    cases."""
+    against the current one's, and return the fastest correct (block, warps) summed over the cases."""
     from pointavatar.render import _triton_impl as tri
 
-    default = (tri._BLOCK_PIX, tri._NUM_WARPS_COMPOSITE, tri.COMPOSITE_SLOTS)
+    default = (tri._BLOCK_PIX, tri._NUM_WARPS_COMPOSITE)
     cases = []
     for B in batches:
         for N in points:
@@ -174,13 +173,12 @@ def composite_sweep(reps: int, batches: list[int], points: list[int]) -> tuple[i
         return statistics.median(timed(run, CUDA, 0, reps, setup=clear_grads))
 
     refs = [images_and_grads(c) for c in cases]
-    print("composite sweep: layout block warps -> fwd+bwd ms per case, images and gradients as the default's")
-    grid = [(b, w, False) for b in (16, 32, 64, 128) for w in (1, 2, 4, 8)]
-    grid += [(b, w, True) for b in (32, 64, 128, 256) for w in (2, 4, 8)]
+    print("composite sweep: block warps -> fwd+bwd ms per case, images and gradients as the default's")
+    grid = [(b, w) for b in (16, 32, 64, 128, 256) for w in (1, 2, 4, 8)]
     best, best_ms = default, float("inf")
-    for block, warps, slots in grid:
-        tri._BLOCK_PIX, tri._NUM_WARPS_COMPOSITE, tri.COMPOSITE_SLOTS = block, warps, slots
-        name = f"  {'slots ' if slots else 'blocks'} {block:4d} {warps:2d}"
+    for block, warps in grid:
+        tri._BLOCK_PIX, tri._NUM_WARPS_COMPOSITE = block, warps
+        name = f"  {block:4d} {warps:2d}"
         try:
             same = True
             for case, (img, grad) in zip(cases, refs, strict=True):
@@ -195,9 +193,9 @@ def composite_sweep(reps: int, batches: list[int], points: list[int]) -> tuple[i
         cells = "  ".join(f"{ms:7.3f}" for ms in per_case)
         print(f"{name} -> {cells}  (sum {total:7.3f})  {bool(same)}", flush=True)
         if same and total < best_ms:
-            best, best_ms = (block, warps, slots), total
-    tri._BLOCK_PIX, tri._NUM_WARPS_COMPOSITE, tri.COMPOSITE_SLOTS = best
-    print(f"composite sweep: using block, warps, slots {best} (default {default})", flush=True)
+            best, best_ms = (block, warps), total
+    tri._BLOCK_PIX, tri._NUM_WARPS_COMPOSITE = best
+    print(f"composite sweep: using block, warps {best} (default {default})", flush=True)
     return best
 
 
@@ -264,10 +262,8 @@ def main() -> None:
             f"\nTriton rasterizer settings from --sweep: tile {best[0]}, chunk {best[1]}, warps {best[2]}"
         )
     if args.composite_sweep:
-        block, warps, slots = composite_sweep(max(10, args.reps // 2), args.batches, args.points)
-        header += (
-            f"\ncompositing settings from --composite-sweep: block {block}, warps {warps}, slots {slots}"
-        )
+        block, warps = composite_sweep(max(10, args.reps // 2), args.batches, args.points)
+        header += f"\ncompositing settings from --composite-sweep: block {block}, warps {warps}"
     if args.profile:
         profile()
 

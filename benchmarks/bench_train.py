@@ -174,12 +174,14 @@ def main() -> None:
     p.add_argument("--recompute-chunk", type=int, default=0, help="model.recompute_chunk (fast path)")
     p.add_argument(
         "--prior-query-chunk",
-        type=int,
-        default=65536,
-        help="model.prior_query_chunk (fast path; 0: one pass)",
+        type=lambda v: v if v == "auto" else int(v),
+        default="auto",
+        help='model.prior_query_chunk (fast path; 0: one pass; "auto": 65536 with a lean backward, else 0)',
     )
     p.add_argument(
-        "--compile-prior-query", action="store_true", help="model.compile_prior_query (fast path, CUDA)"
+        "--eager-prior-query",
+        action="store_true",
+        help="model.compile_prior_query = false (fast path, CUDA: the prior's query eager)",
     )
     p.add_argument(
         "--adam",
@@ -258,7 +260,7 @@ def main() -> None:
     model, loss_fn = trainer.model, trainer.loss
     model.compile_scope = args.compile_scope
     model.prior_query_chunk = args.prior_query_chunk
-    model.compile_prior_query = args.compile_prior_query
+    model.compile_prior_query = not args.eager_prior_query
     model.deform_contractions = args.deform_contractions
     model.compile_mode = args.compile_mode
     batch_iter = None
@@ -363,7 +365,7 @@ def main() -> None:
         "deform_contractions": args.deform_contractions,
         "recompute_chunk": args.recompute_chunk,
         "prior_query_chunk": args.prior_query_chunk,
-        "compile_prior_query": args.compile_prior_query,
+        "compile_prior_query": not args.eager_prior_query,
         "compile_scope": args.compile_scope,
         "cuda_graph": args.cuda_graph,
         "compile_mode": args.compile_mode,

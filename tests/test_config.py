@@ -462,6 +462,8 @@ def test_override_rejects_unknown_and_wrong_type() -> None:
             "[3, -1, 7]",
         ),
         ("dataset { train { subsample = [50, 10] } }", "dataset.train.subsample", "first < end", "[50, 10]"),
+        ("model { prior_query_chunk = -1 }", "model.prior_query_chunk", '"auto" or an int >= 0', "found -1"),
+        ("model { prior_query_chunk = half }", "model.prior_query_chunk", '"auto" or an int >= 0', "'half'"),
     ],
 )
 def test_value_out_of_range(tmp_path: Path, text: str, key: str, allowed: str, found: str) -> None:
@@ -488,6 +490,10 @@ def test_range_bounds_are_inclusive_where_stated() -> None:
     )
     assert c.train.nepoch == 0 and c.model.prune_thresh == 1.0 and c.model.point_cloud.max_points == 1
     assert c.dataset.test.subsample == [0] and c.dataset.train.img_res == [1, 1]
+    # model.prior_query_chunk: "auto" (the default) or any int >= 0, 0 included.
+    assert parse_conf("").model.prior_query_chunk == "auto"
+    assert parse_conf("model { prior_query_chunk = 0 }").model.prior_query_chunk == 0
+    assert parse_conf("model { prior_query_chunk = 4096 }").model.prior_query_chunk == 4096
 
 
 def test_max_points_below_n_init_points(tmp_path: Path) -> None:

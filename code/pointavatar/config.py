@@ -441,15 +441,20 @@ class ModelConf:
     (torch.utils.checkpoint): far less GPU memory for about one more forward pass (at 409,600 points
     on an H200: 7.3 GiB and 190 ms a step with 65536, against 44 GiB and 136 ms with 0; README
     "Speed"). 0: one pass, all stored. Same values and gradients either way."""
-    prior_query_chunk: int = field(default=65536, metadata=_range(min=0))
+    prior_query_chunk: int | str = field(
+        default="auto",
+        metadata=_check(lambda v: v == "auto" or (isinstance(v, int) and v >= 0), '"auto" or an int >= 0'),
+    )
     """(ours) Fast path, training only: the FLAME prior's second deformer query (on the detached
     canonical points, spec §5.13) runs in chunks of this many points whose activations are recomputed
     in the backward (torch.utils.checkpoint; 5.2 KB a point kept without, 2.0 GiB at 409,600 points).
-    0: one pass, all kept. Same values and gradients either way."""
-    compile_prior_query: bool = False
+    0: one pass, all kept (the faster: 80 ms against 84 a step at 409,600 points on an H200,
+    benchmarks/RESULTS.md step 8). "auto": 65536 where geometry_backward or deformer_backward resolves to
+    a lean backward (GPUs below 44 GiB by default), else 0. Same values and gradients either way."""
+    compile_prior_query: bool = True
     """(ours) Fast path, training, on CUDA: compile that query (each chunk) with torch.compile, as the
-    per-point pieces are. Off: it runs eagerly (about 9 ms of the 87-ms step at 409,600 points on an
-    H200, benchmarks/RESULTS.md step 7; the compiled query not yet timed). Same values and gradients."""
+    per-point pieces are (it ran eagerly before: about 9 ms of the 87-ms step at 409,600 points on an
+    H200, benchmarks/RESULTS.md step 7). False: eager. Same values and gradients."""
     geometry_backward: str = field(
         default="auto", metadata=_choices("auto", "autograd", "fused", "fused_recompute")
     )

@@ -127,6 +127,7 @@ def test_compiled_pieces_get_no_parameters_or_views(flame_files, monkeypatch):
     monkeypatch.setattr(geometry_fused, "_COMPILED", {})
     monkeypatch.setattr(geometry_fused, "_COMPILE_FAILED", [])
     n = model.pc.n_points
+    model.compile_prior_query = False  # the default is True: first the pieces alone
     for deformer in ("autograd", "fused"):
         model.deformer_backward = deformer
         deform_piece = "_deform_piece" if deformer == "autograd" else "_flame_piece"
@@ -141,7 +142,7 @@ def test_compiled_pieces_get_no_parameters_or_views(flame_files, monkeypatch):
             assert all(own and not_param for _, _, own, not_param in pieces), (chunk, seen)
             geometry = [c for name, c, *_ in seen if name == "_geometry_piece"]
             assert sum(geometry) == (n if chunk == 0 else 2 * n)  # the points, then their recomputation
-            assert "query_weights" not in names  # the FLAME prior's query: eager unless asked
+            assert "query_weights" not in names  # the FLAME prior's query: eager when asked
     # model.compile_prior_query: the prior's query compiled too, per chunk (views of the points cloned),
     # each chunk again in the backward's recomputation; with prior_query_chunk 0, once over all points.
     model.compile_prior_query = True
@@ -265,28 +266,38 @@ def test_geometry_bf16_only_on_gpus_with_bf16_tensor_cores(flame_files, monkeypa
 
 def test_auto_backwards_are_lean_on_gpus_below_44_gib(flame_files, monkeypatch):
     """model.geometry_backward / deformer_backward "auto" (the defaults): the fastest pair on large GPUs,
-    the lean pair below LEAN_BELOW_GIB, autograd off CUDA; an explicit value is kept; the trainer's line."""
+    the lean pair below LEAN_BELOW_GIB, autograd off CUDA; an explicit value is kept. The prior query's
+    chunks ("auto") follow: recomputed chunks with a lean backward, one pass without. The trainer's line."""
     model = build(flame_files)
     assert (model.geometry_backward, model.deformer_backward) == ("auto", "auto")
+    assert model.prior_query_chunk == "auto"
     cuda = torch.device("cuda", 0)
     assert model.backwards(torch.device("cpu")) == ("autograd", "autograd")
+    assert model.prior_chunk(torch.device("cpu")) == 0
     for gib, expected in ((23.6, ("fused_recompute", "fused_bf16")), (39.4, ("fused_recompute", "fused_bf16")),
                           (44.0, ("autograd", "autograd")), (139.8, ("autograd", "autograd"))):  # fmt: skip
         monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device, g=gib: g)
         assert model.backwards(cuda) == expected, gib
+        assert model.prior_chunk(cuda) == (0 if gib >= 44 else 65536), gib
     model.deformer_backward = "fused"  # explicit: kept; the geometry's "auto" still resolves
     assert model.backwards(cuda) == ("autograd", "fused")
+    assert model.prior_chunk(cuda) == 65536  # one lean backward is enough for the chunks
+    model.prior_query_chunk = 0  # explicit: kept
+    assert model.prior_chunk(cuda) == 0
+    model.prior_query_chunk = "auto"
     monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device: 23.6)
     assert model.backwards(cuda) == ("fused_recompute", "fused")
     monkeypatch.setattr(trainer_module, "gpu_memory_gib", lambda device: 23.6)
     line = trainer_module.backwards_line(model, cuda)
     assert line == (
-        "Fast path: geometry backward fused_recompute, deformer backward fused (auto: a 23.6 GiB GPU, below 44 GiB)"
+        "Fast path: geometry backward fused_recompute, deformer backward fused, prior query by chunks of 65536"
+        " points (auto: a 23.6 GiB GPU, below 44 GiB)"
     )
     model.geometry_backward = "autograd"
     model.deformer_backward = "fused_bf16"
+    model.prior_query_chunk = 0
     assert trainer_module.backwards_line(model, cuda) == (
-        "Fast path: geometry backward autograd, deformer backward fused_bf16"
+        "Fast path: geometry backward autograd, deformer backward fused_bf16, prior query in one pass"
     )
 
 

@@ -306,15 +306,13 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     cases = [(2, 90, 20, 5, 4, False), (1, 300, 35, 3, 13, True), (2, 12, 40, 4, 4, False)]
     # And the compositing kernels with another number of pixels a program than the default's (partly filled
     # last programs).
-    # Also the other layout of the compositing kernels (one slot at a time, or [BLOCK, KP] blocks).
-    saved = (_triton_impl.ATOMIC_SEM, _triton_impl._BLOCK_PIX, _triton_impl.COMPOSITE_SLOTS)
+    saved = (_triton_impl.ATOMIC_SEM, _triton_impl._BLOCK_PIX)
     other = 32 if saved[1] != 32 else 128
-    settings = [("relaxed", saved[1], saved[2]), ("acq_rel", saved[1], saved[2]), ("relaxed", other, saved[2]),
-                ("relaxed", saved[1], not saved[2])]  # fmt: skip
-    for (sem, block, slots), (seed, (B, N, S, K, C, per_point)) in [
+    settings = [("relaxed", saved[1]), ("acq_rel", saved[1]), ("relaxed", other)]
+    for (sem, block), (seed, (B, N, S, K, C, per_point)) in [
         (m, c) for m in settings for c in enumerate(cases)
     ]:
-        _triton_impl.ATOMIC_SEM, _triton_impl._BLOCK_PIX, _triton_impl.COMPOSITE_SLOTS = sem, block, slots
+        _triton_impl.ATOMIC_SEM, _triton_impl._BLOCK_PIX = sem, block
         g = torch.Generator().manual_seed(seed)
         pts = torch.rand(B, N, 3, generator=g) * 2.6 - 1.3
         pts[..., 2] = torch.randint(0, 6, (B, N), generator=g).float() * 0.5 - 0.5
@@ -344,7 +342,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             for b in vis:
                 mark_visible(ft.idx, w, N, thresh, vis[b], backend=b)
             assert torch.equal(vis["cuda"], vis["torch"]) and vis["torch"][1::7].any()
-    _triton_impl.ATOMIC_SEM, _triton_impl._BLOCK_PIX, _triton_impl.COMPOSITE_SLOTS = saved
+    _triton_impl.ATOMIC_SEM, _triton_impl._BLOCK_PIX = saved
 
     # A fixed binning budget (no host sync, for CUDA graphs): the same fragments when it is large
     # enough, and needed > capacity (results to discard) when it is one pair short.

@@ -379,7 +379,9 @@ def test_fused_backwards_train_as_the_reference(subject, tmp_path, capsys, monke
         runs[name] = load_model_ckpt(trainer.exp.train_dir)["model_state_dict"]
         # The fast path says which backwards it trains with; the reference path has none to say.
         said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Fast path:")]
-        expected = ["Fast path: geometry backward fused_recompute, deformer backward fused"]
+        expected = [
+            "Fast path: geometry backward fused_recompute, deformer backward fused, prior query by chunks of 65536 points"
+        ]
         assert said == (expected if name == "lean" else []), name
     reference, lean = runs["reference"], runs["lean"]
     assert reference.keys() == lean.keys()

@@ -62,6 +62,9 @@ def deformed_normals(cols: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
 # this. The fastest ones peak at 34.9 GiB at 409,600 points on an H200 (the lean pair 10.3 GiB, at 111
 # against 93 ms a step; benchmarks/RESULTS.md, step 6): 40 GB cards and smaller get the lean pair.
 LEAN_BELOW_GIB = 44.0
+# model.prior_query_chunk "auto" where a lean backward applies: the prior's query by chunks of this many
+# points, recomputed in the backward (2.0 GiB less at 409,600 points; one pass is 4 ms faster there).
+PRIOR_CHUNK_LEAN = 65536
 
 
 def gpu_memory_gib(device: torch.device) -> float:
@@ -109,7 +112,7 @@ class PointAvatar(nn.Module):
         self.render_backend = conf.render_backend
         self.implementation = conf.implementation
         self.recompute_chunk = int(conf.recompute_chunk)
-        self.prior_query_chunk = int(conf.prior_query_chunk)
+        self.prior_query_chunk = conf.prior_query_chunk  # "auto" or an int (``prior_chunk``)
         self.compile_prior_query = bool(conf.compile_prior_query)
         self.geometry_bf16 = bool(conf.geometry_bf16)
         # "auto" resolves per device (``backwards``): the fastest on large GPUs, the lean ones below.
@@ -215,6 +218,14 @@ class PointAvatar(nn.Module):
             geometry = ("fused_recompute" if lean else "autograd") if geometry == "auto" else geometry
             deformer = ("fused_bf16" if lean else "autograd") if deformer == "auto" else deformer
         return geometry, deformer
+
+    def prior_chunk(self, device: torch.device) -> int:
+        """``prior_query_chunk`` as it applies on ``device``: "auto" is 65536 (its activations
+        recomputed, 2.0 GiB less at 409,600 points) where a lean backward applies, 0 (one pass, the
+        faster) otherwise."""
+        if self.prior_query_chunk != "auto":
+            return int(self.prior_query_chunk)
+        return PRIOR_CHUNK_LEAN if self.backwards(device) != ("autograd", "autograd") else 0
 
     def _geometry_fast(
         self, points: torch.Tensor, jittered: torch.Tensor
@@ -381,7 +392,7 @@ class PointAvatar(nn.Module):
         self, points: torch.Tensor, fast: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``deformer_network.query_weights`` at detached points for the FLAME prior. On the fast path in
-        training it runs on chunks of ``prior_query_chunk`` points (0: all at once) under
+        training it runs on chunks of ``prior_chunk`` points (0: all at once) under
         ``torch.utils.checkpoint``: its activations (5.2 KB a point kept without it, 2.0 GiB at 409,600
         points; benchmarks/RESULTS.md, step 5) are recomputed in the backward, one chunk at a time, and
         with ``compile_prior_query`` each chunk is a compiled call. Same values and gradients."""
@@ -390,7 +401,7 @@ class PointAvatar(nn.Module):
             return query(points)
         if self.compile_prior_query:
             query = partial(self._compiled_call, "prior", self.deformer_network.query_weights)
-        chunk = self.prior_query_chunk
+        chunk = self.prior_chunk(points.device)
         if chunk <= 0:
             return query(points)
         parts = [

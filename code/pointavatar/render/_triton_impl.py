@@ -34,17 +34,10 @@ TILE = 8  # tile side in pixels; a program handles TILE * TILE pixels
 CHUNK = 32  # candidates tested per step of the scan
 _NUM_WARPS_RASTER = 1  # tile 8, chunk 32, 1 warp: fastest in the H100 sweep (benchmarks/RESULTS.md)
 _BLOCK_BIN = 512  # points per program in the binning kernels
-# Pixels per program and warps of the compositing kernels. Their per-pixel slot arrays ([BLOCK, 16] each)
-# fill registers: at 128 pixels on 4 warps the sm_90 backward uses all 255 registers per thread and spills
-# (fwd 211), at 32 pixels 96 (fwd 64) (cuobjdump of the compiled kernels; benchmarks/RESULTS.md, step 7).
-# bench_render.py --composite-sweep times the combinations on a GPU.
-_BLOCK_PIX = 128
-_NUM_WARPS_COMPOSITE = 4
-# The compositing kernels' layout: False, each program holds its pixels' K slots as [BLOCK, KP] register
-# arrays (coalesced block loads); True, it reads and writes one slot of every pixel at a time (strided loads
-# that L1 serves across the slot loop): at 128 pixels on 4 warps 64 registers for the backward and 32 for
-# the forward instead of 255 and 211. Same operations in the same order, same values. The sweep times both.
-COMPOSITE_SLOTS = False
+# Pixels per program and warps of the compositing kernels: 32 on 2 warps was the fastest setting of
+# bench_render.py --composite-sweep on the H200 (benchmarks/RESULTS.md, step 8).
+_BLOCK_PIX = 32
+_NUM_WARPS_COMPOSITE = 2
 _BLOCK_SLOTS = 1024  # fragment slots per program in the rasterizer backward and in mark_visible
 # Memory order of the backward kernels' atomic adds (gradient sums: only the final value matters, nothing
 # else is read around them): "relaxed" drops the fence that Triton's default "acq_rel" puts around each.
@@ -245,6 +238,17 @@ def _rasterize_bwd_kernel(
 
 
 @triton.jit
+def _slot_alpha(idx_ptr, dist_ptr, r2_ptr, r2_stride, off, pm):
+    """One slot of each pixel (flat offsets ``off``): its point index, whether it is filled, the point's
+    squared radius and alpha = 1 - d / r^2 (0 for an empty slot, which then changes nothing)."""
+    pt = tl.load(idx_ptr + off, mask=pm, other=-1)
+    valid = pt >= 0
+    d = tl.load(dist_ptr + off, mask=pm, other=0.0)
+    r2 = tl.load(r2_ptr + pt * r2_stride, mask=valid, other=1.0)
+    return pt, valid, r2, tl.where(valid, 1.0 - d / r2, 0.0)
+
+
+@triton.jit
 def _composite_fwd_kernel(
     idx_ptr,  # [P, K] int64
     dist_ptr,  # [P, K]
@@ -257,131 +261,13 @@ def _composite_fwd_kernel(
     P,
     C,
     K: tl.constexpr,
-    KP: tl.constexpr,
     CP: tl.constexpr,
     BLOCK: tl.constexpr,
     STORE_T: tl.constexpr,
 ):
-    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    pm = pix < P
-    ch = tl.arange(0, CP)
-    cm = ch < C
-    # The K slots of a pixel are contiguous: read and write them as [BLOCK, KP] blocks (coalesced) and
-    # walk the slots front to back on registers, picking column k with a one-hot sum.
-    kk = tl.arange(0, KP)
-    m2 = pm[:, None] & (kk[None, :] < K)
-    off2 = pix[:, None] * K + kk[None, :]
-    ids = tl.load(idx_ptr + off2, mask=m2, other=-1)
-    d = tl.load(dist_ptr + off2, mask=m2, other=0.0)
-    r2 = tl.load(r2_ptr + ids * r2_stride, mask=ids >= 0, other=1.0)
-    alphas = tl.where(ids >= 0, 1.0 - d / r2, 0.0)  # empty slots: alpha 0, they change nothing
-    weights = tl.zeros([BLOCK, KP], dtype=alphas.dtype)
-    transes = tl.zeros([BLOCK, KP], dtype=alphas.dtype)
-    acc = tl.zeros([BLOCK, CP], dtype=feat_ptr.dtype.element_ty)
-    trans = tl.full([BLOCK], 1.0, dtype=alphas.dtype)
-    for k in tl.static_range(K):
-        sel = kk[None, :] == k
-        pt = tl.sum(tl.where(sel, ids, 0), axis=1)
-        alpha = tl.sum(tl.where(sel, alphas, 0.0), axis=1)
-        w = alpha * trans
-        weights = tl.where(sel, w[:, None], weights)
-        transes = tl.where(sel, trans[:, None], transes)
-        fm = (pt >= 0)[:, None] & cm[None, :]
-        f = tl.load(feat_ptr + pt[:, None] * C + ch[None, :], mask=fm, other=0.0)
-        acc += w[:, None] * f
-        trans = trans * (1.0 - alpha)
-    tl.store(weight_ptr + off2, weights, mask=m2)
-    if STORE_T:
-        tl.store(trans_ptr + off2, transes, mask=m2)
-    tl.store(image_ptr + pix[:, None] * C + ch[None, :], acc, mask=pm[:, None] & cm[None, :])
-
-
-@triton.jit
-def _composite_bwd_kernel(
-    idx_ptr,  # [P, K] int64
-    dist_ptr,  # [P, K]
-    r2_ptr,
-    r2_stride,
-    feat_ptr,  # [B*N, C]
-    weight_ptr,  # [P, K] saved weights
-    trans_ptr,  # [P, K] saved transmittance
-    grad_image_ptr,  # [P, C]
-    grad_feat_ptr,  # [B*N, C] accumulated with atomics
-    grad_dist_ptr,  # [P, K] out
-    P,
-    C,
-    K: tl.constexpr,
-    KP: tl.constexpr,
-    CP: tl.constexpr,
-    BLOCK: tl.constexpr,
-    SEM: tl.constexpr,
-):
-    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    pm = pix < P
-    ch = tl.arange(0, CP)
-    cm = ch < C
-    g = tl.load(grad_image_ptr + pix[:, None] * C + ch[None, :], mask=pm[:, None] & cm[None, :], other=0.0)
-    kk = tl.arange(0, KP)
-    m2 = pm[:, None] & (kk[None, :] < K)
-    off2 = pix[:, None] * K + kk[None, :]
-    ids = tl.load(idx_ptr + off2, mask=m2, other=-1)
-    d = tl.load(dist_ptr + off2, mask=m2, other=0.0)
-    r2s = tl.load(r2_ptr + ids * r2_stride, mask=ids >= 0, other=1.0)
-    alphas = tl.where(ids >= 0, 1.0 - d / r2s, 0.0)
-    ws = tl.load(weight_ptr + off2, mask=m2, other=0.0)
-    transes = tl.load(trans_ptr + off2, mask=m2, other=0.0)
-    grad_alphas = tl.zeros([BLOCK, KP], dtype=alphas.dtype)
-    # suffix = g . (composite of the slots behind the current one, as if it started there)
-    suffix = tl.zeros([BLOCK], dtype=alphas.dtype)
-    for kr in tl.static_range(K):
-        sel = kk[None, :] == K - 1 - kr
-        pt = tl.sum(tl.where(sel, ids, 0), axis=1)
-        valid = pt >= 0
-        alpha = tl.sum(tl.where(sel, alphas, 0.0), axis=1)
-        w = tl.sum(tl.where(sel, ws, 0.0), axis=1)
-        trans = tl.sum(tl.where(sel, transes, 0.0), axis=1)
-        fm = valid[:, None] & cm[None, :]
-        f = tl.load(feat_ptr + pt[:, None] * C + ch[None, :], mask=fm, other=0.0)
-        gf = tl.sum(g * f, axis=1)
-        # I = sum_{l<k} w_l f_l + T_k (alpha_k f_k + (1 - alpha_k) S_k)  =>  dI/dalpha_k = T_k (f_k - S_k)
-        grad_alphas = tl.where(sel, (trans * (gf - suffix))[:, None], grad_alphas)
-        tl.atomic_add(grad_feat_ptr + pt[:, None] * C + ch[None, :], w[:, None] * g, mask=fm, sem=SEM)
-        suffix = tl.where(valid, alpha * gf + (1.0 - alpha) * suffix, suffix)
-    # alpha = 1 - d / r^2  =>  d alpha / d d = -1 / r^2; empty slots get no gradient.
-    tl.store(grad_dist_ptr + off2, tl.where(ids >= 0, -grad_alphas / r2s, 0.0), mask=m2)
-
-
-@triton.jit
-def _slot_alpha(idx_ptr, dist_ptr, r2_ptr, r2_stride, off, pm):
-    """One slot of each pixel (flat offsets ``off``): its point index, whether it is filled, the point's
-    squared radius and alpha = 1 - d / r^2 (0 for an empty slot, which then changes nothing)."""
-    pt = tl.load(idx_ptr + off, mask=pm, other=-1)
-    valid = pt >= 0
-    d = tl.load(dist_ptr + off, mask=pm, other=0.0)
-    r2 = tl.load(r2_ptr + pt * r2_stride, mask=valid, other=1.0)
-    return pt, valid, r2, tl.where(valid, 1.0 - d / r2, 0.0)
-
-
-@triton.jit
-def _composite_fwd_slots_kernel(
-    idx_ptr,  # [P, K] int64
-    dist_ptr,  # [P, K]
-    r2_ptr,  # squared radius, read at point * r2_stride
-    r2_stride,
-    feat_ptr,  # [B*N, C]
-    image_ptr,  # [P, C] out
-    weight_ptr,  # [P, K] out
-    trans_ptr,  # [P, K] out: transmittance before each slot (for backward), if STORE_T
-    P,
-    C,
-    K: tl.constexpr,
-    CP: tl.constexpr,
-    BLOCK: tl.constexpr,
-    STORE_T: tl.constexpr,
-):
-    """`_composite_fwd_kernel` reading and writing one slot of every pixel at a time (strided by K, the
-    block's slots staying in L1 across the loop) instead of holding [BLOCK, KP] arrays in registers.
-    The same operations in the same order: the same values."""
+    """Front-to-back compositing of BLOCK pixels. It reads and writes one slot of every pixel at a time
+    (strided by K; the block's slots stay in L1 across the loop) rather than holding the pixels' K slots as
+    [BLOCK, K] register arrays, which spilled (benchmarks/RESULTS.md, step 8)."""
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     pm = pix < P
     ch = tl.arange(0, CP)
@@ -402,7 +288,7 @@ def _composite_fwd_slots_kernel(
 
 
 @triton.jit
-def _composite_bwd_slots_kernel(
+def _composite_bwd_kernel(
     idx_ptr,  # [P, K] int64
     dist_ptr,  # [P, K]
     r2_ptr,
@@ -420,8 +306,8 @@ def _composite_bwd_slots_kernel(
     BLOCK: tl.constexpr,
     SEM: tl.constexpr,
 ):
-    """`_composite_bwd_kernel` one slot of every pixel at a time (see `_composite_fwd_slots_kernel`);
-    the same operations in the same order."""
+    """The compositing backward, back to front, one slot of every pixel at a time (see
+    `_composite_fwd_kernel`)."""
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     pm = pix < P
     ch = tl.arange(0, CP)
@@ -608,10 +494,7 @@ class _AlphaComposite(torch.autograd.Function):
         common = dict(
             K=K, CP=_next_pow2(C), BLOCK=_BLOCK_PIX, STORE_T=need_grad, num_warps=_NUM_WARPS_COMPOSITE
         )
-        if COMPOSITE_SLOTS:
-            _composite_fwd_slots_kernel[grid](*args, **common)
-        else:
-            _composite_fwd_kernel[grid](*args, KP=_next_pow2(K), **common)
+        _composite_fwd_kernel[grid](*args, **common)
         ctx.mark_non_differentiable(weights)
         if need_grad:
             ctx.save_for_backward(idx_c, dists_c, r2_c, feats, weights, trans)
@@ -641,10 +524,7 @@ class _AlphaComposite(torch.autograd.Function):
         )
         grid = (triton.cdiv(P, _BLOCK_PIX),)
         common = dict(K=K, CP=_next_pow2(C), BLOCK=_BLOCK_PIX, SEM=ATOMIC_SEM, num_warps=_NUM_WARPS_COMPOSITE)
-        if COMPOSITE_SLOTS:
-            _composite_bwd_slots_kernel[grid](*args, **common)
-        else:
-            _composite_bwd_kernel[grid](*args, KP=_next_pow2(K), **common)
+        _composite_bwd_kernel[grid](*args, **common)
         return (
             None,
             grad_dists if ctx.needs_input_grad[1] else None,

@@ -36,8 +36,8 @@ from .losses import Loss
 from .schedule import PointSchedule, make_optimizer, uses_fused_adam
 
 # train.ground_truth_on_device "auto": at most this share of the GPU's memory for the training images.
-# With it, the largest step of model.*_backward "auto" still fits: 34.9 GiB + 4.8 on a 48 GB card
-# (47.5 GiB), 10.3 GiB + 2.4 on a 24 GB one (benchmarks/RESULTS.md, step 6).
+# With it, the largest step of model.*_backward "auto" still fits: 37.3 GiB + 4.8 on a 48 GB card
+# (47.5 GiB), 10.3 GiB + 2.4 on a 24 GB one (benchmarks/RESULTS.md, steps 6 and 8).
 GROUND_TRUTH_DEVICE_SHARE = 0.10
 
 
@@ -63,7 +63,9 @@ def _timed_iteration(iterable, seconds: list[float]):
 def backwards_line(model, device: torch.device) -> str:
     """The fast path's backward choices on ``device``, and why where "auto" chose them."""
     geometry, deformer = model.backwards(device)
-    line = f"Fast path: geometry backward {geometry}, deformer backward {deformer}"
+    chunk = model.prior_chunk(device)
+    prior = f"by chunks of {chunk} points" if chunk else "in one pass"
+    line = f"Fast path: geometry backward {geometry}, deformer backward {deformer}, prior query {prior}"
     if "auto" in (model.geometry_backward, model.deformer_backward) and device.type == "cuda":
         gib = gpu_memory_gib(device)
         side = "below" if gib < LEAN_BELOW_GIB else "at least"
