@@ -35,7 +35,6 @@ from pointavatar.engine.batching import (
     batch_size_for,  # noqa: E402
     move_to,  # noqa: E402
 )
-from pointavatar.model import deform_explicit  # noqa: E402
 from pointavatar.train.graphed_step import GraphedStep, forward_loss_backward  # noqa: E402
 from pointavatar.train.schedule import make_optimizer, uses_fused_adam  # noqa: E402
 from pointavatar.train.trainer import Trainer  # noqa: E402
@@ -193,7 +192,7 @@ def main() -> None:
         "--inverse",
         choices=["closed_form", "lu"],
         default="closed_form",
-        help="the inverse skinning's 4 x 4 inverse on the fast path (model/deform_explicit.INVERSE)",
+        help="model.inverse_skinning: the inverse skinning's 4 x 4 inverse on the fast path",
     )
     p.add_argument(
         "--visibility",
@@ -237,7 +236,6 @@ def main() -> None:
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    deform_explicit.INVERSE = args.inverse
     if device.type == "cuda":
         from pointavatar.render import _triton_impl
 
@@ -260,6 +258,7 @@ def main() -> None:
     model, loss_fn = trainer.model, trainer.loss
     model.compile_scope = args.compile_scope
     model.prior_query_chunk = args.prior_query_chunk
+    model.inverse_skinning = args.inverse
     model.compile_prior_query = not args.eager_prior_query
     model.deform_contractions = args.deform_contractions
     model.compile_mode = args.compile_mode

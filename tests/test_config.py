@@ -494,6 +494,8 @@ def test_range_bounds_are_inclusive_where_stated() -> None:
     assert parse_conf("").model.prior_query_chunk == "auto"
     assert parse_conf("model { prior_query_chunk = 0 }").model.prior_query_chunk == 0
     assert parse_conf("model { prior_query_chunk = 4096 }").model.prior_query_chunk == 4096
+    assert parse_conf("").model.inverse_skinning == "closed_form"
+    assert parse_conf('model { inverse_skinning = "lu" }').model.inverse_skinning == "lu"
 
 
 def test_max_points_below_n_init_points(tmp_path: Path) -> None:

@@ -451,6 +451,11 @@ class ModelConf:
     0: one pass, all kept (the faster: 80 ms against 84 a step at 409,600 points on an H200,
     benchmarks/RESULTS.md step 8). "auto": 65536 where geometry_backward or deformer_backward resolves to
     a lean backward (GPUs below 44 GiB by default), else 0. Same values and gradients either way."""
+    inverse_skinning: str = field(default="closed_form", metadata=_choices("closed_form", "lu"))
+    """(ours) Fast path: how the inverse skinning inverts each point's blended canonical transform
+    (4 x 4, spec §5.13). "closed_form": from cross products of its rows, elementwise, fused by
+    torch.compile (2.5 ms less a step at 409,600 points on an H200, benchmarks/RESULTS.md step 8).
+    "lu": a batched LU factorisation, as the reference path. Same values up to float32 rounding."""
     compile_prior_query: bool = True
     """(ours) Fast path, training, on CUDA: compile that query (each chunk) with torch.compile, as the
     per-point pieces are (it ran eagerly before: about 9 ms of the 87-ms step at 409,600 points on an

@@ -7,7 +7,6 @@ import torch
 from test_model import IMG_RES, make_input, model_conf, perturb_
 from tolerances import assert_close
 
-from pointavatar.model import deform_explicit
 from pointavatar.model.deform_explicit import affine_inverse, deform_with_jacobian_explicit, einsum_pointwise
 from pointavatar.model.point_avatar import PointAvatar
 
@@ -48,17 +47,14 @@ VARIANTS = [(True, True), (False, True), (True, False), (False, False)]
     ("contractions", "inverse"), [("einsum", "closed_form"), ("pointwise", "closed_form"), ("einsum", "lu")]
 )
 @pytest.mark.parametrize(("ghostbone", "deform_c"), VARIANTS)
-def test_values_and_gradients_match_reference(
-    flame_files, monkeypatch, ghostbone, deform_c, contractions, inverse
-):
-    """inverse: deform_explicit.INVERSE, the inverse skinning's closed form (default) or LU."""
-    monkeypatch.setattr(deform_explicit, "INVERSE", inverse)
+def test_values_and_gradients_match_reference(flame_files, ghostbone, deform_c, contractions, inverse):
+    """inverse: model.inverse_skinning, the inverse skinning's closed form (default) or LU."""
     model = build_variant(flame_files, ghostbone, deform_c)
     points = model.pc.points.detach().clone().requires_grad_(True)
     leaves, betas, tfs, pf = frame_inputs(model)
     x_ref, cols_ref = model.deform_with_jacobian(points, betas, tfs, pf)
     x_d, cols = deform_with_jacobian_explicit(
-        model.deformer_network, model.FLAMEServer, points, betas, tfs, pf, contractions=contractions
+        model.deformer_network, model.FLAMEServer, points, betas, tfs, pf, contractions, inverse
     )
     assert x_d.shape == x_ref.shape and cols.shape == cols_ref.shape
     # Same float64 arithmetic in a different order (inverse, einsum grouping): round-off only.
@@ -129,12 +125,16 @@ def test_einsum_pointwise_is_einsum(spec):
     assert_close(einsum_pointwise(spec, a, b), torch.einsum(spec, a, b), rtol=1e-14, atol=1e-14)
 
 
-def test_unknown_contractions_are_refused(flame_files):
+def test_unknown_contractions_or_inverse_are_refused(flame_files):
     model = build_variant(flame_files, True, True)
     _, betas, tfs, pf = frame_inputs(model)
     with pytest.raises(ValueError, match="contractions"):
         deform_with_jacobian_explicit(
             model.deformer_network, model.FLAMEServer, model.pc.points, betas, tfs, pf, contractions="x"
+        )
+    with pytest.raises(ValueError, match="inverse must be one of"):
+        deform_with_jacobian_explicit(
+            model.deformer_network, model.FLAMEServer, model.pc.points, betas, tfs, pf, inverse="qr"
         )
 
 

@@ -19,7 +19,6 @@ from pointavatar.engine import checkpoints as ckpt
 from pointavatar.engine.experiment import Experiment
 from pointavatar.errors import PointAvatarError
 from pointavatar.evaluate.runner import Evaluator
-from pointavatar.model import deform_explicit
 from pointavatar.train.trainer import Trainer
 
 CONFS = sorted((ROOT / "confs").glob("*.conf"))
@@ -352,7 +351,7 @@ def test_out_of_memory_on_gpu_names_the_memory_keys(subject, tmp_path):
 
 
 @pytest.mark.slow
-def test_fused_backwards_train_as_the_reference(subject, tmp_path, capsys, monkeypatch):
+def test_fused_backwards_train_as_the_reference(subject, tmp_path, capsys):
     """The fast path with the memory options (fused geometry with the sweep recomputed, fused deformer,
     recomputation chunks, the FLAME prior's query recomputed) trains the reference run's model: after two
     epochs, with upsampling and pruning, the same points and parameters within float32's default
@@ -361,12 +360,12 @@ def test_fused_backwards_train_as_the_reference(subject, tmp_path, capsys, monke
     it by float32 rounding (1e-7), which Adam, normalising each element's gradient, can turn into a
     different step where a gradient is near zero (tried: 1 of 33,408 blendshape weights 1.9e-5 off, beyond
     the 1e-5 tolerance); the closed form has its own tests (tests/model/test_deform_explicit.py)."""
-    monkeypatch.setattr(deform_explicit, "INVERSE", "lu")
     runs = {}
     for name, keys in {
         "reference": {"model.implementation": "reference"},
         "lean": {
             "model.implementation": "fast",
+            "model.inverse_skinning": "lu",
             "model.geometry_backward": "fused_recompute",
             "model.deformer_backward": "fused",
             "model.geometry_bf16": False,

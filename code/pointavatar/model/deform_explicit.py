@@ -17,12 +17,12 @@ from torch import nn
 
 from pointavatar.model.deformer import N_POSE_FEATURES, SKINNING_TEMPERATURE, ForwardDeformer
 
-# How the inverse skinning inverts the blended canonical transform M_c [N, 4, 4]: "closed_form"
-# (`affine_inverse`: elementwise, fused by torch.compile with its neighbours) or "lu" (torch.linalg.inv_ex,
-# a batched LU factorisation per call and two batched [N, 4, 4] products in its backward; 1.6 ms of those
-# products alone a step at 409,600 points on an H200, benchmarks/RESULTS.md step 7). The closed form's step
-# is 2.5 ms faster there (step 8). The same values up to float32 rounding.
-INVERSE = "closed_form"
+# How the inverse skinning inverts the blended canonical transform M_c [N, 4, 4] (model.inverse_skinning):
+# "closed_form" (`affine_inverse`: elementwise, fused by torch.compile with its neighbours) or "lu"
+# (torch.linalg.inv_ex, a batched LU factorisation per call and two batched [N, 4, 4] products in its
+# backward; 1.6 ms of those products alone a step at 409,600 points on an H200, benchmarks/RESULTS.md
+# step 7). The closed form's step is 2.5 ms faster there (step 8). The same values up to float32 rounding.
+INVERSES = ("closed_form", "lu")
 
 
 def _cross(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -140,6 +140,7 @@ def deform_with_jacobian_explicit(
     transformations: torch.Tensor,
     pose_feature: torch.Tensor,
     contractions: str = "einsum",
+    inverse: str = "closed_form",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same values as ``PointAvatar.deform_with_jacobian``, explicit forward mode.
 
@@ -153,6 +154,8 @@ def deform_with_jacobian_explicit(
         contractions: how FLAME's per-point contractions are computed: "einsum" (batched matrix
             products) or "pointwise" (``einsum_pointwise``: products and sums, for torch.compile to
             fuse). Same values.
+        inverse: how the inverse skinning inverts each point's blended 4 x 4 transform: "closed_form"
+            (``affine_inverse``) or "lu" (``torch.linalg.inv_ex``). Same values up to rounding.
 
     Returns:
         x_d [B, N, 3] deformed points and cols [3, B, N, 3] with cols[k] = d x_d / d x_k.
@@ -161,7 +164,7 @@ def deform_with_jacobian_explicit(
     weights, t_weights = skinning_with_tangents(deformer, h, t)  # [N, J], [3, N, J]
     fields = (h, t, weights, t_weights)
     return flame_with_tangents(
-        deformer, flame, points, fields, betas, transformations, pose_feature, contractions
+        deformer, flame, points, fields, betas, transformations, pose_feature, contractions, inverse
     )
 
 
@@ -174,6 +177,7 @@ def flame_with_tangents(
     transformations: torch.Tensor,
     pose_feature: torch.Tensor,
     contractions: str = "einsum",
+    inverse: str = "closed_form",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The second half of ``deform_with_jacobian_explicit``: from the deformer's trunk output and
     skinning weights with their tangents, ``fields`` = (h [N, D], t [3, N, D], weights [N, J],
@@ -183,6 +187,8 @@ def flame_with_tangents(
     dtype = points.dtype
     if contractions not in ("einsum", "pointwise"):
         raise ValueError(f"contractions must be 'einsum' or 'pointwise', not {contractions!r}")
+    if inverse not in INVERSES:
+        raise ValueError(f"inverse must be one of {INVERSES}, not {inverse!r}")
     es = torch.einsum if contractions == "einsum" else einsum_pointwise
     h, t, weights, t_weights = fields
     # The head is applied block by block (rows of its weight) rather than sliced afterwards: the
@@ -226,7 +232,7 @@ def flame_with_tangents(
     # inv_ex: no host check of the result (linalg.inv waits for the device to test for singular
     # matrices, which CUDA-graph capture refuses); a singular blend would give non-finite values,
     # which the trainer's gradient check catches.
-    m_inv = affine_inverse(m_c) if INVERSE == "closed_form" else torch.linalg.inv_ex(m_c).inverse
+    m_inv = affine_inverse(m_c) if inverse == "closed_form" else torch.linalg.inv_ex(m_c).inverse
     x_h = torch.cat([x_flame, torch.ones_like(x_flame[:, :1])], dim=-1)  # [N, 4]
     y = es("nxy,ny->nx", m_inv, x_h)  # [N, 4]
     a_y = es("jxy,ny->njx", canonical_tf, y)  # [N, J, 4]

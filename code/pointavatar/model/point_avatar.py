@@ -130,6 +130,7 @@ class PointAvatar(nn.Module):
         # points, with compile_scope "all"), einsum where it runs eagerly (pointwise would materialise
         # every product).
         self.deform_contractions = "auto"
+        self.inverse_skinning = conf.inverse_skinning  # "closed_form" or "lu" (deform_explicit)
         # torch.compile's mode for the fast-path pieces: None (default) or e.g.
         # "max-autotune-no-cudagraphs" (Triton matmul templates with fused epilogues; long compiles).
         # Benchmarks set it (bench_train.py --compile-mode); not measured yet.
@@ -322,6 +323,7 @@ class PointAvatar(nn.Module):
             transformations,
             pose_feature,
             contractions=self._contractions(points.device),
+            inverse=self.inverse_skinning,
         )
 
     def _deform_piece(
@@ -340,6 +342,7 @@ class PointAvatar(nn.Module):
             transformations,
             pose_feature,
             contractions=self._contractions(points.device),
+            inverse=self.inverse_skinning,
         )
 
     def _per_point_fast(
