@@ -15,6 +15,11 @@ Rows = 2 N (the points and their eikonal samples). A variant is MODE[:KEY=VALUE,
 
 Each variant's weight gradients are compared with the first variant's (relative error of the
 largest), as a check that the variants compute the same thing.
+
+`--floor` also times the building blocks at each row count, for the floor of the geometry's kernels:
+one hidden layer's products in bf16 (activations @ W^T, and the weight gradient's [256, R] @ [R, 256])
+and in TF32, and one elementwise pass over an [R, 256] activation (Softplus) in fp32 and in bf16, each
+with its achieved TFLOP/s or GB/s.
 """
 
 from __future__ import annotations
@@ -69,6 +74,44 @@ def make_step(net: GeometryNetwork, mode: str, options: dict):
     )
 
 
+def floor_rows(rows: int, width: int, warmup: int, repeat: int) -> list[dict]:
+    """Median times of the geometry's building blocks at ``rows`` x ``width`` (see the module docstring)."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out = []
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "tf32")):
+        a = torch.randn(rows, width, device="cuda", generator=g).to(dtype)
+        w = torch.randn(width, width, device="cuda", generator=g).to(dtype)
+        size = a.element_size()
+        # Bytes each product must move at least: the [R, width] operand read once and the result written.
+        cases = {
+            f"mm {name} [R, {width}] @ [{width}, {width}]": (
+                lambda a=a, w=w: a @ w.T,
+                2 * rows * width * size,
+            ),
+            f"mm {name} [{width}, R] @ [R, {width}] (weight gradient)": (
+                lambda a=a: a.T @ a,
+                rows * width * size,
+            ),
+        }
+        for label, (fn, moved) in cases.items():
+            ms = statistics.median(timed(fn, dev, warmup, repeat))
+            flops = 2 * rows * width * width
+            out.append({"rows": rows, "kernel": label, "ms": ms, "tflops": flops / ms / 1e9,
+                        "gbps": moved / ms / 1e6})  # fmt: skip
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        z = torch.randn(rows, width, device="cuda", generator=g).to(dtype)
+        ms = statistics.median(timed(lambda z=z: torch.nn.functional.softplus(z, 100.0), dev, warmup, repeat))
+        moved = 2 * rows * width * z.element_size()
+        out.append({"rows": rows, "kernel": f"softplus {name} [R, {width}]", "ms": ms, "tflops": 0.0,
+                    "gbps": moved / ms / 1e6})  # fmt: skip
+    for row in out:
+        print(
+            f"rows={rows} {row['kernel']}: {row['ms']:.3f} ms, {row['tflops']:.0f} TFLOP/s, {row['gbps']:.0f} GB/s"
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[819200])
@@ -77,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--profile", default=None, help="a variant to profile (two steps, kernel table)")
+    parser.add_argument("--floor", action="store_true", help="also time the building blocks (docstring)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -87,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     params = [p for p in net.parameters() if p.requires_grad]
     rows_out = []
     for rows in args.rows:
+        if args.floor:
+            rows_out += floor_rows(rows, net.lin1.weight.shape[0], args.warmup, args.repeat)
         y = (torch.rand(rows, 3, device="cuda") - 0.5) * 1.2
         with torch.no_grad():
             width = net(y[:1]).shape[1]  # sdf and the albedo logits
