@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from tolerances import assert_close
@@ -48,3 +54,41 @@ def test_triton_ties_pick_the_lowest_index():
     q = torch.zeros(5, 3).cuda()  # every reference point is at distance 1: ties everywhere
     idx, d = nearest_neighbor_fast(q, ref_pts)
     assert idx.tolist() == [0] * 5 and torch.all(d == 1.0)
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from pointavatar.model import _knn_triton
+    from pointavatar.model.knn import nearest_neighbor
+
+    cases = [(1, 1, 0.2, 0), (300, 257, 0.2, 1), (513, 70, 0.05, 2)]
+    for n, v, spread, seed in cases:
+        g = torch.Generator().manual_seed(seed)
+        ref_pts = torch.randn(v, 3, generator=g) * spread
+        q = ref_pts[torch.randint(0, v, (n,), generator=g)] + 0.01 * torch.randn(n, 3, generator=g)
+        q[: min(n, 10)] = ref_pts[: min(n, 10)]  # exact copies: distance 0
+        idx, d = _knn_triton.nearest_neighbor(q, ref_pts)
+        idx_ref, d_ref = nearest_neighbor(q, ref_pts)
+        assert torch.equal(idx, idx_ref), (n, v)
+        assert torch.allclose(d, d_ref, rtol=1e-6, atol=0), (n, v)
+    # Ties: every reference point at distance 1, duplicates included: the lowest index wins.
+    ref_pts = torch.tensor([[1.0, 0, 0], [-1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0]] * 40)
+    idx, d = _knn_triton.nearest_neighbor(torch.zeros(5, 3), ref_pts)
+    assert idx.tolist() == [0] * 5 and torch.all(d == 1.0)
+    print("INTERPRETER-OK")
+    """
+)
+
+
+def test_triton_kernel_under_interpreter():
+    """The Triton 1-NN kernel run by the Triton interpreter on the CPU (README "Tests": needs triton)
+    against the reference search: the same indices, ties to the lowest index."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "code"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "INTERPRETER-OK" in proc.stdout, proc.stdout + proc.stderr

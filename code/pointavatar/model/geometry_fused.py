@@ -11,6 +11,7 @@ CUDA, through torch.compile as plain tensor functions (``_run``).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
@@ -63,6 +64,67 @@ def _forward_pass(
 
     # gs[last - 1] is W_last[0] (its h part over sqrt 2 at a skip): recomputed, not kept; with
     # recompute_sweep none of them is kept.
+    kept_gs = [] if recompute_sweep else [keep(t) for t in gs[: last - 1]]
+    return out, grad, [keep(z) for z in zs], kept_gs
+
+
+def _forward_pass_triton(
+    x, weights, biases, multires, skip_in, beta, threshold, save_dtype, mm_dtype, recompute_sweep
+):
+    """``_forward_pass`` with each layer's product and the Softplus (forward) or softplus' (sweep) on its
+    operand in one Triton kernel (``_triton_mlp.linear``), instead of a product plus an elementwise pass
+    over the [N, 256] activations. The same operations and roundings (operands to bf16 with mm_dtype
+    bf16, fp32 accumulation; fp32 products otherwise); the products sum in another order. CUDA tensors,
+    or any under TRITON_INTERPRET=1."""
+    from pointavatar.model import _triton_mlp as tm
+
+    n_lin = len(weights)
+    last = n_lin - 1
+    enc = encode(x, multires)  # [N, E]
+    n_enc = enc.shape[-1]
+    bf16 = mm_dtype == torch.bfloat16
+    if mm_dtype is not None and not bf16:
+        raise ValueError(f"the Triton passes compute in float32 or bfloat16 products, not {mm_dtype}")
+    ws = [w.to(torch.bfloat16) if bf16 else w.float() for w in weights]
+    common = {"beta": beta, "threshold": threshold, "dot_bf16": bf16}
+
+    zs = []
+    z = None
+    for l in range(n_lin):
+        a, prologue = (enc, "none") if l == 0 else (z, "softplus")
+        skip = l in skip_in
+        z = tm.linear(
+            a,
+            ws[l].T,
+            biases[l],
+            prologue=prologue,
+            extra=enc if skip else None,
+            scale=_SQRT2**-1 if skip else 1.0,
+            **common,
+        ).to(x.dtype)
+        if l < last:
+            zs.append(z)
+    out = z
+
+    # The sweep of channel 0, as _sweep: g_{l-1} = (g_l * softplus'(z_l)) @ W_l, split at skip layers.
+    gs = [None] * last
+    g = weights[last][:1].expand(x.shape[0], -1)
+    g_enc = None
+    for l in range(last, -1, -1):
+        if l < last:
+            gs[l] = g
+            g = tm.linear(g, ws[l], prologue="slope", z=zs[l], **common).to(x.dtype)
+        if l in skip_in:
+            d_h = g.shape[-1] - n_enc
+            g_part = g[:, d_h:] / _SQRT2
+            g_enc = g_part if g_enc is None else g_enc + g_part
+            g = g[:, :d_h] / _SQRT2
+    g_enc = g if g_enc is None else g_enc + g
+    grad = encode_vjp(x, g_enc, multires)
+
+    def keep(t):
+        return t if save_dtype is None else t.to(save_dtype)
+
     kept_gs = [] if recompute_sweep else [keep(t) for t in gs[: last - 1]]
     return out, grad, [keep(z) for z in zs], kept_gs
 
@@ -175,6 +237,10 @@ def _backward_pass(
     return d_x, d_w, d_b
 
 
+# The forward pass (forward and sweep) as Triton kernels with the activations fused into the products
+# (``_forward_pass_triton``) on CUDA instead of the torch.compile'd ``_forward_pass``. Off: not yet timed
+# on a GPU (benchmarks/bench_geometry.py, variant option ``triton=true``).
+TRITON_FORWARD = False
 _COMPILED: dict[str, object] = {}  # the two passes, torch.compile'd once per process
 _COMPILE_FAILED: list[str] = []
 # Inductor options for the passes' torch.compile, here and in deform_fused.py (None: its defaults).
@@ -250,8 +316,12 @@ class _FusedGeometry(torch.autograd.Function):
         weights, biases = params[:n_lin], params[n_lin:]
         settings = (multires, skip_in, beta, threshold, save_dtype, mm_dtype, recompute_sweep)
         outs, grads, kept = [], [], []
+        triton_forward = TRITON_FORWARD and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
         for x_c in _chunks(x, row_chunk):
-            out, grad, zs, gs = _run("forward", _forward_pass, compiled, x_c, weights, biases, *settings)
+            if triton_forward:
+                out, grad, zs, gs = _forward_pass_triton(x_c, weights, biases, *settings)
+            else:
+                out, grad, zs, gs = _run("forward", _forward_pass, compiled, x_c, weights, biases, *settings)
             outs.append(out)
             grads.append(grad)
             kept += [*zs, *gs]  # per chunk: its z_l, then its g_l
