@@ -54,6 +54,14 @@ def _slope(z, beta, threshold):
 
 
 @triton.jit
+def _mma(a, b, acc, DOT_BF16: tl.constexpr):
+    """acc + a @ b: operands rounded to bf16 (fp32 accumulation), or in full fp32."""
+    if DOT_BF16:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    return tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+
+
+@triton.jit
 def _linear_kernel(
     a_ptr,
     z_ptr,
@@ -104,10 +112,7 @@ def _linear_kernel(
         b = tl.load(
             b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0
         )
-        if DOT_BF16:
-            acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-        else:
-            acc = tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+        acc = _mma(a, b, acc, DOT_BF16)
     for k0 in range(0, K2, BK):
         rk = k0 + tl.arange(0, BK)
         k_ok = rk < K2
@@ -120,10 +125,7 @@ def _linear_kernel(
         b = tl.load(
             b_ptr + bk[:, None] * s_bk + rn[None, :] * s_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0
         )
-        if DOT_BF16:
-            acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-        else:
-            acc = tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+        acc = _mma(a, b, acc, DOT_BF16)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     c = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn

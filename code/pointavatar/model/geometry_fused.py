@@ -106,20 +106,11 @@ def _forward_pass_triton(
             zs.append(z)
     out = z
 
-    # The sweep of channel 0, as _sweep: g_{l-1} = (g_l * softplus'(z_l)) @ W_l, split at skip layers.
-    gs = [None] * last
-    g = weights[last][:1].expand(x.shape[0], -1)
-    g_enc = None
-    for l in range(last, -1, -1):
-        if l < last:
-            gs[l] = g
-            g = tm.linear(g, ws[l], prologue="slope", z=zs[l], **common).to(x.dtype)
-        if l in skip_in:
-            d_h = g.shape[-1] - n_enc
-            g_part = g[:, d_h:] / _SQRT2
-            g_enc = g_part if g_enc is None else g_enc + g_part
-            g = g[:, :d_h] / _SQRT2
-    g_enc = g if g_enc is None else g_enc + g
+    # The sweep of channel 0, as _sweep's: g_{l-1} = (g_l * softplus'(z_l)) @ W_l in one kernel each.
+    def step(g, l):
+        return tm.linear(g, ws[l], prologue="slope", z=zs[l], **common).to(x.dtype)
+
+    gs, g_enc = _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm_dtype, step)
     grad = encode_vjp(x, g_enc, multires)
 
     def keep(t):
@@ -129,9 +120,10 @@ def _forward_pass_triton(
     return out, grad, [keep(z) for z in zs], kept_gs
 
 
-def _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm_dtype):
+def _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm_dtype, step=None):
     """The reverse sweep of channel 0, as forward_with_gradient_explicit does it: (gs, g_enc) with
-    gs[l] = d sdf / d softplus(z_l) [N, out_l] for every hidden layer and g_enc = d sdf / d enc(x)."""
+    gs[l] = d sdf / d softplus(z_l) [N, out_l] for every hidden layer and g_enc = d sdf / d enc(x).
+    ``step(g, l)``, if given, computes (g * softplus'(z_l)) @ W_l in place of the PyTorch ops."""
     last = len(weights) - 1
     gs = [None] * last
     g = weights[last][:1].expand(zs[0].shape[0], -1)
@@ -139,7 +131,10 @@ def _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm_dtype):
     for l in range(last, -1, -1):
         if l < last:
             gs[l] = g
-            g = _mm(torch.ops.aten.softplus_backward(g, zs[l], beta, threshold), weights[l], mm_dtype)
+            if step is not None:
+                g = step(g, l)
+            else:
+                g = _mm(torch.ops.aten.softplus_backward(g, zs[l], beta, threshold), weights[l], mm_dtype)
         if l in skip_in:
             d_h = g.shape[-1] - n_enc
             g_part = g[:, d_h:] / _SQRT2
