@@ -58,6 +58,7 @@ def test_triton_ties_pick_the_lowest_index():
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
+    import triton_interp_compat  # noqa: F401  (Triton 3.6 interpreter with NumPy 2.4)
     import torch
     from pointavatar.model import _knn_triton
     from pointavatar.model.knn import nearest_neighbor
@@ -87,7 +88,7 @@ def test_triton_kernel_under_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root / "code"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "code"), str(root / "tests"), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )

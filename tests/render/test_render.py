@@ -292,6 +292,7 @@ def test_fixed_binning_context_checks_restores_and_leaves_torch_backend_alone():
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
+    import triton_interp_compat  # noqa: F401  (Triton 3.6 interpreter with NumPy 2.4)
     import torch
     from tolerances import assert_close
     from pointavatar.render import alpha_composite, fixed_binning, mark_visible, rasterize_points

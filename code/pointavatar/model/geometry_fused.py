@@ -232,11 +232,129 @@ def _backward_pass(
     return d_x, d_w, d_b
 
 
-# The forward pass (forward and sweep) as Triton kernels with the activations fused into the products
-# (``_forward_pass_triton``) on CUDA instead of the torch.compile'd ``_forward_pass``. Off: not yet timed
-# on a GPU (benchmarks/bench_geometry.py, variant option ``triton=true``).
-TRITON_FORWARD = False
+def _backward_pass_triton(
+    x, weights, zs, gs, d_out, d_grad, multires, skip_in, beta, threshold, mm, need_x, need_w, need_b
+):
+    """``_backward_pass`` with each product a Triton kernel (``_triton_mlp``) that forms its operand as it
+    loads it: the slope, the curvature and the sum of the chain's and the sweep's terms (dz) are not
+    written out, and the weight gradients sum over the rows inside their kernel (with the biases' as
+    column sums). The same operations and roundings as ``_backward_pass``; sums in another order."""
+    from pointavatar.model import _triton_mlp as tm
+
+    n_lin = len(weights)
+    last = n_lin - 1
+    dtype = d_out.dtype
+    n = x.shape[0]
+    enc = encode(x, multires)  # [N, E]
+    n_enc = enc.shape[-1]
+    bf16 = mm == torch.bfloat16
+    if mm is not None and not bf16:
+        raise ValueError(f"the Triton passes compute in float32 or bfloat16 products, not {mm}")
+    ws = [w.to(torch.bfloat16) if bf16 else w.to(dtype) for w in weights]
+    common = {"beta": beta, "threshold": threshold, "dot_bf16": bf16}
+    if gs:
+        gs = list(gs)
+    else:  # recompute_sweep: the sweep vectors again from the kept z
+
+        def step(g, l):
+            return tm.linear(g, ws[l], prologue="slope", z=zs[l], **common)
+
+        gs = _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm, step)[0][: last - 1]
+
+    def h_width(l):
+        return weights[l].shape[1] - (n_enc if l in skip_in else 0)
+
+    if last > 0:
+        top = weights[last][:1, : h_width(last)]
+        gs.append((top / _SQRT2 if last in skip_in else top).expand(n, -1))
+
+    def skip_args(l, e):
+        return {"extra": e, "scale": _SQRT2**-1} if l in skip_in else {}
+
+    # 1. Up the sweep. The adjoint of the sweep vector entering layer l is an operand (x, prologue, z):
+    # the encoding vjp's adjoint at layer 0, then d_u_{l-1} * softplus'(z_{l-1}).
+    d_g_enc = encode_jvp(x, d_grad, multires)  # [N, E]
+    d_w = [None] * n_lin
+    d_us = [None] * last  # d_u_l = d_g @ W_l^T [N, out_l], fp32
+    g_enc = None
+    gx, gpro, gz = d_g_enc, "none", None
+    ones = torch.ones(1, 1, dtype=dtype, device=x.device).expand(n, 1)
+    for l in range(n_lin):
+        g_in = None
+        if l == last:  # d_w_row0 = d_g.sum(0), the column sums of the operand, in fp32
+            sums = tm.weight_grad(gx, ones, a_prologue=gpro, z=gz, sum_a=True, **common)[1]
+            d_w_row0 = torch.cat([sums, d_g_enc.sum(0)]) / _SQRT2 if l in skip_in else sums
+            g_in = weights[last][:1]  # [1, in_last]
+        else:
+            if need_w[l]:
+                d_w[l] = tm.weight_grad(
+                    gs[l], gx, a_prologue="slope", z=zs[l], b_prologue=gpro, b_z=gz, **skip_args(l, d_g_enc),
+                    **common,
+                )[0]  # fmt: skip
+            d_us[l] = tm.linear(gx, ws[l].T, prologue=gpro, z=gz, **skip_args(l, d_g_enc), **common)
+            gx, gpro, gz = d_us[l], "slope", zs[l]
+        if need_x and (l == 0 or l in skip_in):
+            if g_in is None:
+                g_in = tm.linear(gs[l], ws[l], prologue="slope", z=zs[l], **common)  # u_l @ W_l
+            d_h = h_width(l)
+            part = g_in if l not in skip_in else g_in[:, d_h:] / _SQRT2
+            if l == 0 and l in skip_in:
+                part = part + g_in[:, :d_h] / _SQRT2
+            g_enc = part if g_enc is None else g_enc + part
+
+    # 2. Down the forward chain: dz_l = d_h_next * s_l + d_u_l * g_l * c_l as each kernel's operand.
+    d_b = [None] * n_lin
+    d_enc = None
+    d_h_next = None
+    for l in range(last, -1, -1):
+        if l == last:
+            dz = {"a_prologue": "none"}, d_out
+        else:
+            dz = {"a_prologue": "dz", "z": zs[l], "u": d_us[l], "v": gs[l]}, d_h_next
+        (dz_kw, dz_x), d_h = dz, h_width(l)
+        b_x, b_pro = (enc, "none") if l == 0 else (zs[l - 1], "softplus")
+        if need_w[l] or need_b[l]:
+            d_w_l, d_b_l = tm.weight_grad(
+                dz_x, b_x, **dz_kw, b_prologue=b_pro, **skip_args(l, enc), sum_a=need_b[l], **common
+            )
+            if need_w[l]:
+                if l == last:
+                    d_w_l = torch.cat([d_w_l[:1] + d_w_row0, d_w_l[1:]], dim=0)
+                elif d_w[l] is not None:
+                    d_w_l = d_w_l + d_w[l]
+                d_w[l] = d_w_l
+            d_b[l] = d_b_l
+        if l == 0 and not need_x:
+            break
+        lin_kw = {("prologue" if k == "a_prologue" else k): v for k, v in dz_kw.items()}
+        d_a = tm.linear(dz_x, ws[l], **lin_kw, **common)  # [N, in_l]
+        if l in skip_in:
+            d_part = d_a[:, d_h:] / _SQRT2
+            d_enc = d_part if d_enc is None else d_enc + d_part
+            d_a = d_a[:, :d_h] / _SQRT2
+        d_h_next = d_a
+    d_x = None
+    if need_x:
+        d_enc = d_h_next if d_enc is None else d_enc + d_h_next
+        d_x = encode_vjp(x, d_enc, multires) + encode_vjp_dx(x, g_enc, d_grad, multires)
+    d_w = [None if w is None else w.to(weights[i].dtype) for i, w in enumerate(d_w)]
+    d_b = [None if b is None else b.to(weights[i].dtype) for i, b in enumerate(d_b)]
+    return d_x, d_w, d_b
+
+
+# The forward and backward passes as Triton kernels with the elementwise work fused into the products
+# (``_forward_pass_triton``, ``_backward_pass_triton``) on CUDA, instead of the torch.compile'd
+# ``_forward_pass`` and ``_backward_pass``. Off: not yet timed on a GPU (benchmarks/bench_geometry.py,
+# variant option ``triton=true``).
+TRITON_PASSES = False
 _COMPILED: dict[str, object] = {}  # the two passes, torch.compile'd once per process
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    """Whether the passes run as Triton kernels for ``x``: TRITON_PASSES, on CUDA or the interpreter."""
+    return TRITON_PASSES and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 _COMPILE_FAILED: list[str] = []
 # Inductor options for the passes' torch.compile, here and in deform_fused.py (None: its defaults).
 # Benchmarks set it (bench_geometry.py's variants MODE:KEY=VALUE); clear _COMPILED after changing it.
@@ -311,9 +429,9 @@ class _FusedGeometry(torch.autograd.Function):
         weights, biases = params[:n_lin], params[n_lin:]
         settings = (multires, skip_in, beta, threshold, save_dtype, mm_dtype, recompute_sweep)
         outs, grads, kept = [], [], []
-        triton_forward = TRITON_FORWARD and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+        triton = _use_triton(x)
         for x_c in _chunks(x, row_chunk):
-            if triton_forward:
+            if triton:
                 out, grad, zs, gs = _forward_pass_triton(x_c, weights, biases, *settings)
             else:
                 out, grad, zs, gs = _run("forward", _forward_pass, compiled, x_c, weights, biases, *settings)
@@ -346,9 +464,23 @@ class _FusedGeometry(torch.autograd.Function):
         for c, (x_c, d_out_c, d_grad_c) in enumerate(chunks):
             part = kept[c * n_kept : (c + 1) * n_kept]
             zs, gs = list(part[:n_z]), list(part[n_z:])
-            d_x_c, d_w_c, d_b_c = _run(
-                "backward", _backward_pass, ctx.compiled, x_c, weights, zs, gs, d_out_c, d_grad_c, *settings
-            )
+            if _use_triton(x):
+                d_x_c, d_w_c, d_b_c = _backward_pass_triton(
+                    x_c, weights, zs, gs, d_out_c, d_grad_c, *settings
+                )
+            else:
+                d_x_c, d_w_c, d_b_c = _run(
+                    "backward",
+                    _backward_pass,
+                    ctx.compiled,
+                    x_c,
+                    weights,
+                    zs,
+                    gs,
+                    d_out_c,
+                    d_grad_c,
+                    *settings,
+                )
             d_xs.append(d_x_c)
             if c == 0:
                 d_w, d_b = list(d_w_c), list(d_b_c)
