@@ -144,6 +144,24 @@ def _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm_dtype, step=None):
     return gs, g_enc
 
 
+def _add_enc_part(g_enc, g_in, l, skip_in, d_h):
+    """g_enc plus the encoding's part of g_in, the sweep at layer l's input (l == 0 or a skip layer):
+    all of it at layer 0, its re-injected columns over sqrt 2 at a skip (both at a skip at layer 0)."""
+    part = g_in if l not in skip_in else g_in[:, d_h:] / _SQRT2
+    if l == 0 and l in skip_in:
+        part = part + g_in[:, :d_h] / _SQRT2
+    return part if g_enc is None else g_enc + part
+
+
+def _split_skip(d_a, d_enc, l, skip_in, d_h):
+    """(the gradient of layer l's h input, d_enc plus that of its re-injected encoding) from d_a, the
+    gradient of its whole input: a skip layer's input is cat([h, enc]) / sqrt 2."""
+    if l not in skip_in:
+        return d_a, d_enc
+    d_part = d_a[:, d_h:] / _SQRT2
+    return d_a[:, :d_h] / _SQRT2, d_part if d_enc is None else d_enc + d_part
+
+
 def _backward_pass(
     x, weights, zs, gs, d_out, d_grad, multires, skip_in, beta, threshold, mm, need_x, need_w, need_b
 ):
@@ -193,11 +211,7 @@ def _backward_pass(
         if need_x and (l == 0 or l in skip_in):
             if g_in is None:
                 g_in = _mm(u, weights[l], mm)  # [N, in_l]
-            d_h = h_width(l)
-            part = g_in if l not in skip_in else g_in[:, d_h:] / _SQRT2
-            if l == 0 and l in skip_in:
-                part = part + g_in[:, :d_h] / _SQRT2
-            g_enc = part if g_enc is None else g_enc + part
+            g_enc = _add_enc_part(g_enc, g_in, l, skip_in, h_width(l))
 
     # 2. Down the forward chain from d_out, adding the sweep's dz_l at each hidden layer.
     d_b = [None] * n_lin
@@ -220,11 +234,7 @@ def _backward_pass(
         if l == 0 and not need_x:
             break
         d_a = _mm(dz, weights[l], mm)  # [N, in_l]
-        if l in skip_in:
-            d_part = d_a[:, d_h:] / _SQRT2
-            d_enc = d_part if d_enc is None else d_enc + d_part
-            d_a = d_a[:, :d_h] / _SQRT2
-        d_h_next = d_a
+        d_h_next, d_enc = _split_skip(d_a, d_enc, l, skip_in, d_h)
     d_x = None
     if need_x:
         d_enc = d_h_next if d_enc is None else d_enc + d_h_next
@@ -296,11 +306,7 @@ def _backward_pass_triton(
         if need_x and (l == 0 or l in skip_in):
             if g_in is None:
                 g_in = tm.linear(gs[l], ws[l], prologue="slope", z=zs[l], **common)  # u_l @ W_l
-            d_h = h_width(l)
-            part = g_in if l not in skip_in else g_in[:, d_h:] / _SQRT2
-            if l == 0 and l in skip_in:
-                part = part + g_in[:, :d_h] / _SQRT2
-            g_enc = part if g_enc is None else g_enc + part
+            g_enc = _add_enc_part(g_enc, g_in, l, skip_in, h_width(l))
 
     # 2. Down the forward chain: dz_l = d_h_next * s_l + d_u_l * g_l * c_l as each kernel's operand.
     d_b = [None] * n_lin
@@ -328,11 +334,7 @@ def _backward_pass_triton(
             break
         lin_kw = {("prologue" if k == "a_prologue" else k): v for k, v in dz_kw.items()}
         d_a = tm.linear(dz_x, ws[l], **lin_kw, **common)  # [N, in_l]
-        if l in skip_in:
-            d_part = d_a[:, d_h:] / _SQRT2
-            d_enc = d_part if d_enc is None else d_enc + d_part
-            d_a = d_a[:, :d_h] / _SQRT2
-        d_h_next = d_a
+        d_h_next, d_enc = _split_skip(d_a, d_enc, l, skip_in, d_h)
     d_x = None
     if need_x:
         d_enc = d_h_next if d_enc is None else d_enc + d_h_next
