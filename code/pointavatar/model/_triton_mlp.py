@@ -29,13 +29,18 @@ import triton
 import triton.language as tl
 
 PROLOGUES = {"none": 0, "softplus": 1, "slope": 2, "dz": 3}
-# Tile sizes (rows, output columns, reduction) and warps; not yet tuned on a GPU.
+# Tile sizes (rows, output columns, reduction), warps and pipeline stages; not yet timed on a GPU. Chosen
+# by registers (sm_90 cubins compiled on the CPU, cuobjdump; benchmarks/RESULTS.md step 8): at 128 x 128
+# x 32 on 8 warps `linear` needs 179 to 200 registers and no stack, at a reduction of 64 it spills.
 BLOCK_M = 128
 BLOCK_N = 128
-BLOCK_K = 64
+BLOCK_K = 32
 NUM_WARPS = 8
-NUM_STAGES = 3
-# The weight-gradient kernel: rows of the reduction a program sums before its atomic add.
+NUM_STAGES = 2
+# The weight-gradient kernel: rows a step of its reduction loads (its operands' prologues hold more
+# registers: 16 is the setting without spills at 128 x 128 on 8 warps, 32 spills 200 to 272 bytes), and
+# rows a program sums before its atomic add.
+WGRAD_BLOCK_R = 16
 ROWS_PER_PROGRAM = 4096
 
 
@@ -272,6 +277,6 @@ def weight_grad(
         *_pairs(a, za, ua, va, b, zb, ee, c),
         float(scale), float(beta), float(threshold),
         APRO=PROLOGUES[a_prologue], BPRO=PROLOGUES[b_prologue], SUM_A=sum_a, DOT_BF16=dot_bf16,
-        BM=BLOCK_M, BN=BLOCK_N, BR=BLOCK_K, ROWS=ROWS_PER_PROGRAM, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        BM=BLOCK_M, BN=BLOCK_N, BR=WGRAD_BLOCK_R, ROWS=ROWS_PER_PROGRAM, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return c, col_sum
