@@ -31,7 +31,7 @@ import triton.language as tl
 PROLOGUES = {"none": 0, "softplus": 1, "slope": 2, "dz": 3}
 # Tile sizes (rows, output columns, reduction), warps and pipeline stages; not yet timed on a GPU. Chosen
 # by registers (sm_90 cubins compiled on the CPU, cuobjdump; benchmarks/RESULTS.md step 8): at 128 x 128
-# x 32 on 8 warps `linear` needs 179 to 200 registers and no stack, at a reduction of 64 it spills.
+# x 32 on 8 warps `linear` needs 223 to 255 registers and no stack, at a reduction of 64 it spills.
 BLOCK_M = 128
 BLOCK_N = 128
 BLOCK_K = 32
@@ -104,26 +104,23 @@ def _linear_kernel(
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K1 + K2, BK):
+    # Two loops without branches (for the software pipeliner): X's columns, then E's, each masking its
+    # last partly filled step.
+    for k0 in range(0, K1, BK):
         rk = k0 + tl.arange(0, BK)
-        if k0 < K1:
-            am = m_ok[:, None] & (rk < K1)[None, :]
-            a = _operand(x_ptr, z_ptr, u_ptr, v_ptr, (sx0, sx1), (sz0, sz1), (su0, su1), (sv0, sv1),
-                         rm[:, None], rk[None, :], am, beta, threshold, PRO)  # fmt: skip
-            if k0 + BK > K1:  # a tile across the end of X: the columns after it come from E
-                em = m_ok[:, None] & (rk >= K1)[None, :] & (rk < K1 + K2)[None, :]
-                a += tl.load(e_ptr + rm[:, None] * se0 + (rk - K1)[None, :] * se1, mask=em, other=0.0).to(
-                    tl.float32
-                )
-        else:
-            em = m_ok[:, None] & (rk < K1 + K2)[None, :]
-            a = tl.load(e_ptr + rm[:, None] * se0 + (rk - K1)[None, :] * se1, mask=em, other=0.0).to(
-                tl.float32
-            )
+        a = _operand(x_ptr, z_ptr, u_ptr, v_ptr, (sx0, sx1), (sz0, sz1), (su0, su1), (sv0, sv1),
+                     rm[:, None], rk[None, :], m_ok[:, None] & (rk < K1)[None, :], beta, threshold, PRO)  # fmt: skip
         b = tl.load(
-            b_ptr + rk[:, None] * sb0 + rn[None, :] * sb1,
-            mask=(rk < K1 + K2)[:, None] & n_ok[None, :],
-            other=0.0,
+            b_ptr + rk[:, None] * sb0 + rn[None, :] * sb1, mask=(rk < K1)[:, None] & n_ok[None, :], other=0.0
+        )
+        acc = _mma(a * scale, b, acc, DOT_BF16)
+    for k0 in range(0, K2, BK):
+        rk = k0 + tl.arange(0, BK)
+        em = m_ok[:, None] & (rk < K2)[None, :]
+        a = tl.load(e_ptr + rm[:, None] * se0 + rk[None, :] * se1, mask=em, other=0.0).to(tl.float32)
+        bk = K1 + rk
+        b = tl.load(
+            b_ptr + bk[:, None] * sb0 + rn[None, :] * sb1, mask=(rk < K2)[:, None] & n_ok[None, :], other=0.0
         )
         acc = _mma(a * scale, b, acc, DOT_BF16)
     if HAS_BIAS:
