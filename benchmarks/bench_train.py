@@ -36,6 +36,7 @@ from pointavatar.engine.batching import (
     move_to,  # noqa: E402
 )
 from pointavatar.model import geometry_fused  # noqa: E402
+from pointavatar.model.deform_explicit import INVERSES  # noqa: E402
 from pointavatar.train.graphed_step import GraphedStep, forward_loss_backward  # noqa: E402
 from pointavatar.train.schedule import make_optimizer, uses_fused_adam  # noqa: E402
 from pointavatar.train.trainer import Trainer  # noqa: E402
@@ -197,7 +198,7 @@ def main() -> None:
     )
     p.add_argument(
         "--inverse",
-        choices=["closed_form", "lu"],
+        choices=list(INVERSES),
         default="closed_form",
         help="model.inverse_skinning: the inverse skinning's 4 x 4 inverse on the fast path",
     )

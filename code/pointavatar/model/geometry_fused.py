@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from functools import partial
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -76,17 +77,11 @@ def _forward_pass_triton(
     over the [N, 256] activations. The same operations and roundings (operands to bf16 with mm_dtype
     bf16, fp32 accumulation; fp32 products otherwise); the products sum in another order. CUDA tensors,
     or any under TRITON_INTERPRET=1."""
-    from pointavatar.model import _triton_mlp as tm
-
+    tm, ws, common, step = _triton_setup(weights, beta, threshold, mm_dtype, x.dtype)
     n_lin = len(weights)
     last = n_lin - 1
     enc = encode(x, multires)  # [N, E]
     n_enc = enc.shape[-1]
-    bf16 = mm_dtype == torch.bfloat16
-    if mm_dtype is not None and not bf16:
-        raise ValueError(f"the Triton passes compute in float32 or bfloat16 products, not {mm_dtype}")
-    ws = [w.to(torch.bfloat16) if bf16 else w.float() for w in weights]
-    common = {"beta": beta, "threshold": threshold, "dot_bf16": bf16}
 
     zs = []
     z = None
@@ -107,10 +102,7 @@ def _forward_pass_triton(
     out = z
 
     # The sweep of channel 0, as _sweep's: g_{l-1} = (g_l * softplus'(z_l)) @ W_l in one kernel each.
-    def step(g, l):
-        return tm.linear(g, ws[l], prologue="slope", z=zs[l], **common).to(x.dtype)
-
-    gs, g_enc = _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm_dtype, step)
+    gs, g_enc = _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm_dtype, partial(step, zs))
     grad = encode_vjp(x, g_enc, multires)
 
     def keep(t):
@@ -118,6 +110,24 @@ def _forward_pass_triton(
 
     kept_gs = [] if recompute_sweep else [keep(t) for t in gs[: last - 1]]
     return out, grad, [keep(z) for z in zs], kept_gs
+
+
+def _triton_setup(weights, beta, threshold, mm_dtype, dtype):
+    """What both Triton passes share: the kernels' module, the weights as the products' operands (bf16
+    with mm_dtype bf16, else ``dtype``), the kernels' common keywords, and the sweep's step
+    ``step(zs, g, l)`` = (g * softplus'(z_l)) @ W_l in one kernel (``_sweep``'s ``step``, given zs)."""
+    from pointavatar.model import _triton_mlp as tm
+
+    bf16 = mm_dtype == torch.bfloat16
+    if mm_dtype is not None and not bf16:
+        raise ValueError(f"the Triton passes compute in float32 or bfloat16 products, not {mm_dtype}")
+    ws = [w.to(torch.bfloat16) if bf16 else w.to(dtype) for w in weights]
+    common = {"beta": beta, "threshold": threshold, "dot_bf16": bf16}
+
+    def step(zs, g, l):
+        return tm.linear(g, ws[l], prologue="slope", z=zs[l], **common).to(dtype)
+
+    return tm, ws, common, step
 
 
 def _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm_dtype, step=None):
@@ -249,27 +259,17 @@ def _backward_pass_triton(
     loads it: the slope, the curvature and the sum of the chain's and the sweep's terms (dz) are not
     written out, and the weight gradients sum over the rows inside their kernel (with the biases' as
     column sums). The same operations and roundings as ``_backward_pass``; sums in another order."""
-    from pointavatar.model import _triton_mlp as tm
-
+    dtype = d_out.dtype
+    tm, ws, common, step = _triton_setup(weights, beta, threshold, mm, dtype)
     n_lin = len(weights)
     last = n_lin - 1
-    dtype = d_out.dtype
     n = x.shape[0]
     enc = encode(x, multires)  # [N, E]
     n_enc = enc.shape[-1]
-    bf16 = mm == torch.bfloat16
-    if mm is not None and not bf16:
-        raise ValueError(f"the Triton passes compute in float32 or bfloat16 products, not {mm}")
-    ws = [w.to(torch.bfloat16) if bf16 else w.to(dtype) for w in weights]
-    common = {"beta": beta, "threshold": threshold, "dot_bf16": bf16}
     if gs:
         gs = list(gs)
     else:  # recompute_sweep: the sweep vectors again from the kept z
-
-        def step(g, l):
-            return tm.linear(g, ws[l], prologue="slope", z=zs[l], **common)
-
-        gs = _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm, step)[0][: last - 1]
+        gs = _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm, partial(step, zs))[0][: last - 1]
 
     def h_width(l):
         return weights[l].shape[1] - (n_enc if l in skip_in else 0)
@@ -314,15 +314,16 @@ def _backward_pass_triton(
     d_h_next = None
     for l in range(last, -1, -1):
         if l == last:
-            dz = {"a_prologue": "none"}, d_out
+            dz_x, dz_pro, dz_partners = d_out, "none", {}
         else:
-            dz = {"a_prologue": "dz", "z": zs[l], "u": d_us[l], "v": gs[l]}, d_h_next
-        (dz_kw, dz_x), d_h = dz, h_width(l)
+            dz_x, dz_pro, dz_partners = d_h_next, "dz", {"z": zs[l], "u": d_us[l], "v": gs[l]}
+        d_h = h_width(l)
         b_x, b_pro = (enc, "none") if l == 0 else (zs[l - 1], "softplus")
         if need_w[l] or need_b[l]:
             d_w_l, d_b_l = tm.weight_grad(
-                dz_x, b_x, **dz_kw, b_prologue=b_pro, **skip_args(l, enc), sum_a=need_b[l], **common
-            )
+                dz_x, b_x, a_prologue=dz_pro, **dz_partners, b_prologue=b_pro, **skip_args(l, enc),
+                sum_a=need_b[l], **common,
+            )  # fmt: skip
             if need_w[l]:
                 if l == last:
                     d_w_l = torch.cat([d_w_l[:1] + d_w_row0, d_w_l[1:]], dim=0)
@@ -332,8 +333,7 @@ def _backward_pass_triton(
             d_b[l] = d_b_l
         if l == 0 and not need_x:
             break
-        lin_kw = {("prologue" if k == "a_prologue" else k): v for k, v in dz_kw.items()}
-        d_a = tm.linear(dz_x, ws[l], **lin_kw, **common)  # [N, in_l]
+        d_a = tm.linear(dz_x, ws[l], prologue=dz_pro, **dz_partners, **common)  # [N, in_l]
         d_h_next, d_enc = _split_skip(d_a, d_enc, l, skip_in, d_h)
     d_x = None
     if need_x:
@@ -463,10 +463,11 @@ class _FusedGeometry(torch.autograd.Function):
         d_xs, d_w, d_b = [], [], []
         rows = ctx.row_chunk
         chunks = zip(_chunks(x, rows), _chunks(d_out, rows), _chunks(d_grad, rows), strict=True)
+        triton = _use_triton(x)
         for c, (x_c, d_out_c, d_grad_c) in enumerate(chunks):
             part = kept[c * n_kept : (c + 1) * n_kept]
             zs, gs = list(part[:n_z]), list(part[n_z:])
-            if _use_triton(x):
+            if triton:
                 d_x_c, d_w_c, d_b_c = _backward_pass_triton(
                     x_c, weights, zs, gs, d_out_c, d_grad_c, *settings
                 )
