@@ -31,7 +31,8 @@ import triton.language as tl
 PROLOGUES = {"none": 0, "softplus": 1, "slope": 2, "dz": 3}
 # Tile sizes (rows, output columns, reduction), warps and pipeline stages; not yet timed on a GPU. Chosen
 # by registers (sm_90 cubins compiled on the CPU, cuobjdump; benchmarks/RESULTS.md step 8): at 128 x 128
-# x 32 on 8 warps `linear` needs 223 to 255 registers and no stack, at a reduction of 64 it spills.
+# x 32 on 8 warps `linear` needs 197 to 255 registers and no stack, at a reduction of 64 it spills
+# (benchmarks/kernel_resources.py).
 BLOCK_M = 128
 BLOCK_N = 128
 BLOCK_K = 32
