@@ -53,6 +53,12 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     row = w[:1, :k1].expand(r, -1)
     close(tm.linear(row, w[:, :k1].T, dot_bf16=False), row @ w[:, :k1].T, 1e-5, "expand")
     assert tm.linear(a[:0], w[:, :k1].T, dot_bf16=False).shape == (0, n)
+    # The Softplus epilogue: the next layer's activation from the product and the bias.
+    pre = a @ w[:, :k1].T * 0.1 + bias * 0.1
+    assert (pre * 100 > 20).any() and (pre * 100 < 20).any(), "the case must straddle the threshold"
+    ref = torch.nn.functional.softplus(pre, 100.0, 20.0)
+    got = tm.linear(a, w[:, :k1].T * 0.1, bias * 0.1, epilogue="softplus", dot_bf16=False)
+    close(got, ref, 1e-5, "softplus epilogue")
 
     # 2. The forward pass: out, grad and the kept z and g as the PyTorch pass's, float32. Two networks
     # as the conf builds them, and raw weights with the encoding re-injected at layer 0 and at the last
@@ -160,6 +166,8 @@ def test_linear_refuses_inconsistent_arguments():
         tm.weight_grad(a, torch.zeros(5, 2))
     with pytest.raises(ValueError, match="do not chain"):
         tm.linear(a, torch.zeros(5, 2))
+    with pytest.raises(ValueError, match="epilogue must be one of"):
+        tm.linear(a, w, epilogue="relu")
 
 
 @pytest.mark.gpu

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 PROLOGUES = {"none": 0, "softplus": 1, "slope": 2, "dz": 3}
+EPILOGUES = {"none": 0, "softplus": 1}
 # Tile sizes (rows, output columns, reduction), warps and pipeline stages; not yet timed on a GPU. Chosen
 # by registers (sm_90 cubins compiled on the CPU, cuobjdump; benchmarks/RESULTS.md step 8): at 128 x 128
 # x 32 on 8 warps `linear` needs 197 to 255 registers and no stack, at a reduction of 64 it spills
@@ -96,10 +97,11 @@ def _linear_kernel(
     M, N, K1, K2,
     sx0, sx1, sz0, sz1, su0, su1, sv0, sv1, se0, se1, sb0, sb1, sc0, sc1,
     scale, beta, threshold,
-    PRO: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_BF16: tl.constexpr,
+    PRO: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_BF16: tl.constexpr, EPI: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """C [M, N] = cat([P(X), E], 1) * scale @ B (+ bias); X [M, K1], E [M, K2], B [K1 + K2, N]."""
+    """C [M, N] = cat([P(X), E], 1) * scale @ B (+ bias); X [M, K1], E [M, K2], B [K1 + K2, N]; with EPI 1,
+    softplus of it."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     m_ok = rm < M
@@ -126,6 +128,8 @@ def _linear_kernel(
         acc = _mma(a * scale, b, acc, DOT_BF16)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if EPI == 1:
+        acc = _softplus(acc, beta, threshold)
     tl.store(
         c_ptr + rm[:, None] * sc0 + rn[None, :] * sc1,
         acc.to(c_ptr.dtype.element_ty),
@@ -208,17 +212,23 @@ def linear(
     beta: float = 100.0,
     threshold: float = 20.0,
     dot_bf16: bool = True,
+    epilogue: str = "none",
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """C [R, N] float32 = cat([P(a), extra], 1) * scale @ b (+ bias): a [R, K1] (any strides; a stride-0
-    expand is read as is), the prologue's partners z (and u, v for "dz") of a's shape, extra [R, K2] or
-    None, b [K1 + K2, N] (any strides, e.g. W.T), bias [N]. See the module docstring."""
+    """C [R, N] = cat([P(a), extra], 1) * scale @ b (+ bias), in ``out_dtype``: a [R, K1] (any strides; a
+    stride-0 expand is read as is), the prologue's partners z (and u, v for "dz") of a's shape, extra
+    [R, K2] or None, b [K1 + K2, N] (any strides, e.g. W.T), bias [N]; with ``epilogue`` "softplus",
+    softplus(C) (the next layer's activation, computed once per output instead of once per read). See
+    the module docstring."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {tuple(EPILOGUES)}, not {epilogue!r}")
     zz, uu, vv = _partners(a, prologue, z, u, v)
     r, k1 = a.shape
     k2 = 0 if extra is None else extra.shape[1]
     if b.shape[0] != k1 + k2:
         raise ValueError(f"shapes do not chain: a {tuple(a.shape)}, extra {k2} columns, b {tuple(b.shape)}")
     n = b.shape[1]
-    c = torch.empty(r, n, dtype=torch.float32, device=a.device)
+    c = torch.empty(r, n, dtype=out_dtype, device=a.device)
     if r == 0:
         return c
     ee = a if extra is None else extra
@@ -228,7 +238,7 @@ def linear(
         r, n, k1, k2,
         *_pairs(a, zz, uu, vv, ee, b, c),
         float(scale), float(beta), float(threshold),
-        PRO=PROLOGUES[prologue], HAS_BIAS=bias is not None, DOT_BF16=dot_bf16,
+        PRO=PROLOGUES[prologue], HAS_BIAS=bias is not None, DOT_BF16=dot_bf16, EPI=EPILOGUES[epilogue],
         BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return c
