@@ -203,12 +203,6 @@ def main() -> None:
         help="model.inverse_skinning: the inverse skinning's 4 x 4 inverse on the fast path",
     )
     p.add_argument(
-        "--align-widths",
-        type=int,
-        default=8,
-        help="model.align_widths: pad the geometry's hidden layers to multiples of this width (1: none)",
-    )
-    p.add_argument(
         "--visibility",
         choices=["renderer", "torch"],
         default="renderer",
@@ -273,7 +267,6 @@ def main() -> None:
     model.compile_scope = args.compile_scope
     model.prior_query_chunk = args.prior_query_chunk
     model.inverse_skinning = args.inverse
-    model.align_widths = args.align_widths
     model.compile_prior_query = not args.eager_prior_query
     geometry_fused.TRITON_PASSES = args.triton_geometry
     model.deform_contractions = args.deform_contractions
@@ -376,7 +369,6 @@ def main() -> None:
         "adam": args.adam,
         "visibility": args.visibility,
         "inverse": args.inverse,
-        "align_widths": args.align_widths,
         "atomic_sem": args.atomic_sem,
         "deform_contractions": args.deform_contractions,
         "recompute_chunk": args.recompute_chunk,

@@ -496,8 +496,6 @@ def test_range_bounds_are_inclusive_where_stated() -> None:
     assert parse_conf("model { prior_query_chunk = 4096 }").model.prior_query_chunk == 4096
     assert parse_conf("").model.inverse_skinning == "closed_form"
     assert parse_conf('model { inverse_skinning = "lu" }').model.inverse_skinning == "lu"
-    assert parse_conf("").model.align_widths == 8
-    assert parse_conf("model { align_widths = 1 }").model.align_widths == 1
 
 
 def test_max_points_below_n_init_points(tmp_path: Path) -> None:

@@ -456,13 +456,6 @@ class ModelConf:
     (4 x 4, spec §5.13). "closed_form": from cross products of its rows, elementwise, fused by
     torch.compile (2.5 ms less a step at 409,600 points on an H200, benchmarks/RESULTS.md step 8).
     "lu": a batched LU factorisation, as the reference path. Same values up to float32 rounding."""
-    align_widths: int = field(default=8, metadata=_range(min=1))
-    """(ours) Fast path, training: a layer whose width is not a multiple of this (the geometry network's
-    hidden layer before the skip, 256 - 39 = 217 wide, with geometry_backward "autograd"; the deformer's
-    skinning and blendshape outputs, e.g. 150 = 3 x 50 expression blendshapes) runs its products on its
-    weight padded with zero rows to the next multiple, and uses the padded output's first columns: the
-    same values, but operands whose rows cuBLAS's tensor-core kernels can read (bf16 needs multiples of
-    8 elements, fp32 of 4; benchmarks/RESULTS.md step 9). 1: no padding."""
     compile_prior_query: bool = True
     """(ours) Fast path, training, on CUDA: compile that query (each chunk) with torch.compile, as the
     per-point pieces are (it ran eagerly before: about 9 ms of the 87-ms step at 409,600 points on an

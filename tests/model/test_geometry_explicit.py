@@ -70,13 +70,10 @@ NET_IDS = [
 
 
 LEAN = pytest.mark.parametrize("lean", [False, True], ids=["plain", "lean"])
-# align 8: the hidden layers whose width is not a multiple of 8 (here the one before each skip, 1 or 7
-# wide; 217 in the paper's network) run on zero-padded weights (model.align_widths).
-ALIGN = pytest.mark.parametrize("align", [1, 8], ids=["unaligned", "align8"])
 
 
-def _explicit(net, x, lean, align=1):
-    return net.forward_with_gradient_explicit(x, lean=lean, align=align)
+def _explicit(net, x, lean):
+    return net.forward_with_gradient_explicit(x, lean=lean)
 
 
 def _loss(out: torch.Tensor, grad: torch.Tensor, seed: int = 2) -> torch.Tensor:
@@ -89,13 +86,13 @@ def _loss(out: torch.Tensor, grad: torch.Tensor, seed: int = 2) -> torch.Tensor:
     return (a * out).sum() + (b * grad).sum() + (c * normal).sum()
 
 
-def _param_and_x_grads(net, x, lean=None, align=1):
+def _param_and_x_grads(net, x, lean=None):
     """d loss / d (every parameter, x); lean None = the reference (double backward)."""
     x = x.clone().requires_grad_(True)
     if lean is None:
         out, grad = net.forward_with_gradient(x, create_graph=True)
     else:
-        out, grad = _explicit(net, x, lean, align)
+        out, grad = _explicit(net, x, lean)
     named = dict(net.named_parameters())
     grads = torch.autograd.grad(_loss(out, grad), [*named.values(), x])
     return dict(zip([*named, "x"], grads, strict=True))
@@ -108,36 +105,33 @@ def _assert_all_close(got: dict, ref: dict, **tol):
 
 
 @LEAN
-@ALIGN
 @pytest.mark.parametrize("kwargs", NET_CASES, ids=NET_IDS)
-def test_values_match_reference(kwargs, lean, align):
+def test_values_match_reference(kwargs, lean):
     net = make_net(**kwargs)
     x = make_points()
     out_ref, grad_ref = net.forward_with_gradient(x, create_graph=True)
-    out, grad = _explicit(net, x, lean, align)
+    out, grad = _explicit(net, x, lean)
     assert out.shape == out_ref.shape and grad.shape == grad_ref.shape == (N, 3)
     assert_close(out, out_ref, **TOL64)
     assert_close(grad, grad_ref, **TOL64)
 
 
 @LEAN
-@ALIGN
 @pytest.mark.parametrize("kwargs", NET_CASES, ids=NET_IDS)
-def test_backward_matches_double_backward(kwargs, lean, align):
+def test_backward_matches_double_backward(kwargs, lean):
     net = make_net(**kwargs)
     x = make_points()
-    _assert_all_close(_param_and_x_grads(net, x, lean, align), _param_and_x_grads(net, x), **TOL64)
+    _assert_all_close(_param_and_x_grads(net, x, lean), _param_and_x_grads(net, x), **TOL64)
 
 
 @LEAN
-@ALIGN
-def test_gradcheck_wrt_x(lean, align):
+def test_gradcheck_wrt_x(lean):
     net = make_net(dims=(12, 12, 12), skip_in=(1,), multires=1)
     x = make_points(n=5).requires_grad_(True)
     # gradcheck's and gradgradcheck's default tolerances (atol 1e-5, rtol 1e-3), float64.
-    assert torch.autograd.gradcheck(lambda p: _explicit(net, p, lean, align), (x,))
+    assert torch.autograd.gradcheck(lambda p: _explicit(net, p, lean), (x,))
     # The eikonal/normal losses differentiate grad, so its own derivative is checked too.
-    assert torch.autograd.gradgradcheck(lambda p: _explicit(net, p, lean, align)[1], (x,))
+    assert torch.autograd.gradgradcheck(lambda p: _explicit(net, p, lean)[1], (x,))
 
 
 @LEAN
@@ -194,16 +188,12 @@ def test_float32_matches_reference(lean):
 
 
 @LEAN
-@ALIGN
-def test_default_conf_float64(lean, align):
+def test_default_conf_float64(lean):
     """The original's network (9 x 256, skip at 4, multires 6, weight norm) on a few points."""
     torch.manual_seed(0)
     net = GeometryNetwork(GeometryNetworkConf()).double()
-    assert net.lin3.weight.shape[0] == 217  # the layer align pads (to 224)
     x = make_points(n=16)
     out_ref, grad_ref = net.forward_with_gradient(x, create_graph=True)
-    out, grad = _explicit(net, x, lean, align)
+    out, grad = _explicit(net, x, lean)
     assert_close(out, out_ref, **TOL64)
     assert_close(grad, grad_ref, **TOL64)
-    if align > 1:  # the padded layer's weight and bias gradients are the unpadded ones
-        _assert_all_close(_param_and_x_grads(net, x, lean, align), _param_and_x_grads(net, x), **TOL64)

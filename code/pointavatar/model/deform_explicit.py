@@ -71,27 +71,10 @@ def _first_layer(deformer: ForwardDeformer, x: torch.Tensor) -> tuple[torch.Tens
     return z, torch.bmm(coef, w_blocks)
 
 
-def _linear(
-    lin: nn.Linear, h: torch.Tensor, t: torch.Tensor, align: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear(lin: nn.Linear, h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Primal h [N, Din] and tangents t [3, N, Din] through a Linear (the bias has no tangent)."""
-    return _products(h, t, lin.weight, lin.bias, align)  # evaluates the weight-norm parametrisation once
-
-
-def _products(
-    h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, align: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h @ weight^T + bias [N, D], t @ weight^T [3, N, D]). With ``align`` > 1 and D not a multiple of
-    it, the products run on the weight padded with zero rows to the next multiple and return the padded
-    outputs' first D columns (views): the same values, with rows cuBLAS's tensor-core kernels can read
-    (model.align_widths; a 150-wide fp32 output is not 16-byte aligned)."""
-    pad = (-weight.shape[0]) % align
-    if not pad:
-        return F.linear(h, weight, bias), torch.matmul(t, weight.t())
-    d = weight.shape[0]
-    weight = F.pad(weight, (0, 0, 0, pad))
-    bias = None if bias is None else F.pad(bias, (0, pad))
-    return F.linear(h, weight, bias)[:, :d], torch.matmul(t, weight.t())[..., :d]
+    weight = lin.weight  # evaluates the weight-norm parametrisation once
+    return F.linear(h, weight, lin.bias), torch.matmul(t, weight.t())
 
 
 def _softplus(act: nn.Softplus, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,13 +121,12 @@ def trunk_with_tangents(deformer: ForwardDeformer, x: torch.Tensor) -> tuple[tor
 
 
 def skinning_with_tangents(
-    deformer: ForwardDeformer, h: torch.Tensor, t: torch.Tensor, align: int = 1
+    deformer: ForwardDeformer, h: torch.Tensor, t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LBS weights from the trunk's (h, t): (weights [N, J], d weights / d x_k [3, N, J]); ``align``
-    as ``_products``."""
-    z, ts = _linear(deformer.skinning_linear, h, t, align)
+    """The LBS weights from the trunk's (h, t): (weights [N, J], d weights / d x_k [3, N, J])."""
+    z, ts = _linear(deformer.skinning_linear, h, t)
     hs, ts = _softplus(deformer.softplus, z, ts)
-    logits, t_logits = _linear(deformer.skinning, hs, ts, align)
+    logits, t_logits = _linear(deformer.skinning, hs, ts)
     weights = torch.softmax(SKINNING_TEMPERATURE * logits, dim=-1)
     t_l = SKINNING_TEMPERATURE * t_logits
     return weights, weights * (t_l - (weights * t_l).sum(-1, keepdim=True))  # softmax JVP
@@ -159,7 +141,6 @@ def deform_with_jacobian_explicit(
     pose_feature: torch.Tensor,
     contractions: str = "einsum",
     inverse: str = "closed_form",
-    align: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same values as ``PointAvatar.deform_with_jacobian``, explicit forward mode.
 
@@ -175,17 +156,15 @@ def deform_with_jacobian_explicit(
             fuse). Same values.
         inverse: how the inverse skinning inverts each point's blended 4 x 4 transform: "closed_form"
             (``affine_inverse``) or "lu" (``torch.linalg.inv_ex``). Same values up to rounding.
-        align: the skinning and blendshape products' widths padded to multiples of it
-            (``_products``, model.align_widths). Same values.
 
     Returns:
         x_d [B, N, 3] deformed points and cols [3, B, N, 3] with cols[k] = d x_d / d x_k.
     """
     h, t = trunk_with_tangents(deformer, points)
-    weights, t_weights = skinning_with_tangents(deformer, h, t, align)  # [N, J], [3, N, J]
+    weights, t_weights = skinning_with_tangents(deformer, h, t)  # [N, J], [3, N, J]
     fields = (h, t, weights, t_weights)
     return flame_with_tangents(
-        deformer, flame, points, fields, betas, transformations, pose_feature, contractions, inverse, align
+        deformer, flame, points, fields, betas, transformations, pose_feature, contractions, inverse
     )
 
 
@@ -199,7 +178,6 @@ def flame_with_tangents(
     pose_feature: torch.Tensor,
     contractions: str = "einsum",
     inverse: str = "closed_form",
-    align: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The second half of ``deform_with_jacobian_explicit``: from the deformer's trunk output and
     skinning weights with their tangents, ``fields`` = (h [N, D], t [3, N, D], weights [N, J],
@@ -219,7 +197,8 @@ def flame_with_tangents(
     head_w, head_b = deformer.blendshapes.weight, deformer.blendshapes.bias
 
     def head(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _products(h, t, head_w[lo:hi], head_b[lo:hi], align)
+        w = head_w[lo:hi]
+        return F.linear(h, w, head_b[lo:hi]), torch.matmul(t, w.t())
 
     posedirs, t_posedirs = head(0, n_p)
     posedirs = posedirs.reshape(n, N_POSE_FEATURES, 3)

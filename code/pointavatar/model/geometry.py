@@ -158,7 +158,7 @@ class GeometryNetwork(nn.Module):
         return out, grad
 
     def forward_with_gradient_explicit(
-        self, x: torch.Tensor, lean: bool = False, align: int = 1
+        self, x: torch.Tensor, lean: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(f(x) [N, C], d sdf / dx [N, d_in]) with the gradient built by an explicit reverse sweep.
 
@@ -175,12 +175,6 @@ class GeometryNetwork(nn.Module):
 
         With ``lean`` each reverse step is one autograd node that keeps only (g, z, W) and
         recomputes the Softplus slope in its backward (less memory in eager mode).
-
-        With ``align`` > 1 a hidden layer whose width is not a multiple of it (the one before a skip:
-        256 - 39 = 217 wide in the paper's network) runs its products on weights padded with zero rows
-        to the next multiple, and its activation is the padded one's first columns: the same values,
-        but every product's operands keep rows of a multiple of ``align`` elements, which cuBLAS's
-        tensor-core kernels need (a 217-wide bf16 operand falls back to a kernel 3 to 4x slower).
         """
         beta, threshold = float(self.softplus.beta), float(self.softplus.threshold)
         last = self.num_layers - 2
@@ -189,25 +183,17 @@ class GeometryNetwork(nn.Module):
         weights: list[torch.Tensor] = []
         zs: list[torch.Tensor] = []  # hidden pre-activations
         widths: list[int] = []  # width of h before a skip concatenation, per layer
-        pads: list[int] = []  # zero rows appended to each layer's weight (``align``)
         for l in range(self.num_layers - 1):
             widths.append(h.shape[-1])
             if l in self.skip_in:
                 h = torch.cat([h, inp], dim=-1) / math.sqrt(2)
             lin = getattr(self, f"lin{l}")
             # Read the (weight-normalised) weight once: it serves the forward and the reverse sweep.
-            w, b = lin.weight, lin.bias
-            pad = (-w.shape[0]) % align if l < last else 0
-            if pad:
-                w = F.pad(w, (0, 0, 0, pad))
-                b = None if b is None else F.pad(b, (0, pad))
-            pads.append(pad)
+            w = lin.weight
             weights.append(w)
-            z = F.linear(h, w, b)
+            z = F.linear(h, w, lin.bias)
             if l < last:
                 h = self.softplus(z)
-                if pad:
-                    h = h[:, :-pad]
                 zs.append(z)
             else:
                 h = z
@@ -220,8 +206,6 @@ class GeometryNetwork(nn.Module):
             if l == last:
                 g = weights[l][:1].expand(x.shape[0], -1)  # [N, in_l]
             else:
-                if pads[l]:
-                    g = F.pad(g, (0, pads[l]))  # the padded rows' slopes meet zeros
                 g = step(g, zs[l], weights[l], beta, threshold)  # [N, in_l]
             if l in self.skip_in:
                 d_h = widths[l]

@@ -131,7 +131,6 @@ class PointAvatar(nn.Module):
         # every product).
         self.deform_contractions = "auto"
         self.inverse_skinning = conf.inverse_skinning  # "closed_form" or "lu" (deform_explicit)
-        self.align_widths = int(conf.align_widths)  # the deformer's products (deform_explicit._products)
         # torch.compile's mode for the fast-path pieces: None (default) or e.g.
         # "max-autotune-no-cudagraphs" (Triton matmul templates with fused epilogues; long compiles).
         # Benchmarks set it (bench_train.py --compile-mode); not measured yet.
@@ -325,7 +324,6 @@ class PointAvatar(nn.Module):
             pose_feature,
             contractions=self._contractions(points.device),
             inverse=self.inverse_skinning,
-            align=self.align_widths,
         )
 
     def _deform_piece(
@@ -345,7 +343,6 @@ class PointAvatar(nn.Module):
             pose_feature,
             contractions=self._contractions(points.device),
             inverse=self.inverse_skinning,
-            align=self.align_widths,
         )
 
     def _per_point_fast(
