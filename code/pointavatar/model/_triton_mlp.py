@@ -30,10 +30,11 @@ import triton.language as tl
 
 PROLOGUES = {"none": 0, "softplus": 1, "slope": 2, "dz": 3}
 EPILOGUES = {"none": 0, "softplus": 1}
-# Tile sizes (rows, output columns, reduction), warps and pipeline stages; not yet timed on a GPU. Chosen
-# by registers (sm_90 cubins compiled on the CPU, cuobjdump; benchmarks/RESULTS.md step 8): at 128 x 128
-# x 32 on 8 warps `linear` needs 197 to 255 registers and no stack, at a reduction of 64 it spills
-# (benchmarks/kernel_resources.py).
+# Tile sizes (rows, output columns, reduction), warps and pipeline stages. Chosen by registers (sm_90
+# cubins compiled on the CPU, cuobjdump; benchmarks/RESULTS.md step 8), then timed on an H200 (step 9,
+# benchmarks/bench_triton_mlp.py): other settings are up to 1.8x faster per kernel (e.g. 128 x 256 x 32
+# on 8 warps, 3 stages), but at none do these kernels beat cuBLAS with inductor's elementwise passes,
+# so the geometry's Triton passes stay off (geometry_fused.TRITON_PASSES) and the tiles as they were.
 BLOCK_M = 128
 BLOCK_N = 128
 BLOCK_K = 32
