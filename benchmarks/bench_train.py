@@ -39,7 +39,7 @@ from pointavatar.model import geometry_fused  # noqa: E402
 from pointavatar.model.deform_explicit import INVERSES  # noqa: E402
 from pointavatar.train.graphed_step import GraphedStep, forward_loss_backward  # noqa: E402
 from pointavatar.train.schedule import make_optimizer, uses_fused_adam  # noqa: E402
-from pointavatar.train.trainer import Trainer  # noqa: E402
+from pointavatar.train.trainer import Trainer, backwards_line  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,6 +203,11 @@ def main() -> None:
         help="model.inverse_skinning: the inverse skinning's 4 x 4 inverse on the fast path",
     )
     p.add_argument(
+        "--deformer-bf16",
+        action="store_true",
+        help="model.deformer_bf16: the deformer network's products in bf16 (deformer backward autograd)",
+    )
+    p.add_argument(
         "--visibility",
         choices=["renderer", "torch"],
         default="renderer",
@@ -267,10 +272,13 @@ def main() -> None:
     model.compile_scope = args.compile_scope
     model.prior_query_chunk = args.prior_query_chunk
     model.inverse_skinning = args.inverse
+    model.deformer_bf16 = args.deformer_bf16
     model.compile_prior_query = not args.eager_prior_query
     geometry_fused.TRITON_PASSES = args.triton_geometry
     model.deform_contractions = args.deform_contractions
     model.compile_mode = args.compile_mode
+    if model.uses_fast_path(device):  # the trainer's line with this benchmark's settings applied
+        print(f"Benchmarked: {backwards_line(model, device)[len('Fast path: ') :]}")
     batch_iter = None
     rows = []
     for n in args.points:
@@ -369,6 +377,7 @@ def main() -> None:
         "adam": args.adam,
         "visibility": args.visibility,
         "inverse": args.inverse,
+        "deformer_bf16": args.deformer_bf16,
         "atomic_sem": args.atomic_sem,
         "deform_contractions": args.deform_contractions,
         "recompute_chunk": args.recompute_chunk,

@@ -494,6 +494,14 @@ class ModelConf:
     step 5). False: the geometry in float32 (TF32 products with model.tf32). On GPUs without bf16 tensor
     cores (before Ampere, compute capability 8.0) it stays in float32 either way. Eval, tracking and the
     baked renderer stay in full precision."""
+    deformer_bf16: bool = False
+    """(ours) Fast path, training, with deformer_backward "autograd": the deformer network's matrix
+    products (its hidden layers', the skinning branch's hidden layer's and the blendshape head's, each
+    for the point and its three tangents) in bfloat16 with fp32 accumulation, the results back in
+    float32; float32 runs only, on GPUs with bf16 tensor cores (as geometry_bf16). The first layer
+    (few encoding columns) and the skinning logits (multiplied by the softmax's temperature, which
+    would multiply the rounding too) stay in float32. Off until measured: its speed, and its test PSNR
+    in a synthetic512 pair of runs (benchmarks/RESULTS.md step 9 names it as the next candidate)."""
     tf32: bool = True
     """Allow TF32 tensor-core matmuls on CUDA (fp32 storage and accumulation, inputs rounded to 10
     mantissa bits). On, as in the original's PyTorch 1.11 (its default on Ampere and later GPUs); canonical

@@ -299,6 +299,51 @@ def test_auto_backwards_are_lean_on_gpus_below_44_gib(flame_files, monkeypatch):
     assert trainer_module.backwards_line(model, cuda) == (
         "Fast path: geometry backward autograd, deformer backward fused_bf16, prior query in one pass"
     )
+    # model.deformer_bf16: said, and where it does not apply (a fused deformer backward) said so.
+    model.deformer_bf16 = True
+    assert trainer_module.backwards_line(model, cuda).endswith(
+        ", deformer products in fp32 (model.deformer_bf16 applies to deformer backward autograd only)"
+    )
+    model.deformer_backward = "autograd"
+    assert trainer_module.backwards_line(model, cuda) == (
+        "Fast path: geometry backward autograd, deformer backward autograd, prior query in one pass,"
+        " deformer products in bf16"
+    )
+
+
+def test_deformer_bf16_applies_to_float32_training_only(flame_files, monkeypatch):
+    """model.deformer_bf16: the fast training forward's deformer piece gets bf16 products for float32
+    points, none for float64 (tests stay exact) or with the key off; eval stays in full precision."""
+    from pointavatar.model import point_avatar as pa
+
+    model = build(flame_files)
+    assert not model.deformer_bf16  # the default until measured
+    seen = []
+    original = pa.deform_with_jacobian_explicit
+
+    def spy(*args, mm_dtype=None, **kwargs):
+        seen.append(mm_dtype)
+        return original(*args, mm_dtype=mm_dtype, **kwargs)
+
+    monkeypatch.setattr(pa, "deform_with_jacobian_explicit", spy)
+    perturb_(model, 0.02)
+    model.implementation = "fast"
+    for flag, dtype, expected in ((False, torch.float32, None), (True, torch.float32, torch.bfloat16),
+                                  (True, torch.float64, None)):  # fmt: skip
+        model.to(dtype).train()
+        model.deformer_bf16 = flag
+        seen.clear()
+        out = model(make_input(2, dtype=dtype))
+        out.rgb_image.sum().backward()
+        assert seen == [expected], (flag, dtype)
+        grads = [p.grad for p in model.deformer_network.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().max() > 0 for g in grads)
+        model.zero_grad()
+    model.eval()  # eval keeps the full-precision path
+    seen.clear()
+    with torch.no_grad():
+        model(make_input(2, dtype=torch.float64))
+    assert seen == [None]
 
 
 def test_compile_fell_back_reports_the_pieces_and_the_fused_passes(flame_files, monkeypatch):

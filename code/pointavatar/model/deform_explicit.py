@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pointavatar.model.deformer import N_POSE_FEATURES, SKINNING_TEMPERATURE, ForwardDeformer
+from pointavatar.model.geometry_fused import _mm
 
 # How the inverse skinning inverts the blended canonical transform M_c [N, 4, 4] (model.inverse_skinning):
 # "closed_form" (`affine_inverse`: elementwise, fused by torch.compile with its neighbours) or "lu"
@@ -71,10 +72,27 @@ def _first_layer(deformer: ForwardDeformer, x: torch.Tensor) -> tuple[torch.Tens
     return z, torch.bmm(coef, w_blocks)
 
 
-def _linear(lin: nn.Linear, h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear(
+    lin: nn.Linear, h: torch.Tensor, t: torch.Tensor, mm_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Primal h [N, Din] and tangents t [3, N, Din] through a Linear (the bias has no tangent)."""
-    weight = lin.weight  # evaluates the weight-norm parametrisation once
-    return F.linear(h, weight, lin.bias), torch.matmul(t, weight.t())
+    return _products(h, t, lin.weight, lin.bias, mm_dtype)  # evaluates the weight-norm parametrisation once
+
+
+def _products(
+    h: torch.Tensor,
+    t: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mm_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h @ weight^T + bias [N, D], t @ weight^T [3, N, D]); with ``mm_dtype`` (bf16) the operands and
+    the products rounded to it (tensor cores, fp32 accumulation) and the products back in h's dtype,
+    as under torch.autocast (model.deformer_bf16)."""
+    if mm_dtype is None:
+        return F.linear(h, weight, bias), torch.matmul(t, weight.t())
+    z = _mm(h, weight.t(), mm_dtype)
+    return (z if bias is None else z + bias), _mm(t, weight.t(), mm_dtype)
 
 
 def _softplus(act: nn.Softplus, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,21 +128,27 @@ def einsum_pointwise(spec: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return product.sum(dim=contracted) if contracted else product
 
 
-def trunk_with_tangents(deformer: ForwardDeformer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The deformer's shared hidden layers at x [N, 3]: (h [N, D], d h / d x_k [3, N, D])."""
+def trunk_with_tangents(
+    deformer: ForwardDeformer, x: torch.Tensor, mm_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deformer's shared hidden layers at x [N, 3]: (h [N, D], d h / d x_k [3, N, D]); with
+    ``mm_dtype`` the hidden layers' products in it (``_products``; the first layer's, over the few
+    encoding columns, stay in h's dtype)."""
     z, t = _first_layer(deformer, x)
     h, t = _softplus(deformer.softplus, z, t)
     for l in range(1, deformer.num_layers - 1):
-        z, t = _linear(getattr(deformer, f"lin{l}"), h, t)
+        z, t = _linear(getattr(deformer, f"lin{l}"), h, t, mm_dtype)
         h, t = _softplus(deformer.softplus, z, t)
     return h, t
 
 
 def skinning_with_tangents(
-    deformer: ForwardDeformer, h: torch.Tensor, t: torch.Tensor
+    deformer: ForwardDeformer, h: torch.Tensor, t: torch.Tensor, mm_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LBS weights from the trunk's (h, t): (weights [N, J], d weights / d x_k [3, N, J])."""
-    z, ts = _linear(deformer.skinning_linear, h, t)
+    """The LBS weights from the trunk's (h, t): (weights [N, J], d weights / d x_k [3, N, J]). With
+    ``mm_dtype`` the hidden layer's products in it; the logits' stay in h's dtype: the softmax
+    multiplies them by SKINNING_TEMPERATURE, which would multiply bf16's rounding too."""
+    z, ts = _linear(deformer.skinning_linear, h, t, mm_dtype)
     hs, ts = _softplus(deformer.softplus, z, ts)
     logits, t_logits = _linear(deformer.skinning, hs, ts)
     weights = torch.softmax(SKINNING_TEMPERATURE * logits, dim=-1)
@@ -141,6 +165,7 @@ def deform_with_jacobian_explicit(
     pose_feature: torch.Tensor,
     contractions: str = "einsum",
     inverse: str = "closed_form",
+    mm_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same values as ``PointAvatar.deform_with_jacobian``, explicit forward mode.
 
@@ -156,15 +181,17 @@ def deform_with_jacobian_explicit(
             fuse). Same values.
         inverse: how the inverse skinning inverts each point's blended 4 x 4 transform: "closed_form"
             (``affine_inverse``) or "lu" (``torch.linalg.inv_ex``). Same values up to rounding.
+        mm_dtype: None, or bf16 for the deformer network's products in it (model.deformer_bf16:
+            ``trunk_with_tangents``, ``skinning_with_tangents`` and the blendshape head).
 
     Returns:
         x_d [B, N, 3] deformed points and cols [3, B, N, 3] with cols[k] = d x_d / d x_k.
     """
-    h, t = trunk_with_tangents(deformer, points)
-    weights, t_weights = skinning_with_tangents(deformer, h, t)  # [N, J], [3, N, J]
+    h, t = trunk_with_tangents(deformer, points, mm_dtype)
+    weights, t_weights = skinning_with_tangents(deformer, h, t, mm_dtype)  # [N, J], [3, N, J]
     fields = (h, t, weights, t_weights)
     return flame_with_tangents(
-        deformer, flame, points, fields, betas, transformations, pose_feature, contractions, inverse
+        deformer, flame, points, fields, betas, transformations, pose_feature, contractions, inverse, mm_dtype
     )
 
 
@@ -178,6 +205,7 @@ def flame_with_tangents(
     pose_feature: torch.Tensor,
     contractions: str = "einsum",
     inverse: str = "closed_form",
+    mm_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The second half of ``deform_with_jacobian_explicit``: from the deformer's trunk output and
     skinning weights with their tangents, ``fields`` = (h [N, D], t [3, N, D], weights [N, J],
@@ -197,8 +225,7 @@ def flame_with_tangents(
     head_w, head_b = deformer.blendshapes.weight, deformer.blendshapes.bias
 
     def head(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w = head_w[lo:hi]
-        return F.linear(h, w, head_b[lo:hi]), torch.matmul(t, w.t())
+        return _products(h, t, head_w[lo:hi], head_b[lo:hi], mm_dtype)
 
     posedirs, t_posedirs = head(0, n_p)
     posedirs = posedirs.reshape(n, N_POSE_FEATURES, 3)

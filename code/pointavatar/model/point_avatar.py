@@ -72,6 +72,12 @@ def gpu_memory_gib(device: torch.device) -> float:
     return torch.cuda.get_device_properties(device).total_memory / 2**30
 
 
+def _bf16_pays(device: torch.device) -> bool:
+    """Whether bf16 products pay on ``device``: on the CPU (tests) and on GPUs with bf16 tensor cores
+    (compute capability 8.0, Ampere, and later)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
+
+
 class PointAvatar(nn.Module):
     """Deformable point-based head avatar (spec §5): the forward pass only, no training state.
 
@@ -115,6 +121,7 @@ class PointAvatar(nn.Module):
         self.prior_query_chunk = conf.prior_query_chunk  # "auto" or an int (``prior_chunk``)
         self.compile_prior_query = bool(conf.compile_prior_query)
         self.geometry_bf16 = bool(conf.geometry_bf16)
+        self.deformer_bf16 = bool(conf.deformer_bf16)
         # "auto" resolves per device (``backwards``): the fastest on large GPUs, the lean ones below.
         self.geometry_backward = conf.geometry_backward
         self.deformer_backward = conf.deformer_backward
@@ -271,9 +278,14 @@ class PointAvatar(nn.Module):
     def _geometry_in_bf16(self, device: torch.device) -> bool:
         """``model.geometry_bf16`` where it pays: on the CPU (tests) and on GPUs with bf16 tensor cores
         (compute capability 8.0, Ampere, and later); older GPUs keep the geometry in fp32."""
-        if not self.geometry_bf16:
-            return False
-        return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
+        return self.geometry_bf16 and _bf16_pays(device)
+
+    def _deformer_mm_dtype(self, points: torch.Tensor) -> torch.dtype | None:
+        """bf16 for the deformer network's products under ``model.deformer_bf16`` (float32 points only,
+        where bf16 pays: as ``_geometry_in_bf16``), else None."""
+        if self.deformer_bf16 and points.dtype == torch.float32 and _bf16_pays(points.device):
+            return torch.bfloat16
+        return None
 
     def _deform_fast(
         self,
@@ -343,6 +355,7 @@ class PointAvatar(nn.Module):
             pose_feature,
             contractions=self._contractions(points.device),
             inverse=self.inverse_skinning,
+            mm_dtype=self._deformer_mm_dtype(points),
         )
 
     def _per_point_fast(
