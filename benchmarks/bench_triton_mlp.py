@@ -11,7 +11,10 @@ Cases (each with the bytes it must move at least, for its GB/s):
 - Triton ``linear``: plain (bf16 in, bf16 out); with the Softplus epilogue (the same layer as
   inductor's, in one kernel); with the Softplus prologue on a bf16 pre-activation; with the backward's
   "dz" prologue (four bf16 operands);
-- Triton ``weight_grad``: plain bf16 operands, and the backward's (dz prologue on A, Softplus on B).
+- Triton ``weight_grad``: plain bf16 operands, and the backward's (dz prologue on A, Softplus on B);
+- ``_triton_gemm.tma_linear`` (TMA operands, persistent, elementwise epilogues): plain, Softplus (the same
+  layer as inductor's), and slope (the sweep's g * softplus'(z) on the product, against cuBLAS and an
+  inductor pass), over its tile settings and 1 or 2 programs an SM.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
 from timing import timed  # noqa: E402
 
+from pointavatar.model import _triton_gemm as tg  # noqa: E402
 from pointavatar.model import _triton_mlp as tm  # noqa: E402
 
 # (tile M, tile N, tile K, warps, stages)
@@ -57,6 +61,18 @@ WGRAD_SETTINGS = [
     (128, 128, 32, 4, 4, 2048),
     (64, 64, 64, 4, 4, 4096),
 ]
+# _triton_gemm.tma_linear: (tile M, tile N, tile K, warps, stages, programs an SM)
+TMA_SETTINGS = [
+    (128, 128, 64, 8, 4, 1),
+    (128, 128, 64, 8, 4, 2),
+    (128, 128, 64, 8, 3, 1),
+    (128, 128, 64, 4, 4, 1),
+    (128, 128, 32, 8, 6, 1),
+    (64, 128, 64, 4, 6, 1),
+    (64, 256, 64, 4, 4, 1),
+    (128, 256, 64, 8, 3, 1),
+    (256, 128, 64, 8, 3, 1),
+]
 BETA, THRESHOLD = 100.0, 20.0
 
 
@@ -79,7 +95,7 @@ def _row(rows, kernel, ms, flops, moved, err=None):
     return row
 
 
-def run(rows: int, width: int, warmup: int, repeat: int) -> list[dict]:
+def run(rows: int, width: int, warmup: int, repeat: int, pointer_kernels: bool = True) -> list[dict]:
     dev = torch.device("cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     bf = torch.bfloat16
@@ -128,6 +144,8 @@ def run(rows: int, width: int, warmup: int, repeat: int) -> list[dict]:
         "linear dz prologue, fp32 out": (
             dict(a=d, b=w.T, prologue="dz", z=z, u=u, v=v), dz @ w.float().T, 6 * act),
     }  # fmt: skip
+    if not pointer_kernels:  # --kernels tma
+        cases = {}
     default = (tm.BLOCK_M, tm.BLOCK_N, tm.BLOCK_K, tm.NUM_WARPS, tm.NUM_STAGES)
     try:
         for name, (kw, ref, moved) in cases.items():
@@ -148,6 +166,8 @@ def run(rows: int, width: int, warmup: int, repeat: int) -> list[dict]:
         "weight_grad dz / softplus prologues": (
             dict(a=d, a_prologue="dz", z=z, u=u, v=v, b=z, b_prologue="softplus"), dz.T @ sp_z, 5 * act),
     }  # fmt: skip
+    if not pointer_kernels:
+        wcases = {}
     wdefault = (tm.BLOCK_M, tm.BLOCK_N, tm.WGRAD_BLOCK_R, tm.NUM_WARPS, tm.NUM_STAGES, tm.ROWS_PER_PROGRAM)
     try:
         for name, (kw, ref, moved) in wcases.items():
@@ -164,6 +184,37 @@ def run(rows: int, width: int, warmup: int, repeat: int) -> list[dict]:
                 out.append(_row(rows, f"{name} {setting}", ms, flops, moved, err))
     finally:
         tm.BLOCK_M, tm.BLOCK_N, tm.WGRAD_BLOCK_R, tm.NUM_WARPS, tm.NUM_STAGES, tm.ROWS_PER_PROGRAM = wdefault
+
+    # The slope epilogue's baseline: the product, then one compiled pass multiplying by softplus'(p).
+    slope_pass = torch.compile(
+        lambda h: ((h @ w.T).float() * torch.ops.aten.softplus_backward(torch.ones_like(zf), z.float(), BETA,
+                                                                       THRESHOLD)).to(bf),
+        dynamic=False,
+    )  # fmt: skip
+    ref_slope = (hf @ w.float().T) * s
+    err = _close(slope_pass(h), ref_slope, 2e-2)
+    out.append(_row(rows, "inductor h @ W^T then * softplus'(z), bf16 out", median(lambda: slope_pass(h)),
+                    flops, 3 * act, err))  # fmt: skip
+    tcases = {
+        "tma_linear plain, bf16 out": (dict(a=h, w=w), hf @ w.float().T, 2 * act),
+        "tma_linear softplus epilogue, bf16 out": (dict(a=h, w=w, bias=bias, epilogue="softplus"), ref_layer,
+                                                   2 * act),
+        "tma_linear slope epilogue, bf16 out": (dict(a=h, w=w, epilogue="slope", partner=z), ref_slope, 3 * act),
+    }  # fmt: skip
+    tdefault = (tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K, tg.NUM_WARPS, tg.NUM_STAGES, tg.PROGRAMS_PER_SM)
+    try:
+        for name, (kw, ref, moved) in tcases.items():
+            for setting in TMA_SETTINGS:
+                tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K, tg.NUM_WARPS, tg.NUM_STAGES, tg.PROGRAMS_PER_SM = setting
+                try:
+                    err = _close(tg.tma_linear(**kw), ref, 2e-2)
+                    ms = median(lambda kw=kw: tg.tma_linear(**kw))
+                except Exception as exc:
+                    print(f"rows={rows} {name} {setting}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+                    continue
+                out.append(_row(rows, f"{name} {setting}", ms, flops, moved, err))
+    finally:
+        tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K, tg.NUM_WARPS, tg.NUM_STAGES, tg.PROGRAMS_PER_SM = tdefault
     return out
 
 
@@ -173,11 +224,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument(
+        "--kernels",
+        choices=["all", "tma"],
+        default="all",
+        help="tma: only the baselines and tma_linear (not _triton_mlp's pointer kernels, measured in step 9)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_triton_mlp.py needs a CUDA device")
-    rows_out = [r for rows in args.rows for r in run(rows, args.width, args.warmup, args.repeat)]
+    rows_out = [
+        r
+        for rows in args.rows
+        for r in run(rows, args.width, args.warmup, args.repeat, args.kernels == "all")
+    ]
     if args.out:
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
         args.out.write_text(json.dumps({"meta": meta, "rows": rows_out}, indent=1))

@@ -1,9 +1,9 @@
-"""Registers and stack of the geometry MLP's Triton kernels (model/_triton_mlp.py) compiled for sm_90, on
-any machine with Triton (no GPU needed): `triton.compile` to a cubin, then the `cuobjdump` that ships with
-Triton's NVIDIA backend. benchmarks/RESULTS.md, step 8:
+"""Registers and stack of the geometry MLP's Triton kernels (model/_triton_mlp.py, model/_triton_gemm.py)
+compiled for sm_90, on any machine with Triton (no GPU needed): `triton.compile` to a cubin, then the
+`cuobjdump` that ships with Triton's NVIDIA backend. benchmarks/RESULTS.md, steps 8 and 9:
 
-    python benchmarks/kernel_resources.py                      # the module's tile settings
-    python benchmarks/kernel_resources.py --tiles 128 128 64 8 3
+    python benchmarks/kernel_resources.py                      # the modules' tile settings
+    python benchmarks/kernel_resources.py --tiles 128 128 64 8 3 --tma-tiles 128 256 64 8 3
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
+from pointavatar.model import _triton_gemm as tg  # noqa: E402
 from pointavatar.model import _triton_mlp as tm  # noqa: E402
 
 FLOATS = ("scale", "beta", "threshold")
@@ -40,6 +41,29 @@ def compile_sm90(kernel, pointers: tuple[str, ...], constexprs: dict, num_warps:
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def compile_tma_sm90(bm: int, bn: int, bk: int, num_warps: int, num_stages: int, epilogue: int):
+    """``_triton_gemm._tma_linear_kernel`` for bf16 operands and output, 132 programs (an H200's SMs)."""
+    kernel = tg._tma_linear_kernel
+    signature = {
+        "a_desc": f"tensordesc<bf16[{bm}, {bk}]>",
+        "w_desc": f"tensordesc<bf16[{bn}, {bk}]>",
+        "c_desc": f"tensordesc<bf16[{bm}, {bn}]>",
+        "p_desc": f"tensordesc<bf16[{bm}, {bn}]>",
+        "bias_ptr": "*fp32",
+        "M": "i32", "N": "i32", "K": "i32", "beta": "fp32", "threshold": "fp32",
+    }  # fmt: skip
+    constexprs = {"EPI": epilogue, "HAS_BIAS": True, "FP32": False, "BM": bm, "BN": bn, "BK": bk,
+                  "NUM_PROGRAMS": 132}  # fmt: skip
+    signature.update({name: "constexpr" for name in constexprs})
+    source = ASTSource(
+        fn=kernel,
+        signature=signature,
+        constexprs={(kernel.arg_names.index(name),): value for name, value in constexprs.items()},
+    )
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
 def resources(compiled) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
@@ -47,7 +71,12 @@ def resources(compiled) -> str:
     out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     os.unlink(f.name)
     usage = " ".join(x for x in out.split() if x.startswith(("REG", "STACK")))
-    return f"{usage}, cp.async {'cp.async' in compiled.asm['ptx']}, wgmma {'wgmma' in compiled.asm['ptx']}"
+    ptx = compiled.asm["ptx"]
+    tma = "cp.async.bulk.tensor" in ptx
+    return (
+        f"{usage}, cp.async {'cp.async' in ptx and not tma}, TMA {tma}, wgmma {'wgmma' in ptx}, "
+        f"shared memory {compiled.metadata.shared / 1024:.0f} KB"
+    )
 
 
 def main() -> None:
@@ -55,11 +84,13 @@ def main() -> None:
     p.add_argument("--tiles", type=int, nargs=5, metavar=("M", "N", "K", "WARPS", "STAGES"),
                    default=[tm.BLOCK_M, tm.BLOCK_N, tm.BLOCK_K, tm.NUM_WARPS, tm.NUM_STAGES])  # fmt: skip
     p.add_argument("--wgrad-rows", type=int, default=tm.WGRAD_BLOCK_R, help="weight_grad's rows a step")
+    p.add_argument("--tma-tiles", type=int, nargs=5, metavar=("M", "N", "K", "WARPS", "STAGES"),
+                   default=[tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K, tg.NUM_WARPS, tg.NUM_STAGES])  # fmt: skip
     args = p.parse_args()
     bm, bn, bk, warps, stages = args.tiles
     linear_ptrs = ("x_ptr", "z_ptr", "u_ptr", "v_ptr", "e_ptr", "b_ptr", "bias_ptr", "c_ptr")
     for name, pro in tm.PROLOGUES.items():
-        consts = {"PRO": pro, "HAS_BIAS": True, "DOT_BF16": True, "BM": bm, "BN": bn, "BK": bk}
+        consts = {"PRO": pro, "HAS_BIAS": True, "DOT_BF16": True, "EPI": 0, "BM": bm, "BN": bn, "BK": bk}
         print(
             f"linear, prologue {name}: {resources(compile_sm90(tm._linear_kernel, linear_ptrs, consts, warps, stages))}"
         )
@@ -69,6 +100,10 @@ def main() -> None:
                   "BM": bm, "BN": bn, "BR": args.wgrad_rows, "ROWS": tm.ROWS_PER_PROGRAM}  # fmt: skip
         compiled = compile_sm90(tm._wgrad_kernel, wgrad_ptrs, consts, warps, stages)
         print(f"weight_grad, prologues {a_name} / {b_name}: {resources(compiled)}")
+    for name, epi in tg.EPILOGUES.items():
+        print(
+            f"tma_linear {tuple(args.tma_tiles)}, epilogue {name}: {resources(compile_tma_sm90(*args.tma_tiles, epi))}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,118 @@
+"""The persistent TMA GEMM with elementwise epilogues (model/_triton_gemm.py): under the Triton interpreter
+on the CPU in float32 against torch, and on a GPU in bf16."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import triton_interp_compat  # noqa: F401  (Triton 3.6 interpreter with NumPy 2.4)
+    import torch
+    from pointavatar.model import _triton_gemm as tg
+
+    # Small tiles: several tiles a program (4 programs), several reduction steps, partly filled last
+    # tiles in rows, columns and the reduction.
+    tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K = 32, 16, 16
+
+    def close(got, ref, what):
+        err = (got - ref).abs().max().item()
+        bound = 1e-5 * ref.abs().max().item() + 1e-7  # float32 sums in another order
+        assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
+
+    g = torch.Generator().manual_seed(0)
+    m, k, n = 203, 52, 44
+    a = torch.rand(m, k, generator=g) - 0.5
+    w = torch.randn(n, k, generator=g) * 0.1
+    b = torch.randn(n, generator=g) * 0.1
+    p = torch.rand(m, n, generator=g) - 0.5  # beta p straddles the threshold 20
+    z = a @ w.T + b
+    assert ((z * 100 > 20).any() and (z * 100 < 20).any() and (z < -0.2).any()), "z must straddle the branches"
+    assert (p * 100 > 20).any() and (p * 100 < 20).any()
+    close(tg.tma_linear(a, w, b), z, "plain")
+    close(tg.tma_linear(a, w), a @ w.T, "no bias")
+    close(tg.tma_linear(a, w, b, epilogue="softplus"), torch.nn.functional.softplus(z, 100.0, 20.0), "softplus")
+    slope = torch.ops.aten.softplus_backward(torch.ones_like(p), p, 100.0, 20.0)
+    close(tg.tma_linear(a, w, b, epilogue="slope", partner=p), z * slope, "slope")
+    assert tg.tma_linear(a[:0], w).shape == (0, n)
+    print("INTERPRETER-OK")
+    """
+)
+
+
+def test_tma_linear_under_interpreter():
+    """Each epilogue (and the bias, partial tiles, several tiles a program) against torch in float32;
+    the bf16 mode is checked on the GPU below (the interpreter rounds bf16 unlike torch)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    paths = [str(ROOT / "code"), str(ROOT / "tests")]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "INTERPRETER-OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_tma_linear_refuses_bad_arguments():
+    pytest.importorskip("triton")
+    from pointavatar.model import _triton_gemm as tg
+
+    a, w = torch.zeros(4, 8), torch.zeros(6, 8)
+    with pytest.raises(ValueError, match="epilogue must be one of"):
+        tg.tma_linear(a, w, epilogue="relu")
+    with pytest.raises(ValueError, match="partner tensor"):
+        tg.tma_linear(a, w, epilogue="slope")
+    with pytest.raises(ValueError, match="partner tensor"):
+        tg.tma_linear(a, w, partner=torch.zeros(4, 6))
+    with pytest.raises(ValueError, match="the output's shape"):
+        tg.tma_linear(a, w, epilogue="slope", partner=torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="both be bf16 or both fp32"):
+        tg.tma_linear(a, w.double())
+    with pytest.raises(ValueError, match="do not chain"):
+        tg.tma_linear(a, torch.zeros(6, 7))
+    with pytest.raises(ValueError, match="16-byte aligned rows"):
+        tg.tma_linear(torch.zeros(4, 3), torch.zeros(6, 3))  # 12-byte rows: TMA cannot read them
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("epilogue", ["none", "softplus", "slope"])
+def test_tma_linear_bf16_on_gpu(epilogue):
+    """bf16 operands, fp32 accumulation, bf16 output, at the geometry's width over several settings: within
+    a bf16 rounding of the float32 result of the same bf16 operands (torch's epilogue ops in fp32)."""
+    pytest.importorskip("triton")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90 or later")
+    from pointavatar.model import _triton_gemm as tg
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    m, k, n = 10_000, 256, 256
+    a = ((torch.rand(m, k, device="cuda", generator=g) - 0.3) * 0.2).to(torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda", generator=g) / 16).to(torch.bfloat16)
+    b = torch.randn(n, device="cuda", generator=g) * 0.05
+    p = (torch.rand(m, n, device="cuda", generator=g) - 0.5).to(torch.bfloat16)
+    z = a.float() @ w.float().T + b
+    ref = {
+        "none": z,
+        "softplus": torch.nn.functional.softplus(z, 100.0, 20.0),
+        "slope": z * torch.ops.aten.softplus_backward(torch.ones_like(z), p.float(), 100.0, 20.0),
+    }[epilogue]
+    default = (tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K, tg.NUM_WARPS, tg.NUM_STAGES)
+    try:
+        for setting in ((128, 128, 64, 8, 4), (128, 128, 64, 4, 3), default):
+            tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K, tg.NUM_WARPS, tg.NUM_STAGES = setting
+            got = tg.tma_linear(a, w, b, epilogue=epilogue, partner=p if epilogue == "slope" else None)
+            assert got.dtype == torch.bfloat16
+            err = ((got.float() - ref).abs() / (ref.abs() + 1e-3)).max().item()
+            assert err < 1e-2, (setting, err)  # bf16's rounding is 2^-9 relative, the sums' order 1e-6
+    finally:
+        tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K, tg.NUM_WARPS, tg.NUM_STAGES = default
