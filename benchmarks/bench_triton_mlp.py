@@ -61,17 +61,17 @@ WGRAD_SETTINGS = [
     (128, 128, 32, 4, 4, 2048),
     (64, 64, 64, 4, 4, 4096),
 ]
-# _triton_gemm.tma_linear: (tile M, tile N, tile K, warps, stages, programs an SM)
+# _triton_gemm.tma_linear: (tile M, tile N, tile K, warps, stages, programs an SM, epilogue on column halves)
 TMA_SETTINGS = [
-    (128, 128, 64, 8, 4, 1),
-    (128, 128, 64, 8, 4, 2),
-    (128, 128, 64, 8, 3, 1),
-    (128, 128, 64, 4, 4, 1),
-    (128, 128, 32, 8, 6, 1),
-    (64, 128, 64, 4, 6, 1),
-    (64, 256, 64, 4, 4, 1),
-    (128, 256, 64, 8, 3, 1),
-    (256, 128, 64, 8, 3, 1),
+    (128, 128, 64, 8, 4, 1, True),
+    (128, 128, 64, 8, 4, 1, False),
+    (128, 128, 64, 8, 4, 2, True),
+    (128, 128, 64, 8, 3, 1, True),
+    (128, 128, 32, 8, 6, 1, True),
+    (64, 128, 64, 4, 6, 1, True),
+    (64, 128, 64, 4, 6, 1, False),
+    (128, 256, 64, 8, 3, 1, True),
+    (256, 128, 64, 8, 3, 1, True),
 ]
 BETA, THRESHOLD = 100.0, 20.0
 
@@ -195,26 +195,65 @@ def run(rows: int, width: int, warmup: int, repeat: int, pointer_kernels: bool =
     err = _close(slope_pass(h), ref_slope, 2e-2)
     out.append(_row(rows, "inductor h @ W^T then * softplus'(z), bf16 out", median(lambda: slope_pass(h)),
                     flops, 3 * act, err))  # fmt: skip
+    # The backward's epilogues' baseline: the product, then one compiled pass with the epilogue's work
+    # (the slope from h = softplus(z), the sweep adjoint's two outputs, the slope plus an addend).
+    hz = torch.nn.functional.softplus(zf, BETA, THRESHOLD).to(bf)  # a stored activation
+    qf = d.float()
+    s_h = torch.where(hz.float() * BETA > THRESHOLD, 1.0, 1.0 - torch.exp(-BETA * hz.float()))
+    c_h = torch.where(hz.float() * BETA < THRESHOLD, BETA * s_h * (1 - s_h), 0.0)
+
+    def adjoint_pass(x):
+        y = (x @ w.T).float()
+        s_ = torch.where(hz.float() * BETA > THRESHOLD, 1.0, 1.0 - torch.exp(-BETA * hz.float()))
+        c_ = torch.where(hz.float() * BETA < THRESHOLD, BETA * s_ * (1 - s_), 0.0)
+        return (y * s_).to(bf), (y * d.float() * c_).to(bf)
+
+    adjoint_pass = torch.compile(adjoint_pass, dynamic=False)
+    prod = hf @ w.float().T
+    err = max(_close(adjoint_pass(h)[0], prod * s_h, 2e-2), _close(adjoint_pass(h)[1], prod * qf * c_h, 2e-2))
+    out.append(_row(rows, "inductor h @ W^T then the adjoint's two outputs, bf16 out",
+                    median(lambda: adjoint_pass(h)), flops, 5 * act, err))  # fmt: skip
+
     tcases = {
-        "tma_linear plain, bf16 out": (dict(a=h, w=w), hf @ w.float().T, 2 * act),
-        "tma_linear softplus epilogue, bf16 out": (dict(a=h, w=w, bias=bias, epilogue="softplus"), ref_layer,
-                                                   2 * act),
-        "tma_linear slope epilogue, bf16 out": (dict(a=h, w=w, epilogue="slope", partner=z), ref_slope, 3 * act),
+        "tma_linear plain, bf16 out": (tg.tma_linear, dict(a=h, w=w), hf @ w.float().T, 2 * act),
+        "tma_linear softplus epilogue, bf16 out": (
+            tg.tma_linear, dict(a=h, w=w, bias=bias, epilogue="softplus"), ref_layer, 2 * act),
+        "tma_linear slope epilogue, bf16 out": (tg.tma_linear, dict(a=h, w=w, epilogue="slope", p=z), ref_slope,
+                                                3 * act),
+        "tma_linear slope_h epilogue, bf16 out": (tg.tma_linear, dict(a=h, w=w, epilogue="slope_h", p=hz),
+                                                  prod * s_h, 3 * act),
+        "tma_linear adjoint epilogue (two outputs), bf16 out": (
+            tg.tma_linear, dict(a=h, w=w, epilogue="adjoint", p=hz, q=d), torch.cat([prod * s_h, prod * qf * c_h], 1),
+            5 * act),
+        "tma_linear slope_add epilogue, bf16 out": (
+            tg.tma_linear, dict(a=h, w=w, epilogue="slope_add", p=hz, q=d), prod * s_h + qf, 4 * act),
     }  # fmt: skip
-    tdefault = (tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K, tg.NUM_WARPS, tg.NUM_STAGES, tg.PROGRAMS_PER_SM)
+    names = (
+        "BLOCK_M",
+        "BLOCK_N",
+        "BLOCK_K",
+        "NUM_WARPS",
+        "NUM_STAGES",
+        "PROGRAMS_PER_SM",
+        "EPILOGUE_SUBTILE",
+    )
+    tdefault = tuple(getattr(tg, name) for name in names)
     try:
-        for name, (kw, ref, moved) in tcases.items():
+        for name, (fn, kw, ref, moved) in tcases.items():
             for setting in TMA_SETTINGS:
-                tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K, tg.NUM_WARPS, tg.NUM_STAGES, tg.PROGRAMS_PER_SM = setting
+                for attr, value in zip(names, setting, strict=True):
+                    setattr(tg, attr, value)
                 try:
-                    err = _close(tg.tma_linear(**kw), ref, 2e-2)
-                    ms = median(lambda kw=kw: tg.tma_linear(**kw))
+                    got = fn(**kw)  # the adjoint's two outputs side by side for the check
+                    err = _close(torch.cat(got, 1) if isinstance(got, tuple) else got, ref, 2e-2)
+                    ms = median(lambda fn=fn, kw=kw: fn(**kw))
                 except Exception as exc:
                     print(f"rows={rows} {name} {setting}: failed: {type(exc).__name__}: {str(exc)[:200]}")
                     continue
                 out.append(_row(rows, f"{name} {setting}", ms, flops, moved, err))
     finally:
-        tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K, tg.NUM_WARPS, tg.NUM_STAGES, tg.PROGRAMS_PER_SM = tdefault
+        for attr, value in zip(names, tdefault, strict=True):
+            setattr(tg, attr, value)
     return out
 
 

@@ -41,19 +41,22 @@ def compile_sm90(kernel, pointers: tuple[str, ...], constexprs: dict, num_warps:
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_tma_sm90(bm: int, bn: int, bk: int, num_warps: int, num_stages: int, epilogue: int):
+def compile_tma_sm90(bm: int, bn: int, bk: int, num_warps: int, num_stages: int, epilogue: int, subtile=None):
     """``_triton_gemm._tma_linear_kernel`` for bf16 operands and output, 132 programs (an H200's SMs)."""
     kernel = tg._tma_linear_kernel
+    subtile = tg.EPILOGUE_SUBTILE if subtile is None else subtile
+    bo = bn // 2 if subtile else bn
     signature = {
         "a_desc": f"tensordesc<bf16[{bm}, {bk}]>",
         "w_desc": f"tensordesc<bf16[{bn}, {bk}]>",
-        "c_desc": f"tensordesc<bf16[{bm}, {bn}]>",
-        "p_desc": f"tensordesc<bf16[{bm}, {bn}]>",
-        "bias_ptr": "*fp32",
-        "M": "i32", "N": "i32", "K": "i32", "beta": "fp32", "threshold": "fp32",
+        "c_desc": f"tensordesc<bf16[{bm}, {bo}]>",
+        "c2_desc": f"tensordesc<bf16[{bm}, {bo}]>",
+        "bias_ptr": "*fp32", "p_ptr": "*bf16", "q_ptr": "*bf16",
+        "M": "i32", "N": "i32", "K": "i32", "sp0": "i32", "sp1": "i32", "sq0": "i32", "sq1": "i32",
+        "beta": "fp32", "threshold": "fp32",
     }  # fmt: skip
-    constexprs = {"EPI": epilogue, "HAS_BIAS": True, "FP32": False, "BM": bm, "BN": bn, "BK": bk,
-                  "NUM_PROGRAMS": 132}  # fmt: skip
+    constexprs = {"EPI": epilogue, "HAS_BIAS": True, "FP32": False, "SUBTILE": subtile, "BM": bm, "BN": bn,
+                  "BK": bk, "NUM_PROGRAMS": 132}  # fmt: skip
     signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(
         fn=kernel,
@@ -100,10 +103,12 @@ def main() -> None:
                   "BM": bm, "BN": bn, "BR": args.wgrad_rows, "ROWS": tm.ROWS_PER_PROGRAM}  # fmt: skip
         compiled = compile_sm90(tm._wgrad_kernel, wgrad_ptrs, consts, warps, stages)
         print(f"weight_grad, prologues {a_name} / {b_name}: {resources(compiled)}")
-    for name, epi in tg.EPILOGUES.items():
-        print(
-            f"tma_linear {tuple(args.tma_tiles)}, epilogue {name}: {resources(compile_tma_sm90(*args.tma_tiles, epi))}"
-        )
+    for subtile in (True, False):
+        for name, epi in tg.EPILOGUES.items():
+            compiled = compile_tma_sm90(*args.tma_tiles, epi, subtile)
+            print(
+                f"tma_linear {tuple(args.tma_tiles)}, subtile {subtile}, epilogue {name}: {resources(compiled)}"
+            )
 
 
 if __name__ == "__main__":

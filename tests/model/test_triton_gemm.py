@@ -27,7 +27,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     def close(got, ref, what):
         err = (got - ref).abs().max().item()
         bound = 1e-5 * ref.abs().max().item() + 1e-7  # float32 sums in another order
-        assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
+        assert err <= bound, f"{what} (subtile {tg.EPILOGUE_SUBTILE}): max error {err:.3e} > {bound:.3e}"
 
     g = torch.Generator().manual_seed(0)
     m, k, n = 203, 52, 44
@@ -38,11 +38,24 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     z = a @ w.T + b
     assert ((z * 100 > 20).any() and (z * 100 < 20).any() and (z < -0.2).any()), "z must straddle the branches"
     assert (p * 100 > 20).any() and (p * 100 < 20).any()
-    close(tg.tma_linear(a, w, b), z, "plain")
-    close(tg.tma_linear(a, w), a @ w.T, "no bias")
-    close(tg.tma_linear(a, w, b, epilogue="softplus"), torch.nn.functional.softplus(z, 100.0, 20.0), "softplus")
-    slope = torch.ops.aten.softplus_backward(torch.ones_like(p), p, 100.0, 20.0)
-    close(tg.tma_linear(a, w, b, epilogue="slope", partner=p), z * slope, "slope")
+    for subtile in (True, False):  # the epilogue on the tile's column halves, or on the whole tile
+        tg.EPILOGUE_SUBTILE = subtile
+        close(tg.tma_linear(a, w, b), z, "plain")
+        close(tg.tma_linear(a, w), a @ w.T, "no bias")
+        close(tg.tma_linear(a, w, b, epilogue="softplus"), torch.nn.functional.softplus(z, 100.0, 20.0), "softplus")
+        slope = torch.ops.aten.softplus_backward(torch.ones_like(p), p, 100.0, 20.0)
+        close(tg.tma_linear(a, w, b, epilogue="slope", p=p), z * slope, "slope")
+        # The slope from the activation h = softplus(p) (a strided view: partners are read through their
+        # strides), the sweep adjoint's two outputs, and the slope plus an addend.
+        h = torch.nn.functional.softplus(torch.stack([p, -p], -1), 100.0, 20.0)[..., 0]  # strides (2n, 2)
+        assert h.stride() == (2 * n, 2)
+        curv = torch.where(p * 100 < 20, 100 * slope * (1 - slope), torch.zeros_like(slope))
+        q = torch.randn(m, n, generator=g)
+        close(tg.tma_linear(a, w, b, epilogue="slope_h", p=h), z * slope, "slope_h")
+        got, got2 = tg.tma_linear(a, w, b, epilogue="adjoint", p=h, q=q)
+        close(got, z * slope, "adjoint, first output")
+        close(got2, z * q * curv, "adjoint, second output")
+        close(tg.tma_linear(a, w, b, epilogue="slope_add", p=h, q=q), z * slope + q, "slope_add")
     assert tg.tma_linear(a[:0], w).shape == (0, n)
     print("INTERPRETER-OK")
     """
@@ -69,12 +82,14 @@ def test_tma_linear_refuses_bad_arguments():
     a, w = torch.zeros(4, 8), torch.zeros(6, 8)
     with pytest.raises(ValueError, match="epilogue must be one of"):
         tg.tma_linear(a, w, epilogue="relu")
-    with pytest.raises(ValueError, match="partner tensor"):
+    with pytest.raises(ValueError, match='epilogue "slope" reads the partner p'):
         tg.tma_linear(a, w, epilogue="slope")
-    with pytest.raises(ValueError, match="partner tensor"):
-        tg.tma_linear(a, w, partner=torch.zeros(4, 6))
+    with pytest.raises(ValueError, match='epilogue "none" reads no partner'):
+        tg.tma_linear(a, w, p=torch.zeros(4, 6))
+    with pytest.raises(ValueError, match='epilogue "adjoint" reads the partners p and q'):
+        tg.tma_linear(a, w, epilogue="adjoint", p=torch.zeros(4, 6))
     with pytest.raises(ValueError, match="the output's shape"):
-        tg.tma_linear(a, w, epilogue="slope", partner=torch.zeros(4, 5))
+        tg.tma_linear(a, w, epilogue="slope", p=torch.zeros(4, 5))
     with pytest.raises(ValueError, match="both be bf16 or both fp32"):
         tg.tma_linear(a, w.double())
     with pytest.raises(ValueError, match="do not chain"):
@@ -85,7 +100,7 @@ def test_tma_linear_refuses_bad_arguments():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("epilogue", ["none", "softplus", "slope"])
+@pytest.mark.parametrize("epilogue", ["none", "softplus", "slope", "slope_h", "adjoint", "slope_add"])
 def test_tma_linear_bf16_on_gpu(epilogue):
     """bf16 operands, fp32 accumulation, bf16 output, at the geometry's width over several settings: within
     a bf16 rounding of the float32 result of the same bf16 operands (torch's epilogue ops in fp32)."""
@@ -99,18 +114,43 @@ def test_tma_linear_bf16_on_gpu(epilogue):
     a = ((torch.rand(m, k, device="cuda", generator=g) - 0.3) * 0.2).to(torch.bfloat16)
     w = (torch.randn(n, k, device="cuda", generator=g) / 16).to(torch.bfloat16)
     b = torch.randn(n, device="cuda", generator=g) * 0.05
-    p = (torch.rand(m, n, device="cuda", generator=g) - 0.5).to(torch.bfloat16)
+    zp = torch.rand(m, n, device="cuda", generator=g) - 0.5  # a pre-activation: beta zp straddles 20
+    q = torch.randn(m, n, device="cuda", generator=g).to(torch.bfloat16)
     z = a.float() @ w.float().T + b
+    # The partner as the epilogue reads it (z, or h = softplus(z)), rounded to bf16 as stored; the
+    # reference's slope from the same rounded value.
+    p = (zp if epilogue == "slope" else torch.nn.functional.softplus(zp, 100.0, 20.0)).to(torch.bfloat16)
+    pf = p.float()
+    if epilogue == "slope":
+        slope = torch.ops.aten.softplus_backward(torch.ones_like(z), pf, 100.0, 20.0)
+    else:
+        slope = torch.where(pf * 100 > 20, torch.ones_like(pf), 1 - torch.exp(-100 * pf))
+    curv = torch.where(pf * 100 < 20, 100 * slope * (1 - slope), torch.zeros_like(pf))
     ref = {
         "none": z,
         "softplus": torch.nn.functional.softplus(z, 100.0, 20.0),
-        "slope": z * torch.ops.aten.softplus_backward(torch.ones_like(z), p.float(), 100.0, 20.0),
+        "slope": z * slope,
+        "slope_h": z * slope,
+        "adjoint": z * slope,
+        "slope_add": z * slope + q.float(),
     }[epilogue]
+    partners = {
+        "slope": {"p": p},
+        "slope_h": {"p": p},
+        "adjoint": {"p": p, "q": q},
+        "slope_add": {"p": p, "q": q},
+    }
     default = (tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K, tg.NUM_WARPS, tg.NUM_STAGES)
     try:
         for setting in ((128, 128, 64, 8, 4), (128, 128, 64, 4, 3), default):
             tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K, tg.NUM_WARPS, tg.NUM_STAGES = setting
-            got = tg.tma_linear(a, w, b, epilogue=epilogue, partner=p if epilogue == "slope" else None)
+            got = tg.tma_linear(a, w, b, epilogue=epilogue, **partners.get(epilogue, {}))
+            if epilogue == "adjoint":
+                got, got2 = got
+                err2 = (
+                    (got2.float() - z * q.float() * curv).abs() / (z * q.float() * curv).abs().max()
+                ).max()
+                assert err2.item() < 1e-2, (setting, err2.item())
             assert got.dtype == torch.bfloat16
             err = ((got.float() - ref).abs() / (ref.abs() + 1e-3)).max().item()
             assert err < 1e-2, (setting, err)  # bf16's rounding is 2^-9 relative, the sums' order 1e-6

@@ -10,15 +10,22 @@ arithmetic in registers), one program per SM loops over the output tiles (persis
 flattened so that the next tile's loads are in flight during this tile's epilogue), and the epilogue's
 math is the cheap form (exp2 and log2, no division in the Softplus).
 
-Epilogues (``EPILOGUES``), on Z = A @ W^T + bias:
+Epilogues (``EPILOGUES``), on Z = A @ W^T + bias, with P and Q partner tensors of C's shape read in
+the epilogue (any strides), and s(.) = softplus' as torch's softplus_backward (1 where beta p >
+threshold, else sigmoid(beta p)):
 
 - "none": Z (a plain product);
 - "softplus": softplus(Z) as torch's Softplus(beta, threshold): Z where beta Z > threshold, else
   max(Z, 0) + log(1 + exp(-beta |Z|)) / beta (log1p's loss of relative accuracy where exp(-beta |Z|) <
-  2^-24 is below 6e-8 / beta absolute);
-- "slope": Z * softplus'(P), P a partner tensor of C's shape (a layer's pre-activation): the sweep's
-  g * softplus'(z) and the backward's dh * softplus'(z), with torch's slope (1 where beta P > threshold,
-  else sigmoid(beta P)).
+  2^-24 is below 6e-8 / beta absolute). The forward chain: h_{l+1} = softplus(h_l W_l^T + b_l).
+- "slope": Z * s(P), P a pre-activation z.
+- "slope_h": Z * s(P), P the activation h = softplus(z) instead, from which the slope follows without z:
+  exp(beta h) = 1 + exp(beta z), so s = 1 - exp(-beta h) (and h = z, s = 1 where beta h > threshold).
+  The sweep, g_{l-1} = (Z = u_l W_l) * s(h_l), and the forward chain's adjoint (dh * s).
+- "adjoint": two outputs from one product Z = dG_l W_l^T (the sweep's adjoint): C = Z * s(P) (dG_{l+1})
+  and C2 = Z * Q * s'(P) with s' = beta s (1 - s) = softplus'' (0 where beta h >= threshold), P = h and
+  Q = g (the sweep vector): the sweep's share of dz.
+- "slope_add": Z * s(P) + Q, P = h, Q an addend (the forward chain's adjoint plus the sweep's dz).
 
 Operands: A [M, K] and W [N, K] (an nn.Linear weight as it is) row-major with 16-byte aligned rows, in
 bf16 (fp32 accumulation) or fp32 (full fp32 products: the interpreter tests). Runs on CUDA (sm_90 for
@@ -32,11 +39,14 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-EPILOGUES = {"none": 0, "softplus": 1, "slope": 2}
+EPILOGUES = {"none": 0, "softplus": 1, "slope": 2, "slope_h": 3, "adjoint": 4, "slope_add": 5}
+# The partner tensors each epilogue reads.
+PARTNERS = {"none": 0, "softplus": 0, "slope": 1, "slope_h": 1, "adjoint": 2, "slope_add": 2}
 # (tile M, tile N, tile K, warps, stages); not yet timed on a GPU (benchmarks/bench_triton_mlp.py sweeps
 # them). Chosen on the CPU (benchmarks/kernel_resources.py, sm_90 cubins): at 128 x 128 x 64 on 8 warps
-# with 4 stages every epilogue compiles without spills (101, 185 and 218 registers) in 164 to 197 KB of
-# shared memory; at 128 x 256 the epilogues spill and "slope" needs 279 KB (the H200 has 227 KB).
+# with 4 stages, the epilogue on column halves, every epilogue compiles without spills (120 to 189
+# registers) in 144 to 148 KB of shared memory; on whole tiles "adjoint" and "slope_add" spill, and at
+# 128 x 256 the epilogues spill either way (benchmarks/RESULTS.md step 9).
 BLOCK_M = 128
 BLOCK_N = 128
 BLOCK_K = 64
@@ -44,6 +54,8 @@ NUM_WARPS = 8
 NUM_STAGES = 4
 # Programs per SM of the persistent grid.
 PROGRAMS_PER_SM = 1
+# The epilogue on the tile's two column halves one after the other (``_tma_linear_kernel``).
+EPILOGUE_SUBTILE = True
 _LOG2E = tl.constexpr(1.4426950408889634)  # globals read by a kernel must be constexpr
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -64,13 +76,47 @@ def _slope_fast(p, beta, threshold):
 
 
 @triton.jit
+def _load_tile(ptr, s0, s1, rm, rn, M, N):
+    """The [BM, BN] tile of an [M, N] partner at rows rm, columns rn, in fp32 (0 outside)."""
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    return tl.load(ptr + rm[:, None] * s0 + rn[None, :] * s1, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, M, N, bias_ptr, p_ptr, q_ptr, sp0, sp1, sq0, sq1, beta, threshold,
+              EPI: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """(C, C2) of the accumulator tile at rows rm, columns rn (module docstring); C2 is C but for
+    "adjoint"."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    c2 = acc
+    if EPI == 1:
+        acc = _softplus_fast(acc, beta, threshold)
+    if EPI == 2:
+        acc = acc * _slope_fast(_load_tile(p_ptr, sp0, sp1, rm, rn, M, N), beta, threshold)
+    if EPI >= 3:
+        bh = _load_tile(p_ptr, sp0, sp1, rm, rn, M, N) * beta
+        e = tl.exp2(-bh * _LOG2E)  # exp(-beta h) = 1 - s
+        s = tl.where(bh > threshold, 1.0, 1.0 - e)
+        if EPI == 4:
+            q = _load_tile(q_ptr, sq0, sq1, rm, rn, M, N)
+            c2 = acc * q * tl.where(bh < threshold, beta * s * e, 0.0)
+        acc = acc * s
+        if EPI == 5:
+            acc += _load_tile(q_ptr, sq0, sq1, rm, rn, M, N)
+    return acc, c2
+
+
+@triton.jit
 def _tma_linear_kernel(
-    a_desc, w_desc, c_desc, p_desc, bias_ptr,
-    M, N, K, beta, threshold,
-    EPI: tl.constexpr, HAS_BIAS: tl.constexpr, FP32: tl.constexpr,
+    a_desc, w_desc, c_desc, c2_desc, bias_ptr, p_ptr, q_ptr,
+    M, N, K, sp0, sp1, sq0, sq1, beta, threshold,
+    EPI: tl.constexpr, HAS_BIAS: tl.constexpr, FP32: tl.constexpr, SUBTILE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):  # fmt: skip
-    """C [M, N] = epilogue(A [M, K] @ W [N, K]^T + bias), one program per NUM_PROGRAMS-th output tile."""
+    """C [M, N] = epilogue(A [M, K] @ W [N, K]^T + bias), one program per NUM_PROGRAMS-th output tile. With
+    SUBTILE the epilogue runs on the tile's two column halves one after the other (half the registers
+    live at once; the output descriptors then have [BM, BN / 2] blocks)."""
     tiles_n = tl.cdiv(N, BN)
     num_tiles = tl.cdiv(M, BM) * tiles_n
     k_steps = tl.cdiv(K, BK)
@@ -85,19 +131,30 @@ def _tma_linear_kernel(
                 acc = tl.dot(a, w.T, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, w.T, acc)
-        if HAS_BIAS:
+        rm = off_m + tl.arange(0, BM)
+        if SUBTILE:
+            halves = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            for i in tl.static_range(2):
+                rn = off_n + i * (BN // 2) + tl.arange(0, BN // 2)
+                c, c2 = _epilogue(halves[i], rm, rn, M, N, bias_ptr, p_ptr, q_ptr, sp0, sp1, sq0, sq1, beta,
+                                  threshold, EPI, HAS_BIAS)  # fmt: skip
+                c_desc.store([off_m, off_n + i * (BN // 2)], c.to(c_desc.dtype))
+                if EPI == 4:
+                    c2_desc.store([off_m, off_n + i * (BN // 2)], c2.to(c2_desc.dtype))
+        else:
             rn = off_n + tl.arange(0, BN)
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        if EPI == 1:
-            acc = _softplus_fast(acc, beta, threshold)
-        if EPI == 2:
-            acc = acc * _slope_fast(p_desc.load([off_m, off_n]).to(tl.float32), beta, threshold)
-        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+            c, c2 = _epilogue(acc, rm, rn, M, N, bias_ptr, p_ptr, q_ptr, sp0, sp1, sq0, sq1, beta, threshold,
+                              EPI, HAS_BIAS)  # fmt: skip
+            c_desc.store([off_m, off_n], c.to(c_desc.dtype))
+            if EPI == 4:
+                c2_desc.store([off_m, off_n], c2.to(c2_desc.dtype))
 
 
 def _descriptor(t: torch.Tensor, block: list[int], name: str) -> TensorDescriptor:
     if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
-        raise ValueError(f"{name} must be a 2-D row-major tensor with 16-byte aligned rows, not {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be a 2-D row-major tensor with 16-byte aligned rows, not {tuple(t.shape)}"
+        )
     return TensorDescriptor.from_tensor(t, block)
 
 
@@ -107,41 +164,50 @@ def tma_linear(
     bias: torch.Tensor | None = None,
     *,
     epilogue: str = "none",
-    partner: torch.Tensor | None = None,
+    p: torch.Tensor | None = None,
+    q: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     beta: float = 100.0,
     threshold: float = 20.0,
-) -> torch.Tensor:
-    """epilogue(a @ w^T + bias) [M, N] in ``out_dtype`` (default a's dtype): a [M, K], w [N, K] of a's dtype
-    (bf16, or fp32 for full-precision products), bias [N] or None, ``partner`` [M, N] for "slope" (see the
-    module docstring)."""
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """epilogue(a @ w^T + bias) [M, N] in ``out_dtype`` (default a's dtype), and for "adjoint" its second
+    output too: a [M, K], w [N, K] of a's dtype (bf16, or fp32 for full-precision products), bias [N] or
+    None, the partners ``p`` (and ``q``) [M, N] as the epilogue reads them (module docstring)."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {tuple(EPILOGUES)}, not {epilogue!r}")
-    if (partner is not None) != (epilogue == "slope"):
-        raise ValueError('a partner tensor is given with the "slope" epilogue, and only with it')
+    given = [t for t in (p, q) if t is not None]
+    wanted = PARTNERS[epilogue]
+    if len(given) != wanted or (wanted == 1 and p is None):
+        reads = ("no partner", "the partner p", "the partners p and q")[wanted]
+        raise ValueError(f'epilogue "{epilogue}" reads {reads}')
     if a.dtype != w.dtype or a.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"a and w must both be bf16 or both fp32, not {a.dtype} and {w.dtype}")
     m, k = a.shape
     n = w.shape[0]
     if w.shape[1] != k:
         raise ValueError(f"shapes do not chain: a {tuple(a.shape)}, w {tuple(w.shape)}")
-    if partner is not None and partner.shape != (m, n):
-        raise ValueError(f"the partner must have the output's shape {(m, n)}, not {tuple(partner.shape)}")
+    if any(t.shape != (m, n) for t in given):
+        raise ValueError(f"the partners must have the output's shape {(m, n)}")
     c = torch.empty(m, n, dtype=out_dtype or a.dtype, device=a.device)
+    c2 = torch.empty_like(c) if epilogue == "adjoint" else c
     if m == 0:
-        return c
+        return (c, c2) if epilogue == "adjoint" else c
     bm, bn, bk = BLOCK_M, BLOCK_N, BLOCK_K
+    bo = bn // 2 if EPILOGUE_SUBTILE else bn  # the output blocks
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if a.is_cuda:
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count * PROGRAMS_PER_SM
     else:
         sms = 4  # the interpreter: several programs, several tiles each
     programs = min(sms, tiles)
+    pp = c if p is None else p
+    qq = c if q is None else q
     _tma_linear_kernel[(programs,)](
-        _descriptor(a, [bm, bk], "a"), _descriptor(w, [bn, bk], "w"), _descriptor(c, [bm, bn], "the output"),
-        _descriptor(c if partner is None else partner, [bm, bn], "the partner"), a if bias is None else bias,
-        m, n, k, float(beta), float(threshold),
+        _descriptor(a, [bm, bk], "a"), _descriptor(w, [bn, bk], "w"), _descriptor(c, [bm, bo], "the output"),
+        _descriptor(c2, [bm, bo], "the output"), a if bias is None else bias, pp, qq,
+        m, n, k, pp.stride(0), pp.stride(1), qq.stride(0), qq.stride(1), float(beta), float(threshold),
         EPI=EPILOGUES[epilogue], HAS_BIAS=bias is not None, FP32=a.dtype == torch.float32,
-        BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        SUBTILE=EPILOGUE_SUBTILE, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
     )  # fmt: skip
-    return c
+    return (c, c2) if epilogue == "adjoint" else c
