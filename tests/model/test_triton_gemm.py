@@ -56,6 +56,15 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         close(got, z * slope, "adjoint, first output")
         close(got2, z * q * curv, "adjoint, second output")
         close(tg.tma_linear(a, w, b, epilogue="slope_add", p=h, q=q), z * slope + q, "slope_add")
+        got, got2 = tg.tma_linear(a, w, b, epilogue="slope_keep", p=h)
+        close(got, z * slope, "slope_keep, first output")
+        close(got2, z, "slope_keep, second output")
+        # Into given outputs: the first columns of wider buffers (rows of 48 floats, 16-byte aligned).
+        buf, buf2 = torch.full((m, n + 4), 7.0), torch.full((m, n + 4), 7.0)
+        tg.tma_linear(a, w, b, epilogue="slope_keep", p=h, out=buf[:, :n], out2=buf2[:, :n])
+        close(buf[:, :n], z * slope, "out")
+        close(buf2[:, :n], z, "out2")
+        assert (buf[:, n:] == 7).all() and (buf2[:, n:] == 7).all(), "wrote past the given columns"
     assert tg.tma_linear(a[:0], w).shape == (0, n)
     print("INTERPRETER-OK")
     """
@@ -100,7 +109,9 @@ def test_tma_linear_refuses_bad_arguments():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("epilogue", ["none", "softplus", "slope", "slope_h", "adjoint", "slope_add"])
+@pytest.mark.parametrize(
+    "epilogue", ["none", "softplus", "slope", "slope_h", "adjoint", "slope_add", "slope_keep"]
+)
 def test_tma_linear_bf16_on_gpu(epilogue):
     """bf16 operands, fp32 accumulation, bf16 output, at the geometry's width over several settings: within
     a bf16 rounding of the float32 result of the same bf16 operands (torch's epilogue ops in fp32)."""

@@ -26,6 +26,8 @@ threshold, else sigmoid(beta p)):
   and C2 = Z * Q * s'(P) with s' = beta s (1 - s) = softplus'' (0 where beta h >= threshold), P = h and
   Q = g (the sweep vector): the sweep's share of dz.
 - "slope_add": Z * s(P) + Q, P = h, Q an addend (the forward chain's adjoint plus the sweep's dz).
+- "slope_keep": two outputs, C = Z * s(P) and C2 = Z, P = h (the sweep, keeping both the vector g and
+  g * s for the backward).
 
 Operands: A [M, K] and W [N, K] (an nn.Linear weight as it is) row-major with 16-byte aligned rows, in
 bf16 (fp32 accumulation) or fp32 (full fp32 products: the interpreter tests). Runs on CUDA (sm_90 for
@@ -39,9 +41,18 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-EPILOGUES = {"none": 0, "softplus": 1, "slope": 2, "slope_h": 3, "adjoint": 4, "slope_add": 5}
-# The partner tensors each epilogue reads.
-PARTNERS = {"none": 0, "softplus": 0, "slope": 1, "slope_h": 1, "adjoint": 2, "slope_add": 2}
+EPILOGUES = {
+    "none": 0,
+    "softplus": 1,
+    "slope": 2,
+    "slope_h": 3,
+    "adjoint": 4,
+    "slope_add": 5,
+    "slope_keep": 6,
+}
+# The partner tensors each epilogue reads, and the epilogues with a second output.
+PARTNERS = {"none": 0, "softplus": 0, "slope": 1, "slope_h": 1, "adjoint": 2, "slope_add": 2, "slope_keep": 1}
+TWO_OUTPUTS = ("adjoint", "slope_keep")
 # (tile M, tile N, tile K, warps, stages); not yet timed on a GPU (benchmarks/bench_triton_mlp.py sweeps
 # them). Chosen on the CPU (benchmarks/kernel_resources.py, sm_90 cubins): at 128 x 128 x 64 on 8 warps
 # with 4 stages, the epilogue on column halves, every epilogue compiles without spills (120 to 189
@@ -85,8 +96,8 @@ def _load_tile(ptr, s0, s1, rm, rn, M, N):
 @triton.jit
 def _epilogue(acc, rm, rn, M, N, bias_ptr, p_ptr, q_ptr, sp0, sp1, sq0, sq1, beta, threshold,
               EPI: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
-    """(C, C2) of the accumulator tile at rows rm, columns rn (module docstring); C2 is C but for
-    "adjoint"."""
+    """(C, C2) of the accumulator tile at rows rm, columns rn (module docstring); C2 is the product (with
+    its bias) but for "adjoint"."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     c2 = acc
@@ -139,14 +150,14 @@ def _tma_linear_kernel(
                 c, c2 = _epilogue(halves[i], rm, rn, M, N, bias_ptr, p_ptr, q_ptr, sp0, sp1, sq0, sq1, beta,
                                   threshold, EPI, HAS_BIAS)  # fmt: skip
                 c_desc.store([off_m, off_n + i * (BN // 2)], c.to(c_desc.dtype))
-                if EPI == 4:
+                if EPI == 4 or EPI == 6:
                     c2_desc.store([off_m, off_n + i * (BN // 2)], c2.to(c2_desc.dtype))
         else:
             rn = off_n + tl.arange(0, BN)
             c, c2 = _epilogue(acc, rm, rn, M, N, bias_ptr, p_ptr, q_ptr, sp0, sp1, sq0, sq1, beta, threshold,
                               EPI, HAS_BIAS)  # fmt: skip
             c_desc.store([off_m, off_n], c.to(c_desc.dtype))
-            if EPI == 4:
+            if EPI == 4 or EPI == 6:
                 c2_desc.store([off_m, off_n], c2.to(c2_desc.dtype))
 
 
@@ -167,12 +178,16 @@ def tma_linear(
     p: torch.Tensor | None = None,
     q: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    out2: torch.Tensor | None = None,
     beta: float = 100.0,
     threshold: float = 20.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """epilogue(a @ w^T + bias) [M, N] in ``out_dtype`` (default a's dtype), and for "adjoint" its second
-    output too: a [M, K], w [N, K] of a's dtype (bf16, or fp32 for full-precision products), bias [N] or
-    None, the partners ``p`` (and ``q``) [M, N] as the epilogue reads them (module docstring)."""
+    """epilogue(a @ w^T + bias) [M, N] in ``out_dtype`` (default a's dtype), and for "adjoint" and
+    "slope_keep" their second output too: a [M, K], w [N, K] of a's dtype (bf16, or fp32 for
+    full-precision products), bias [N] or None, the partners ``p`` (and ``q``) [M, N] as the epilogue reads
+    them (module docstring). ``out`` (``out2``): [M, N] tensors (views with 16-byte aligned rows, e.g. the
+    first columns of a wider buffer) to write the outputs into, instead of new ones."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {tuple(EPILOGUES)}, not {epilogue!r}")
     given = [t for t in (p, q) if t is not None]
@@ -188,10 +203,14 @@ def tma_linear(
         raise ValueError(f"shapes do not chain: a {tuple(a.shape)}, w {tuple(w.shape)}")
     if any(t.shape != (m, n) for t in given):
         raise ValueError(f"the partners must have the output's shape {(m, n)}")
-    c = torch.empty(m, n, dtype=out_dtype or a.dtype, device=a.device)
-    c2 = torch.empty_like(c) if epilogue == "adjoint" else c
+    two = epilogue in TWO_OUTPUTS
+    for t, name in ((out, "out"), (out2, "out2")):
+        if t is not None and t.shape != (m, n):
+            raise ValueError(f"{name} must have the output's shape {(m, n)}, not {tuple(t.shape)}")
+    c = torch.empty(m, n, dtype=out_dtype or a.dtype, device=a.device) if out is None else out
+    c2 = (torch.empty_like(c) if out2 is None else out2) if two else c
     if m == 0:
-        return (c, c2) if epilogue == "adjoint" else c
+        return (c, c2) if two else c
     bm, bn, bk = BLOCK_M, BLOCK_N, BLOCK_K
     bo = bn // 2 if EPILOGUE_SUBTILE else bn  # the output blocks
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -210,4 +229,4 @@ def tma_linear(
         SUBTILE=EPILOGUE_SUBTILE, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
     )  # fmt: skip
-    return (c, c2) if epilogue == "adjoint" else c
+    return (c, c2) if two else c
