@@ -167,3 +167,77 @@ def test_tma_linear_bf16_on_gpu(epilogue):
             assert err < 1e-2, (setting, err)  # bf16's rounding is 2^-9 relative, the sums' order 1e-6
     finally:
         tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K, tg.NUM_WARPS, tg.NUM_STAGES = default
+
+
+_PASSES_SCRIPT = textwrap.dedent(
+    """
+    import triton_interp_compat  # noqa: F401  (Triton 3.6 interpreter with NumPy 2.4)
+    import torch
+    from test_geometry_fused import _loss, make_net, make_points
+    from pointavatar.config import GeometryNetworkConf
+    from pointavatar.model import _triton_gemm as tg, geometry_fused, geometry_tma
+    from pointavatar.model.geometry import GeometryNetwork
+    from pointavatar.model.geometry_fused import forward_with_gradient_fused
+
+    tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K = 32, 16, 16
+
+    def close(got, ref, rtol, what):
+        err = (got - ref).abs().max().item()
+        bound = rtol * ref.abs().max().item() + 1e-7
+        assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
+
+    torch.manual_seed(0)
+    big = GeometryNetwork(GeometryNetworkConf()).float()  # the paper's: 9 x 256, skip at 4 (217 + 39)
+    with torch.no_grad():
+        for p in big.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    nets = {
+        "skip inside": make_net(dims=(16, 24, 16), skip_in=(2,), multires=2, dtype=torch.float32),
+        "skip at the output layer": make_net(dims=(16, 24), skip_in=(2,), multires=2, dtype=torch.float32),
+        "no skip": make_net(dims=(16, 16, 16), skip_in=(), multires=2, dtype=torch.float32),
+        "the paper's": big,
+    }
+    unsupported = make_net(dims=(8, 20, 8), skip_in=(2,), multires=2, dtype=torch.float32)  # 5 + 15 columns at the skip
+    lins = [getattr(unsupported, f"lin{l}") for l in range(unsupported.num_layers - 1)]
+    assert not geometry_tma.supported([l.weight for l in lins], (2,), 15)
+    for name, net in nets.items():
+        # Small tiles on the small networks (several a dimension); larger on the paper's (interpreter time).
+        tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K = (64, 128, 64) if name == "the paper's" else (32, 16, 16)
+        lins = [getattr(net, f"lin{l}") for l in range(net.num_layers - 1)]
+        n_enc = 3 * (1 + 2 * net.embed.multires)
+        assert geometry_tma.supported([l.weight for l in lins], net.skip_in, n_enc), name
+        for recompute_sweep in (False, True):
+            results = []
+            for flag in (False, True):
+                geometry_fused.TMA_PASSES = flag
+                net.zero_grad()
+                x = make_points(40, dtype=torch.float32).requires_grad_(True)
+                out, grad = forward_with_gradient_fused(net, x, recompute_sweep=recompute_sweep)
+                _loss(out, grad).backward()
+                results.append((out.detach(), grad.detach(), x.grad, [p.grad.clone() for p in net.parameters()]))
+            (o0, g0, x0, p0), (o1, g1, x1, p1) = results
+            what = f"{name}, recompute_sweep {recompute_sweep}"
+            close(o1, o0, 1e-5, f"out, {what}")
+            close(g1, g0, 1e-5, f"grad, {what}")
+            close(x1, x0, 1e-4, f"x gradient, {what}")
+            for i, (a_, b_) in enumerate(zip(p1, p0, strict=True)):
+                close(a_, b_, 1e-4, f"parameter gradient {i}, {what}")
+    geometry_fused.TMA_PASSES = False
+    print("INTERPRETER-OK")
+    """
+)
+
+
+def test_tma_passes_under_interpreter():
+    """The fused geometry node on the TMA GEMM (geometry_tma.py: kept activations instead of
+    pre-activations, skip buffers, the epilogues) against its PyTorch passes in float32: values and
+    gradients (parameters and x), sweep kept or recomputed, a skip inside, at the output layer or none, and
+    the paper's network (217 + 39 = 256 columns at its skip). Tolerances: float32 sums in another order."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    paths = [str(ROOT / "code"), str(ROOT / "tests"), str(ROOT / "tests" / "model")]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", _PASSES_SCRIPT], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0 and "INTERPRETER-OK" in proc.stdout, proc.stdout + proc.stderr

@@ -349,7 +349,20 @@ def _backward_pass_triton(
 # ``_forward_pass`` and ``_backward_pass``. Off: not yet timed on a GPU (benchmarks/bench_geometry.py,
 # variant option ``triton=true``).
 TRITON_PASSES = False
+# The passes on the TMA GEMM with elementwise epilogues (geometry_tma.py) on CUDA, where the network's
+# widths allow it. Off: not yet timed on a GPU (bench_geometry.py variant option ``tma=true``).
+TMA_PASSES = False
 _COMPILED: dict[str, object] = {}  # the two passes, torch.compile'd once per process
+
+
+def _use_tma(x: torch.Tensor, weights, skip_in, multires) -> bool:
+    """Whether the passes run on the TMA GEMM for ``x``: TMA_PASSES, on CUDA or the interpreter, for a
+    network ``geometry_tma.supported`` takes."""
+    if not TMA_PASSES or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    from pointavatar.model import geometry_tma
+
+    return geometry_tma.supported(weights, skip_in, x.shape[1] * (1 + 2 * multires))
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -432,8 +445,15 @@ class _FusedGeometry(torch.autograd.Function):
         settings = (multires, skip_in, beta, threshold, save_dtype, mm_dtype, recompute_sweep)
         outs, grads, kept = [], [], []
         triton = _use_triton(x)
+        tma = _use_tma(x, weights, skip_in, multires)
         for x_c in _chunks(x, row_chunk):
-            if triton:
+            if tma:
+                from pointavatar.model import geometry_tma
+
+                out, grad, zs, gs = geometry_tma.forward_pass(
+                    x_c, weights, biases, multires, skip_in, beta, threshold, mm_dtype, recompute_sweep
+                )
+            elif triton:
                 out, grad, zs, gs = _forward_pass_triton(x_c, weights, biases, *settings)
             else:
                 out, grad, zs, gs = _run("forward", _forward_pass, compiled, x_c, weights, biases, *settings)
@@ -443,7 +463,7 @@ class _FusedGeometry(torch.autograd.Function):
         ctx.save_for_backward(x, *weights, *kept)
         ctx.n_lin, ctx.n_z, ctx.n_kept, ctx.row_chunk = n_lin, len(zs), len(zs) + len(gs), row_chunk
         ctx.multires, ctx.skip_in, ctx.beta, ctx.threshold = multires, skip_in, beta, threshold
-        ctx.mm_dtype, ctx.compiled = mm_dtype, compiled
+        ctx.mm_dtype, ctx.compiled, ctx.tma = mm_dtype, compiled, tma
         if len(outs) == 1:
             return outs[0], grads[0]
         return torch.cat(outs), torch.cat(grads)
@@ -467,7 +487,14 @@ class _FusedGeometry(torch.autograd.Function):
         for c, (x_c, d_out_c, d_grad_c) in enumerate(chunks):
             part = kept[c * n_kept : (c + 1) * n_kept]
             zs, gs = list(part[:n_z]), list(part[n_z:])
-            if triton:
+            if ctx.tma:  # zs: the activations h, gs: the sweep's vectors, products and d sdf / d enc
+                from pointavatar.model import geometry_tma
+
+                d_x_c, d_w_c, d_b_c = geometry_tma.backward_pass(
+                    x_c, weights, zs, gs, d_out_c, d_grad_c, ctx.multires, ctx.skip_in, ctx.mm_dtype, need_x,
+                    need_w, need_b,
+                )  # fmt: skip
+            elif triton:
                 d_x_c, d_w_c, d_b_c = _backward_pass_triton(
                     x_c, weights, zs, gs, d_out_c, d_grad_c, *settings
                 )
