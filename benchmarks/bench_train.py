@@ -186,6 +186,12 @@ def main() -> None:
         "passes as the Triton kernels of model/_triton_mlp.py",
     )
     p.add_argument(
+        "--tma-geometry",
+        action="store_true",
+        help="geometry_fused.TMA_PASSES: the fused geometry backwards (fused, fused_recompute) run their passes "
+        "on the TMA GEMM with epilogues (model/geometry_tma.py)",
+    )
+    p.add_argument(
         "--eager-prior-query",
         action="store_true",
         help="model.compile_prior_query = false (fast path, CUDA: the prior's query eager)",
@@ -275,6 +281,7 @@ def main() -> None:
     model.deformer_bf16 = args.deformer_bf16
     model.compile_prior_query = not args.eager_prior_query
     geometry_fused.TRITON_PASSES = args.triton_geometry
+    geometry_fused.TMA_PASSES = args.tma_geometry
     model.deform_contractions = args.deform_contractions
     model.compile_mode = args.compile_mode
     if model.uses_fast_path(device):  # the trainer's line with this benchmark's settings applied
@@ -383,6 +390,7 @@ def main() -> None:
         "recompute_chunk": args.recompute_chunk,
         "prior_query_chunk": args.prior_query_chunk,
         "compile_prior_query": not args.eager_prior_query,
+        "tma_geometry": args.tma_geometry,
         "triton_geometry": args.triton_geometry,
         "compile_scope": args.compile_scope,
         "cuda_graph": args.cuda_graph,

@@ -241,3 +241,52 @@ def test_tma_passes_under_interpreter():
         [sys.executable, "-c", _PASSES_SCRIPT], env=env, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0 and "INTERPRETER-OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("recompute_sweep", [False, True])
+def test_tma_passes_bf16_on_gpu(monkeypatch, recompute_sweep):
+    """The fused geometry node in bf16 on the TMA passes: its values and gradients (parameters and x)
+    against the float32 node are within 4x the PyTorch bf16 passes' error (the TMA passes also round the
+    products they keep or hand on, u, dz and the sweep's share of dz, to bf16; the PyTorch passes form
+    those in fp32)."""
+    pytest.importorskip("triton")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90 or later")
+    from pointavatar.config import load_conf
+    from pointavatar.model import geometry_fused
+    from pointavatar.model.geometry import GeometryNetwork
+
+    torch.manual_seed(0)
+    net = GeometryNetwork(load_conf(ROOT / "confs" / "subject1.conf").model.geometry_network).cuda()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # off the geometric init, so every path carries gradient
+    x0 = (torch.rand(20_000, 3, device="cuda") - 0.5) * 1.2
+    g = torch.Generator(device="cuda").manual_seed(1)
+
+    def run(dtype, tma):
+        monkeypatch.setattr(geometry_fused, "TMA_PASSES", tma)
+        net.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        out, grad = geometry_fused.forward_with_gradient_fused(
+            net, x, save_dtype=dtype, mm_dtype=dtype, recompute_sweep=recompute_sweep
+        )
+        g.manual_seed(1)
+        loss = (torch.randn(out.shape, device="cuda", generator=g) * out).sum()
+        loss = loss + (torch.randn(grad.shape, device="cuda", generator=g) * grad).sum()
+        loss.backward()
+        return [out.detach(), grad.detach(), x.grad] + [p.grad.clone() for p in net.parameters()]
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        exact = run(None, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch_bf16, tma_bf16 = run(torch.bfloat16, False), run(torch.bfloat16, True)
+    for i, (e, t, r) in enumerate(zip(exact, torch_bf16, tma_bf16, strict=True)):
+        scale = e.abs().max().item() + 1e-30
+        err_torch, err_tma = (t - e).abs().max().item() / scale, (r - e).abs().max().item() / scale
+        assert err_tma <= 4 * err_torch + 1e-4, (i, err_tma, err_torch)
