@@ -188,8 +188,8 @@ def main() -> None:
     p.add_argument(
         "--tma-geometry",
         action="store_true",
-        help="geometry_fused.TMA_PASSES: the fused geometry backwards (fused, fused_recompute) run their passes "
-        "on the TMA GEMM with epilogues (model/geometry_tma.py)",
+        help='model.geometry_passes = "tma": the fused geometry backwards (fused, fused_recompute) run their '
+        "passes on the TMA GEMM with epilogues (model/geometry_tma.py)",
     )
     p.add_argument(
         "--eager-prior-query",
@@ -281,7 +281,7 @@ def main() -> None:
     model.deformer_bf16 = args.deformer_bf16
     model.compile_prior_query = not args.eager_prior_query
     geometry_fused.TRITON_PASSES = args.triton_geometry
-    geometry_fused.TMA_PASSES = args.tma_geometry
+    model.geometry_passes = "tma" if args.tma_geometry else "torch"
     model.deform_contractions = args.deform_contractions
     model.compile_mode = args.compile_mode
     if model.uses_fast_path(device):  # the trainer's line with this benchmark's settings applied

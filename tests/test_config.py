@@ -497,6 +497,8 @@ def test_range_bounds_are_inclusive_where_stated() -> None:
     assert parse_conf("").model.inverse_skinning == "closed_form"
     assert parse_conf('model { inverse_skinning = "lu" }').model.inverse_skinning == "lu"
     assert parse_conf("").model.deformer_bf16 is False
+    assert parse_conf("").model.geometry_passes == "torch"
+    assert parse_conf('model { geometry_passes = "tma" }').model.geometry_passes == "tma"
     assert parse_conf("model { deformer_bf16 = true }").model.deformer_bf16 is True
 
 

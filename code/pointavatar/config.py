@@ -494,6 +494,13 @@ class ModelConf:
     step 5). False: the geometry in float32 (TF32 products with model.tf32). On GPUs without bf16 tensor
     cores (before Ampere, compute capability 8.0) it stays in float32 either way. Eval, tracking and the
     baked renderer stay in full precision."""
+    geometry_passes: str = field(default="torch", metadata=_choices("torch", "tma"))
+    """(ours) Fast path, training, with geometry_backward "fused" or "fused_recompute": how the fused
+    geometry node's forward and backward passes run. "torch": PyTorch ops compiled by torch.compile.
+    "tma": every product a Triton GEMM fed by TMA with the elementwise work between the products in its
+    epilogue (model/geometry_tma.py: the same values and gradients in fp32, tested; bf16 rounds a few
+    more intermediates), on GPUs with TMA (sm_90, Hopper, and later) for networks whose widths allow it
+    (the paper's does), else "torch". Not yet timed: benchmarks/RESULTS.md step 9."""
     deformer_bf16: bool = False
     """(ours) Fast path, training, with deformer_backward "autograd": the deformer network's matrix
     products (its hidden layers', the skinning branch's hidden layer's and the blendshape head's, each

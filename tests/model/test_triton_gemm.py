@@ -208,11 +208,10 @@ _PASSES_SCRIPT = textwrap.dedent(
         assert geometry_tma.supported([l.weight for l in lins], net.skip_in, n_enc), name
         for recompute_sweep in (False, True):
             results = []
-            for flag in (False, True):
-                geometry_fused.TMA_PASSES = flag
+            for passes in ("torch", "tma"):
                 net.zero_grad()
                 x = make_points(40, dtype=torch.float32).requires_grad_(True)
-                out, grad = forward_with_gradient_fused(net, x, recompute_sweep=recompute_sweep)
+                out, grad = forward_with_gradient_fused(net, x, recompute_sweep=recompute_sweep, passes=passes)
                 _loss(out, grad).backward()
                 results.append((out.detach(), grad.detach(), x.grad, [p.grad.clone() for p in net.parameters()]))
             (o0, g0, x0, p0), (o1, g1, x1, p1) = results
@@ -222,7 +221,18 @@ _PASSES_SCRIPT = textwrap.dedent(
             close(x1, x0, 1e-4, f"x gradient, {what}")
             for i, (a_, b_) in enumerate(zip(p1, p0, strict=True)):
                 close(a_, b_, 1e-4, f"parameter gradient {i}, {what}")
+    # The module switch (benchmarks) does the same as passes="tma"; an unknown value is refused.
+    geometry_fused.TMA_PASSES = True
+    x = make_points(40, dtype=torch.float32)
+    close(forward_with_gradient_fused(big, x)[1], forward_with_gradient_fused(big, x, passes="tma")[1], 0.0,
+          "TMA_PASSES")
     geometry_fused.TMA_PASSES = False
+    try:
+        forward_with_gradient_fused(big, x, passes="cuda")
+    except ValueError as exc:
+        assert "passes must be one of" in str(exc)
+    else:
+        raise AssertionError("passes='cuda' was accepted")
     print("INTERPRETER-OK")
     """
 )
@@ -267,11 +277,15 @@ def test_tma_passes_bf16_on_gpu(monkeypatch, recompute_sweep):
     g = torch.Generator(device="cuda").manual_seed(1)
 
     def run(dtype, tma):
-        monkeypatch.setattr(geometry_fused, "TMA_PASSES", tma)
         net.zero_grad()
         x = x0.clone().requires_grad_(True)
         out, grad = geometry_fused.forward_with_gradient_fused(
-            net, x, save_dtype=dtype, mm_dtype=dtype, recompute_sweep=recompute_sweep
+            net,
+            x,
+            save_dtype=dtype,
+            mm_dtype=dtype,
+            recompute_sweep=recompute_sweep,
+            passes="tma" if tma else "torch",
         )
         g.manual_seed(1)
         loss = (torch.randn(out.shape, device="cuda", generator=g) * out).sum()

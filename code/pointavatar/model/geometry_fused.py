@@ -352,13 +352,19 @@ TRITON_PASSES = False
 # The passes on the TMA GEMM with elementwise epilogues (geometry_tma.py) on CUDA, where the network's
 # widths allow it. Off: not yet timed on a GPU (bench_geometry.py variant option ``tma=true``).
 TMA_PASSES = False
+PASSES = ("torch", "tma")  # forward_with_gradient_fused's ``passes``
 _COMPILED: dict[str, object] = {}  # the two passes, torch.compile'd once per process
 
 
-def _use_tma(x: torch.Tensor, weights, skip_in, multires) -> bool:
-    """Whether the passes run on the TMA GEMM for ``x``: TMA_PASSES, on CUDA or the interpreter, for a
-    network ``geometry_tma.supported`` takes."""
-    if not TMA_PASSES or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+def _use_tma(x: torch.Tensor, weights, skip_in, multires, requested: bool) -> bool:
+    """Whether the passes run on the TMA GEMM for ``x``: asked for (``passes`` "tma" or TMA_PASSES), on CUDA
+    with TMA (sm_90 and later) or the interpreter, for a network ``geometry_tma.supported`` takes."""
+    if not (requested or TMA_PASSES):
+        return False
+    if x.is_cuda:
+        if torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif os.environ.get("TRITON_INTERPRET") != "1":
         return False
     from pointavatar.model import geometry_tma
 
@@ -419,10 +425,11 @@ class _FusedGeometry(torch.autograd.Function):
 
     Inputs: x [N, d], the encoding's multires, the skip layer indices, Softplus beta and threshold, the
     dtype the activations are saved in (None = the compute dtype), the products' operand dtype, compiled,
-    recompute_sweep, the row chunk, then the L weights [out_l, in_l] and the L biases [out_l]. Saved: x,
-    the weights and, per chunk of rows, the L - 1 hidden pre-activations z_l and (unless
-    recompute_sweep) the L - 2 sweep vectors g_l = d sdf / d softplus(z_l) below the top one (the top
-    one is W_last[0], read again from the weight).
+    recompute_sweep, the row chunk, whether the TMA passes are asked for, then the L weights [out_l, in_l]
+    and the L biases [out_l]. Saved: x, the weights and, per chunk of rows, the L - 1 hidden
+    pre-activations z_l and (unless recompute_sweep) the L - 2 sweep vectors g_l = d sdf / d softplus(z_l)
+    below the top one (the top one is W_last[0], read again from the weight); on the TMA passes what
+    geometry_tma.forward_pass keeps instead.
     """
 
     @staticmethod
@@ -438,6 +445,7 @@ class _FusedGeometry(torch.autograd.Function):
         compiled,
         recompute_sweep,
         row_chunk,
+        tma_requested,
         *params,
     ):
         n_lin = len(params) // 2
@@ -445,7 +453,7 @@ class _FusedGeometry(torch.autograd.Function):
         settings = (multires, skip_in, beta, threshold, save_dtype, mm_dtype, recompute_sweep)
         outs, grads, kept = [], [], []
         triton = _use_triton(x)
-        tma = _use_tma(x, weights, skip_in, multires)
+        tma = _use_tma(x, weights, skip_in, multires, tma_requested)
         for x_c in _chunks(x, row_chunk):
             if tma:
                 from pointavatar.model import geometry_tma
@@ -475,7 +483,7 @@ class _FusedGeometry(torch.autograd.Function):
         x, *rest = ctx.saved_tensors
         weights = tuple(rest[:n_lin])
         kept = rest[n_lin:]
-        first = 10  # x and the nine settings come before the parameters
+        first = 11  # x and the ten settings come before the parameters
         need_x = ctx.needs_input_grad[0]
         need_w = tuple(ctx.needs_input_grad[first : first + n_lin])
         need_b = tuple(ctx.needs_input_grad[first + n_lin :])
@@ -551,6 +559,7 @@ def forward_with_gradient_fused(
     compiled: bool = False,
     recompute_sweep: bool = False,
     row_chunk: int = ROW_CHUNK,
+    passes: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(x) [N, C], d sdf / dx [N, d_in]): ``net.forward_with_gradient_explicit(x)`` in one autograd node.
 
@@ -584,7 +593,12 @@ def forward_with_gradient_fused(
             activations for one more sweep: L - 1 more products).
         row_chunk: the passes run on chunks of at most this many rows (the weight gradients summed
             over them), so that their transient memory does not grow with N; the kept memory does.
+        passes: "torch" (the PyTorch passes, compiled with ``compiled``) or "tma": every product a TMA
+            GEMM with the elementwise work in its epilogue (geometry_tma.py; model.geometry_passes), on
+            CUDA GPUs with TMA for networks whose widths allow it, else the PyTorch passes.
     """
+    if passes not in PASSES:
+        raise ValueError(f"passes must be one of {PASSES}, not {passes!r}")
     save_dtype, mm_dtype = _fused_dtypes(
         x, save_dtype, mm_dtype, "forward_with_gradient_fused", "forward_with_gradient_explicit"
     )
@@ -600,6 +614,7 @@ def forward_with_gradient_fused(
         bool(compiled),
         bool(recompute_sweep),
         int(row_chunk),
+        passes == "tma",
         *[lin.weight for lin in lins],
         *[lin.bias for lin in lins],
     )

@@ -66,6 +66,12 @@ def backwards_line(model, device: torch.device) -> str:
     chunk = model.prior_chunk(device)
     prior = f"by chunks of {chunk} points" if chunk else "in one pass"
     line = f"Fast path: geometry backward {geometry}, deformer backward {deformer}, prior query {prior}"
+    if model.geometry_passes == "tma":
+        line += (
+            ", geometry passes on the TMA GEMM"
+            if geometry != "autograd"
+            else ", geometry passes torch (model.geometry_passes applies to the fused geometry backwards only)"
+        )
     if model.deformer_bf16:
         line += (
             ", deformer products in bf16"
