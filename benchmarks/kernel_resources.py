@@ -27,11 +27,9 @@ from pointavatar.model import _triton_mlp as tm  # noqa: E402
 FLOATS = ("scale", "beta", "threshold")
 
 
-def compile_sm90(kernel, pointers: tuple[str, ...], constexprs: dict, num_warps: int, num_stages: int):
-    signature = {name: "i32" for name in kernel.arg_names}
-    signature.update({name: "*fp32" for name in pointers})
-    signature.update({name: "fp32" for name in FLOATS})
-    signature.update({name: "constexpr" for name in constexprs})
+def _compile(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int):
+    """``kernel`` compiled for sm_90 with the given argument types and constexpr values."""
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
     source = ASTSource(
         fn=kernel,
         signature=signature,
@@ -39,6 +37,13 @@ def compile_sm90(kernel, pointers: tuple[str, ...], constexprs: dict, num_warps:
     )
     options = {"num_warps": num_warps, "num_stages": num_stages}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_sm90(kernel, pointers: tuple[str, ...], constexprs: dict, num_warps: int, num_stages: int):
+    signature = {name: "i32" for name in kernel.arg_names}
+    signature.update({name: "*fp32" for name in pointers})
+    signature.update({name: "fp32" for name in FLOATS})
+    return _compile(kernel, signature, constexprs, num_warps, num_stages)
 
 
 def compile_tma_sm90(bm: int, bn: int, bk: int, num_warps: int, num_stages: int, epilogue: int, subtile=None):
@@ -57,14 +62,7 @@ def compile_tma_sm90(bm: int, bn: int, bk: int, num_warps: int, num_stages: int,
     }  # fmt: skip
     constexprs = {"EPI": epilogue, "HAS_BIAS": True, "FP32": False, "SUBTILE": subtile, "BM": bm, "BN": bn,
                   "BK": bk, "NUM_PROGRAMS": 132}  # fmt: skip
-    signature.update({name: "constexpr" for name in constexprs})
-    source = ASTSource(
-        fn=kernel,
-        signature=signature,
-        constexprs={(kernel.arg_names.index(name),): value for name, value in constexprs.items()},
-    )
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return _compile(kernel, signature, constexprs, num_warps, num_stages)
 
 
 def resources(compiled) -> str:

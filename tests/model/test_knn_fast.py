@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter import run_under_interpreter
 from tolerances import assert_close
 
 from pointavatar.model.knn import nearest_neighbor, nearest_neighbor_fast
@@ -85,11 +82,4 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 def test_triton_kernel_under_interpreter():
     """The Triton 1-NN kernel run by the Triton interpreter on the CPU (README "Tests": needs triton)
     against the reference search: the same indices, ties to the lowest index."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root / "code"), str(root / "tests"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0 and "INTERPRETER-OK" in proc.stdout, proc.stdout + proc.stderr
+    run_under_interpreter(_INTERPRETER_SCRIPT, timeout=300)

@@ -3,16 +3,12 @@ on the CPU in float32 against torch, and on a GPU in bf16."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
+from gpu_passes import bf16_errors
+from interpreter import run_under_interpreter
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
@@ -74,14 +70,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 def test_tma_linear_under_interpreter():
     """Each epilogue (and the bias, partial tiles, several tiles a program) against torch in float32;
     the bf16 mode is checked on the GPU below (the interpreter rounds bf16 unlike torch)."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    paths = [str(ROOT / "code"), str(ROOT / "tests")]
-    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and "INTERPRETER-OK" in proc.stdout, proc.stdout + proc.stderr
+    run_under_interpreter(_INTERPRETER_SCRIPT, timeout=600)
 
 
 def test_tma_linear_refuses_bad_arguments():
@@ -243,14 +232,7 @@ def test_tma_passes_under_interpreter():
     pre-activations, skip buffers, the epilogues) against its PyTorch passes in float32: values and
     gradients (parameters and x), sweep kept or recomputed, a skip inside, at the output layer or none, and
     the paper's network (217 + 39 = 256 columns at its skip). Tolerances: float32 sums in another order."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    paths = [str(ROOT / "code"), str(ROOT / "tests"), str(ROOT / "tests" / "model")]
-    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", _PASSES_SCRIPT], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0 and "INTERPRETER-OK" in proc.stdout, proc.stdout + proc.stderr
+    run_under_interpreter(_PASSES_SCRIPT, timeout=900)
 
 
 @pytest.mark.gpu
@@ -264,43 +246,5 @@ def test_tma_passes_bf16_on_gpu(monkeypatch, recompute_sweep):
     pytest.importorskip("triton")
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs sm_90 or later")
-    from pointavatar.config import load_conf
-    from pointavatar.model import geometry_fused
-    from pointavatar.model.geometry import GeometryNetwork
-
-    torch.manual_seed(0)
-    net = GeometryNetwork(load_conf(ROOT / "confs" / "subject1.conf").model.geometry_network).cuda()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # off the geometric init, so every path carries gradient
-    x0 = (torch.rand(20_000, 3, device="cuda") - 0.5) * 1.2
-    g = torch.Generator(device="cuda").manual_seed(1)
-
-    def run(dtype, tma):
-        net.zero_grad()
-        x = x0.clone().requires_grad_(True)
-        out, grad = geometry_fused.forward_with_gradient_fused(
-            net,
-            x,
-            save_dtype=dtype,
-            mm_dtype=dtype,
-            recompute_sweep=recompute_sweep,
-            passes="tma" if tma else "torch",
-        )
-        g.manual_seed(1)
-        loss = (torch.randn(out.shape, device="cuda", generator=g) * out).sum()
-        loss = loss + (torch.randn(grad.shape, device="cuda", generator=g) * grad).sum()
-        loss.backward()
-        return [out.detach(), grad.detach(), x.grad] + [p.grad.clone() for p in net.parameters()]
-
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        exact = run(None, False)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch_bf16, tma_bf16 = run(torch.bfloat16, False), run(torch.bfloat16, True)
-    for i, (e, t, r) in enumerate(zip(exact, torch_bf16, tma_bf16, strict=True)):
-        scale = e.abs().max().item() + 1e-30
-        err_torch, err_tma = (t - e).abs().max().item() / scale, (r - e).abs().max().item() / scale
+    for i, (err_torch, err_tma) in enumerate(bf16_errors(monkeypatch, recompute_sweep, "tma")):
         assert err_tma <= 4 * err_torch + 1e-4, (i, err_tma, err_torch)

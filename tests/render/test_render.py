@@ -2,14 +2,12 @@
 gradchecks, the camera helper, input checks, and the Triton kernels under the Triton interpreter."""
 
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter import run_under_interpreter
 from tolerances import assert_close
 
 from pointavatar.errors import PointAvatarError
@@ -388,15 +386,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
 def test_triton_kernels_under_interpreter():
     """The "cuda" backend's kernels run by the Triton interpreter on the CPU against "torch"."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[2]
-    paths = [str(root / "code"), str(root / "tests")]  # the package and tests/tolerances.py
-    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0 and "INTERPRETER-OK" in proc.stdout, proc.stdout + proc.stderr
+    run_under_interpreter(_INTERPRETER_SCRIPT, timeout=300)
 
 
 def test_mark_visible_refuses_mismatched_inputs():

@@ -19,8 +19,9 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from pointavatar.model import geometry_tma
 from pointavatar.model.embedder import encode, encode_jvp, encode_vjp, encode_vjp_dx
-from pointavatar.model.geometry import GeometryNetwork, softplus_curvature, softplus_slope
+from pointavatar.model.geometry import GeometryNetwork, softplus_curvature, softplus_slope, total_weight_grad
 
 _SQRT2 = math.sqrt(2)
 # Rows per pass (forward and backward). The backward's transients (every layer's sweep term, and with
@@ -233,12 +234,7 @@ def _backward_pass(
         if need_w[l]:
             h = enc if l == 0 else F.softplus(zs[l - 1], beta, threshold)
             a = torch.cat([h, enc], dim=-1) / _SQRT2 if l in skip_in else h
-            d_w_l = _mm(dz.T, a, mm)
-            if l == last:
-                d_w_l = torch.cat([d_w_l[:1] + d_w_row0, d_w_l[1:]], dim=0)
-            elif d_w[l] is not None:
-                d_w_l = d_w_l + d_w[l]
-            d_w[l] = d_w_l
+            d_w[l] = total_weight_grad(_mm(dz.T, a, mm), d_w[l], l == last, d_w_row0)
         if need_b[l]:
             d_b[l] = dz.sum(0)
         if l == 0 and not need_x:
@@ -325,11 +321,7 @@ def _backward_pass_triton(
                 sum_a=need_b[l], **common,
             )  # fmt: skip
             if need_w[l]:
-                if l == last:
-                    d_w_l = torch.cat([d_w_l[:1] + d_w_row0, d_w_l[1:]], dim=0)
-                elif d_w[l] is not None:
-                    d_w_l = d_w_l + d_w[l]
-                d_w[l] = d_w_l
+                d_w[l] = total_weight_grad(d_w_l, d_w[l], l == last, d_w_row0)
             d_b[l] = d_b_l
         if l == 0 and not need_x:
             break
@@ -366,8 +358,6 @@ def _use_tma(x: torch.Tensor, weights, skip_in, multires, requested: bool) -> bo
             return False
     elif os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    from pointavatar.model import geometry_tma
-
     return geometry_tma.supported(weights, skip_in, x.shape[1] * (1 + 2 * multires))
 
 
@@ -456,8 +446,6 @@ class _FusedGeometry(torch.autograd.Function):
         tma = _use_tma(x, weights, skip_in, multires, tma_requested)
         for x_c in _chunks(x, row_chunk):
             if tma:
-                from pointavatar.model import geometry_tma
-
                 out, grad, zs, gs = geometry_tma.forward_pass(
                     x_c, weights, biases, multires, skip_in, beta, threshold, mm_dtype, recompute_sweep
                 )
@@ -496,8 +484,6 @@ class _FusedGeometry(torch.autograd.Function):
             part = kept[c * n_kept : (c + 1) * n_kept]
             zs, gs = list(part[:n_z]), list(part[n_z:])
             if ctx.tma:  # zs: the activations h, gs: the sweep's vectors, products and d sdf / d enc
-                from pointavatar.model import geometry_tma
-
                 d_x_c, d_w_c, d_b_c = geometry_tma.backward_pass(
                     x_c, weights, zs, gs, d_out_c, d_grad_c, ctx.multires, ctx.skip_in, ctx.mm_dtype, need_x,
                     need_w, need_b,

@@ -29,6 +29,7 @@ import math
 import torch
 
 from pointavatar.model.embedder import encode, encode_jvp, encode_vjp, encode_vjp_dx
+from pointavatar.model.geometry import total_weight_grad
 
 _ALIGN = 8  # columns: 16 bytes of bf16 (32 of fp32)
 _SQRT2 = math.sqrt(2.0)
@@ -248,12 +249,7 @@ def backward_pass(
     for l in range(last, -1, -1):
         a = enc.to(dtype) if l == 0 else _layer_input(hs, l, skip_in)
         if need_w[l]:
-            d_w_l = (f32(dz).T @ f32(a)) * net.scale[l]
-            if l == last:
-                d_w_l = torch.cat([d_w_l[:1] + d_w_row0, d_w_l[1:]], dim=0)
-            elif d_w[l] is not None:
-                d_w_l = d_w_l + d_w[l]
-            d_w[l] = d_w_l
+            d_w[l] = total_weight_grad((f32(dz).T @ f32(a)) * net.scale[l], d_w[l], l == last, d_w_row0)
         if need_b[l]:
             d_b[l] = dz.sum(0, dtype=torch.float32)
         if l == 0:
