@@ -60,7 +60,7 @@ def compile_tma_sm90(bm: int, bn: int, bk: int, num_warps: int, num_stages: int,
         "M": "i32", "N": "i32", "K": "i32", "sp0": "i32", "sp1": "i32", "sq0": "i32", "sq1": "i32",
         "beta": "fp32", "threshold": "fp32",
     }  # fmt: skip
-    constexprs = {"EPI": epilogue, "HAS_BIAS": True, "FP32": False, "SUBTILE": subtile, "BM": bm, "BN": bn,
+    constexprs = {"EPI": epilogue, "HAS_BIAS": True, "FP32": False, "SUBTILE": subtile, "FAST_LOG": True, "BM": bm, "BN": bn,
                   "BK": bk, "NUM_PROGRAMS": 132}  # fmt: skip
     return _compile(kernel, signature, constexprs, num_warps, num_stages)
 

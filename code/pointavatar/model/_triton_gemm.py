@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 EPILOGUES = {
@@ -72,10 +73,14 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _softplus_fast(z, beta, threshold):
-    """torch's Softplus(beta, threshold) from exp2 and log2 (module docstring)."""
+def _softplus_fast(z, beta, threshold, FAST_LOG: tl.constexpr):
+    """torch's Softplus(beta, threshold) from exp2 and log2 (module docstring); with FAST_LOG the log2 is
+    the hardware's approximate one (lg2.approx, relative error about 2^-22; libdevice's accurate log2 is
+    a dozen FMAs an element), which Triton's interpreter cannot run."""
     bz = z * beta
-    soft = tl.maximum(z, 0.0) + tl.log2(1.0 + tl.exp2(-tl.abs(bz) * _LOG2E)) * (_LN2 / beta)
+    t = 1.0 + tl.exp2(-tl.abs(bz) * _LOG2E)
+    log2 = libdevice.fast_log2f(t) if FAST_LOG else tl.log2(t)
+    soft = tl.maximum(z, 0.0) + log2 * (_LN2 / beta)
     return tl.where(bz > threshold, z, soft)
 
 
@@ -95,14 +100,14 @@ def _load_tile(ptr, s0, s1, rm, rn, M, N):
 
 @triton.jit
 def _epilogue(acc, rm, rn, M, N, bias_ptr, p_ptr, q_ptr, sp0, sp1, sq0, sq1, beta, threshold,
-              EPI: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+              EPI: tl.constexpr, HAS_BIAS: tl.constexpr, FAST_LOG: tl.constexpr):  # fmt: skip
     """(C, C2) of the accumulator tile at rows rm, columns rn (module docstring); C2 is the product (with
     its bias) but for "adjoint"."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     c2 = acc
     if EPI == 1:
-        acc = _softplus_fast(acc, beta, threshold)
+        acc = _softplus_fast(acc, beta, threshold, FAST_LOG)
     if EPI == 2:
         acc = acc * _slope_fast(_load_tile(p_ptr, sp0, sp1, rm, rn, M, N), beta, threshold)
     if EPI >= 3:
@@ -122,7 +127,7 @@ def _epilogue(acc, rm, rn, M, N, bias_ptr, p_ptr, q_ptr, sp0, sp1, sq0, sq1, bet
 def _tma_linear_kernel(
     a_desc, w_desc, c_desc, c2_desc, bias_ptr, p_ptr, q_ptr,
     M, N, K, sp0, sp1, sq0, sq1, beta, threshold,
-    EPI: tl.constexpr, HAS_BIAS: tl.constexpr, FP32: tl.constexpr, SUBTILE: tl.constexpr,
+    EPI: tl.constexpr, HAS_BIAS: tl.constexpr, FP32: tl.constexpr, SUBTILE: tl.constexpr, FAST_LOG: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):  # fmt: skip
     """C [M, N] = epilogue(A [M, K] @ W [N, K]^T + bias), one program per NUM_PROGRAMS-th output tile. With
@@ -148,14 +153,14 @@ def _tma_linear_kernel(
             for i in tl.static_range(2):
                 rn = off_n + i * (BN // 2) + tl.arange(0, BN // 2)
                 c, c2 = _epilogue(halves[i], rm, rn, M, N, bias_ptr, p_ptr, q_ptr, sp0, sp1, sq0, sq1, beta,
-                                  threshold, EPI, HAS_BIAS)  # fmt: skip
+                                  threshold, EPI, HAS_BIAS, FAST_LOG)  # fmt: skip
                 c_desc.store([off_m, off_n + i * (BN // 2)], c.to(c_desc.dtype))
                 if EPI == 4 or EPI == 6:
                     c2_desc.store([off_m, off_n + i * (BN // 2)], c2.to(c2_desc.dtype))
         else:
             rn = off_n + tl.arange(0, BN)
             c, c2 = _epilogue(acc, rm, rn, M, N, bias_ptr, p_ptr, q_ptr, sp0, sp1, sq0, sq1, beta, threshold,
-                              EPI, HAS_BIAS)  # fmt: skip
+                              EPI, HAS_BIAS, FAST_LOG)  # fmt: skip
             c_desc.store([off_m, off_n], c.to(c_desc.dtype))
             if EPI == 4 or EPI == 6:
                 c2_desc.store([off_m, off_n], c2.to(c2_desc.dtype))
@@ -226,7 +231,7 @@ def tma_linear(
         _descriptor(c2, [bm, bo], "the output"), a if bias is None else bias, pp, qq,
         m, n, k, pp.stride(0), pp.stride(1), qq.stride(0), qq.stride(1), float(beta), float(threshold),
         EPI=EPILOGUES[epilogue], HAS_BIAS=bias is not None, FP32=a.dtype == torch.float32,
-        SUBTILE=EPILOGUE_SUBTILE, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, num_warps=NUM_WARPS,
+        SUBTILE=EPILOGUE_SUBTILE, FAST_LOG=a.is_cuda, BM=bm, BN=bn, BK=bk, NUM_PROGRAMS=programs, num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
     )  # fmt: skip
     return (c, c2) if two else c
