@@ -195,16 +195,21 @@ _PASSES_SCRIPT = textwrap.dedent(
         lins = [getattr(net, f"lin{l}") for l in range(net.num_layers - 1)]
         n_enc = 3 * (1 + 2 * net.embed.multires)
         assert geometry_tma.supported([l.weight for l in lins], net.skip_in, n_enc), name
-        for recompute_sweep in (False, True):
+        # The small networks also in chunks of rows (16, 16 and 8 of the 40: kept per chunk, the weight
+        # gradients summed over them).
+        modes = [(False, 1 << 17), (True, 1 << 17)] + ([] if name == "the paper's" else [(False, 16), (True, 16)])
+        for recompute_sweep, row_chunk in modes:
             results = []
             for passes in ("torch", "tma"):
                 net.zero_grad()
                 x = make_points(40, dtype=torch.float32).requires_grad_(True)
-                out, grad = forward_with_gradient_fused(net, x, recompute_sweep=recompute_sweep, passes=passes)
+                out, grad = forward_with_gradient_fused(
+                    net, x, recompute_sweep=recompute_sweep, row_chunk=row_chunk, passes=passes
+                )
                 _loss(out, grad).backward()
                 results.append((out.detach(), grad.detach(), x.grad, [p.grad.clone() for p in net.parameters()]))
             (o0, g0, x0, p0), (o1, g1, x1, p1) = results
-            what = f"{name}, recompute_sweep {recompute_sweep}"
+            what = f"{name}, recompute_sweep {recompute_sweep}, row_chunk {row_chunk}"
             close(o1, o0, 1e-5, f"out, {what}")
             close(g1, g0, 1e-5, f"grad, {what}")
             close(x1, x0, 1e-4, f"x gradient, {what}")
