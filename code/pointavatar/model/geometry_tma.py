@@ -78,7 +78,7 @@ class _Net:
     """The weights as the kernels read them (compute dtype, contiguous; 1 / sqrt 2 applied at skip layers;
     layer 0's columns and the output layer's rows padded) and the layout helpers."""
 
-    def __init__(self, weights, biases, skip_in, n_enc, dtype):
+    def __init__(self, weights, skip_in, n_enc, dtype, biases=None):
         self.weights = weights
         self.last = len(weights) - 1
         self.skip_in = skip_in
@@ -103,13 +103,22 @@ class _Net:
                 self.wt_h[l] = _aligned(wt[:d_h])
                 if l in skip_in:
                     self.wt_enc[l] = _aligned(_pad_rows(wt[d_h:], self.enc_pad))
-        self.b = [b.float() for b in biases]
+        self.b = None if biases is None else [b.float() for b in biases]  # the forward's only
 
     def h_width(self, l: int) -> int:
         """Width of the h part of layer l's input (0 at layer 0, whose input is the encoding)."""
         if l == 0:
             return 0
         return self.weights[l].shape[1] - (self.n_enc if l in self.skip_in else 0)
+
+    def top_sweep(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sweep's top vector, d sdf / d (the last layer's input) = W_last[0] (times its scale): its h
+        part expanded to [n, d_h] in the compute dtype, and its encoding part [n, E] in fp32 (None
+        unless the last layer is a skip layer)."""
+        top = self.weights[self.last][0] * self.scale[self.last]
+        d_h = self.h_width(self.last)
+        enc_part = top[d_h:].float().expand(n, -1) if self.last in self.skip_in else None
+        return top[:d_h].to(self.dtype).expand(n, -1), enc_part
 
     def skip_buffer(self, n: int, enc: torch.Tensor, d_h: int, device) -> torch.Tensor:
         """A skip layer's input buffer [n, d_h + E]: enc in its last columns (h goes in the first)."""
@@ -128,12 +137,7 @@ def _sweep(tg, net: _Net, hs, n, device):
     [N, E] in fp32."""
     last = net.last
     gs, us = [None] * last, [None] * last
-    top = net.weights[last][0] * net.scale[last]  # d sdf / d (layer last's input), its h part first
-    d_h = net.h_width(last)
-    g_enc = None
-    if last in net.skip_in:
-        g_enc = top[d_h:].float().expand(n, -1)
-    gs[last - 1] = top[:d_h].to(net.dtype).expand(n, -1)
+    gs[last - 1], g_enc = net.top_sweep(n)
     s = _slope(hs[last - 1])
     us[last - 1] = _aligned((gs[last - 1].float() * s).to(net.dtype))
     for l in range(last - 1, -1, -1):
@@ -169,15 +173,15 @@ def forward_pass(x, weights, biases, multires, skip_in, beta, threshold, mm_dtyp
         raise ValueError("the TMA passes use Softplus(beta=100, threshold=20)")
     dtype = torch.bfloat16 if mm_dtype == torch.bfloat16 else x.dtype
     n = x.shape[0]
-    enc = encode(x, multires)  # [N, E]
-    net = _Net(weights, biases, skip_in, enc.shape[1], dtype)
+    enc = encode(x, multires).to(dtype)  # [N, E]
+    net = _Net(weights, skip_in, enc.shape[1], dtype, biases)
     last = net.last
-    a = _pad_cols(enc.to(dtype), net.enc_pad)
+    a = _pad_cols(enc, net.enc_pad)
     hs = []
     for l in range(last):
         out_l = weights[l].shape[0]
         if (l + 1) in skip_in:
-            buf = net.skip_buffer(n, enc.to(dtype), out_l, x.device)
+            buf = net.skip_buffer(n, enc, out_l, x.device)
             h = tg.tma_linear(a, net.w[l], bias=net.b[l], epilogue="softplus", out=buf[:, :out_l])
             a = buf
         else:
@@ -200,22 +204,15 @@ def backward_pass(
 
     dtype = hs[0].dtype
     n = x.shape[0]
-    enc = encode(x, multires)
-    net = _Net(
-        weights, [torch.zeros(w.shape[0], device=x.device) for w in weights], skip_in, enc.shape[1], dtype
-    )
+    enc = encode(x, multires).to(dtype)
+    net = _Net(weights, skip_in, enc.shape[1], dtype)
     last = net.last
     if kept_sweep:
-        gs = [*kept_sweep[: last - 1], None]
+        gs = [*kept_sweep[: last - 1], net.top_sweep(n)[0]]
         us = list(kept_sweep[last - 1 : 2 * last - 1])
         g_enc = kept_sweep[-1]
-        top = weights[last][0] * net.scale[last]
-        gs[last - 1] = top[: net.h_width(last)].to(dtype).expand(n, -1)
     else:
         gs, us, g_enc = _sweep(tg, net, hs, n, x.device)
-
-    def f32(t):
-        return t.float()
 
     # 1. Up the sweep: d_g, the adjoint of layer l's input sweep vector; its product with W_l^T gives, in
     # one epilogue, the next layer's d_g (times the slope) and the sweep's share of dz_l.
@@ -225,11 +222,11 @@ def backward_pass(
     d_g = _pad_cols(d_g_enc, net.enc_pad)  # layer 0's input: the encoding's adjoint
     for l in range(last + 1):
         if l == last:
-            d_w_row0 = f32(d_g).sum(0) * net.scale[l]
+            d_w_row0 = d_g.float().sum(0) * net.scale[l]
             break
         if need_w[l]:
             d_in = d_g[:, : net.n_enc] if l == 0 else d_g
-            d_w[l] = (f32(us[l]).T @ f32(d_in)) * net.scale[l]
+            d_w[l] = (us[l].float().T @ d_in.float()) * net.scale[l]
         out_l = weights[l].shape[0]
         if (l + 1) in skip_in:
             buf = net.skip_buffer(n, d_g_enc, out_l, x.device)
@@ -247,18 +244,18 @@ def backward_pass(
     d_enc = None
     dz = d_out
     for l in range(last, -1, -1):
-        a = enc.to(dtype) if l == 0 else _layer_input(hs, l, skip_in)
+        a = enc if l == 0 else _layer_input(hs, l, skip_in)
         if need_w[l]:
-            d_w[l] = total_weight_grad((f32(dz).T @ f32(a)) * net.scale[l], d_w[l], l == last, d_w_row0)
+            d_w[l] = total_weight_grad((dz.float().T @ a.float()) * net.scale[l], d_w[l], l == last, d_w_row0)
         if need_b[l]:
             d_b[l] = dz.sum(0, dtype=torch.float32)
+        # The product's operand: the output layer's d_out padded (supported() makes that layer not layer 0).
+        dz_op = _as_operand(dz, dtype) if l == last else dz
         if l == 0:
             if need_x:
-                dz_op = _as_operand(dz, dtype) if l == last else dz
                 part = tg.tma_linear(dz_op, net.wt_enc[0])[:, : net.n_enc].float()
                 d_enc = part if d_enc is None else d_enc + part
             break
-        dz_op = _as_operand(dz, dtype) if l == last else dz
         if l in skip_in:
             part = tg.tma_linear(dz_op, net.wt_enc[l])[:, : net.n_enc].float()
             d_enc = part if d_enc is None else d_enc + part
