@@ -1,4 +1,5 @@
-"""Running a test script under Triton's interpreter (the Triton kernels' CPU tests)."""
+"""Running a test script under Triton's interpreter (the Triton kernels' CPU tests), and the check those
+scripts make."""
 
 from __future__ import annotations
 
@@ -24,3 +25,10 @@ def run_under_interpreter(script: str, timeout: int = 600) -> None:
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0 and "INTERPRETER-OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def close(got, ref, rtol: float, what: str) -> None:
+    """The scripts' check: got's largest error within ``rtol`` of ref's largest magnitude (plus 1e-7)."""
+    err = (got - ref).abs().max().item()
+    bound = rtol * ref.abs().max().item() + 1e-7
+    assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"

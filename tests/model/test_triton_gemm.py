@@ -13,6 +13,7 @@ from interpreter import run_under_interpreter
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import triton_interp_compat  # noqa: F401  (Triton 3.6 interpreter with NumPy 2.4)
+    from interpreter import close
     import torch
     from pointavatar.model import _triton_gemm as tg
 
@@ -20,10 +21,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     # tiles in rows, columns and the reduction.
     tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K = 32, 16, 16
 
-    def close(got, ref, what):
-        err = (got - ref).abs().max().item()
-        bound = 1e-5 * ref.abs().max().item() + 1e-7  # float32 sums in another order
-        assert err <= bound, f"{what} (subtile {tg.EPILOGUE_SUBTILE}): max error {err:.3e} > {bound:.3e}"
+    def check(got, ref, what):  # float32 sums in another order
+        close(got, ref, 1e-5, f"{what} (subtile {tg.EPILOGUE_SUBTILE})")
 
     g = torch.Generator().manual_seed(0)
     m, k, n = 203, 52, 44
@@ -36,30 +35,30 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     assert (p * 100 > 20).any() and (p * 100 < 20).any()
     for subtile in (True, False):  # the epilogue on the tile's column halves, or on the whole tile
         tg.EPILOGUE_SUBTILE = subtile
-        close(tg.tma_linear(a, w, b), z, "plain")
-        close(tg.tma_linear(a, w), a @ w.T, "no bias")
-        close(tg.tma_linear(a, w, b, epilogue="softplus"), torch.nn.functional.softplus(z, 100.0, 20.0), "softplus")
+        check(tg.tma_linear(a, w, b), z, "plain")
+        check(tg.tma_linear(a, w), a @ w.T, "no bias")
+        check(tg.tma_linear(a, w, b, epilogue="softplus"), torch.nn.functional.softplus(z, 100.0, 20.0), "softplus")
         slope = torch.ops.aten.softplus_backward(torch.ones_like(p), p, 100.0, 20.0)
-        close(tg.tma_linear(a, w, b, epilogue="slope", p=p), z * slope, "slope")
+        check(tg.tma_linear(a, w, b, epilogue="slope", p=p), z * slope, "slope")
         # The slope from the activation h = softplus(p) (a strided view: partners are read through their
         # strides), the sweep adjoint's two outputs, and the slope plus an addend.
         h = torch.nn.functional.softplus(torch.stack([p, -p], -1), 100.0, 20.0)[..., 0]  # strides (2n, 2)
         assert h.stride() == (2 * n, 2)
         curv = torch.where(p * 100 < 20, 100 * slope * (1 - slope), torch.zeros_like(slope))
         q = torch.randn(m, n, generator=g)
-        close(tg.tma_linear(a, w, b, epilogue="slope_h", p=h), z * slope, "slope_h")
+        check(tg.tma_linear(a, w, b, epilogue="slope_h", p=h), z * slope, "slope_h")
         got, got2 = tg.tma_linear(a, w, b, epilogue="adjoint", p=h, q=q)
-        close(got, z * slope, "adjoint, first output")
-        close(got2, z * q * curv, "adjoint, second output")
-        close(tg.tma_linear(a, w, b, epilogue="slope_add", p=h, q=q), z * slope + q, "slope_add")
+        check(got, z * slope, "adjoint, first output")
+        check(got2, z * q * curv, "adjoint, second output")
+        check(tg.tma_linear(a, w, b, epilogue="slope_add", p=h, q=q), z * slope + q, "slope_add")
         got, got2 = tg.tma_linear(a, w, b, epilogue="slope_keep", p=h)
-        close(got, z * slope, "slope_keep, first output")
-        close(got2, z, "slope_keep, second output")
+        check(got, z * slope, "slope_keep, first output")
+        check(got2, z, "slope_keep, second output")
         # Into given outputs: the first columns of wider buffers (rows of 48 floats, 16-byte aligned).
         buf, buf2 = torch.full((m, n + 4), 7.0), torch.full((m, n + 4), 7.0)
         tg.tma_linear(a, w, b, epilogue="slope_keep", p=h, out=buf[:, :n], out2=buf2[:, :n])
-        close(buf[:, :n], z * slope, "out")
-        close(buf2[:, :n], z, "out2")
+        check(buf[:, :n], z * slope, "out")
+        check(buf2[:, :n], z, "out2")
         assert (buf[:, n:] == 7).all() and (buf2[:, n:] == 7).all(), "wrote past the given columns"
     assert tg.tma_linear(a[:0], w).shape == (0, n)
     print("INTERPRETER-OK")
@@ -161,6 +160,7 @@ def test_tma_linear_bf16_on_gpu(epilogue):
 _PASSES_SCRIPT = textwrap.dedent(
     """
     import triton_interp_compat  # noqa: F401  (Triton 3.6 interpreter with NumPy 2.4)
+    from interpreter import close
     import torch
     from test_geometry_fused import _loss, make_net, make_points
     from pointavatar.config import GeometryNetworkConf
@@ -169,11 +169,6 @@ _PASSES_SCRIPT = textwrap.dedent(
     from pointavatar.model.geometry_fused import forward_with_gradient_fused
 
     tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K = 32, 16, 16
-
-    def close(got, ref, rtol, what):
-        err = (got - ref).abs().max().item()
-        bound = rtol * ref.abs().max().item() + 1e-7
-        assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
 
     torch.manual_seed(0)
     big = GeometryNetwork(GeometryNetworkConf()).float()  # the paper's: 9 x 256, skip at 4 (217 + 39)

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import triton_interp_compat  # noqa: F401  (Triton 3.6 interpreter with NumPy 2.4)
+    from interpreter import close
     import math
     import torch
     from test_geometry_fused import SMALL, _loss, make_net, make_points
@@ -24,11 +25,6 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
     # Small tiles: several programs per dimension, several reduction steps, partly filled last tiles.
     tm.BLOCK_M, tm.BLOCK_N, tm.BLOCK_K = 32, 16, 16
-
-    def close(got, ref, rtol, what):
-        err = (got - ref).abs().max().item()
-        bound = rtol * ref.abs().max().item() + 1e-7
-        assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
 
     # 1. linear: each prologue, an appended operand, a scale, a bias, B read through W.T's strides.
     g = torch.Generator().manual_seed(0)
