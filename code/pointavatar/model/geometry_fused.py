@@ -338,8 +338,8 @@ def _backward_pass_triton(
 
 # The forward and backward passes as Triton kernels with the elementwise work fused into the products
 # (``_forward_pass_triton``, ``_backward_pass_triton``) on CUDA, instead of the torch.compile'd
-# ``_forward_pass`` and ``_backward_pass``. Off: not yet timed on a GPU (benchmarks/bench_geometry.py,
-# variant option ``triton=true``).
+# ``_forward_pass`` and ``_backward_pass``. Off: 4x slower on an H200 (benchmarks/RESULTS.md step 9;
+# benchmarks/bench_geometry.py, variant option ``triton=true``).
 TRITON_PASSES = False
 # The passes on the TMA GEMM with elementwise epilogues (geometry_tma.py) on CUDA, where the network's
 # widths allow it. Off: not yet timed on a GPU (bench_geometry.py variant option ``tma=true``).
@@ -351,19 +351,21 @@ _COMPILED: dict[str, object] = {}  # the two passes, torch.compile'd once per pr
 def _use_tma(x: torch.Tensor, weights, skip_in, multires, requested: bool) -> bool:
     """Whether the passes run on the TMA GEMM for ``x``: asked for (``passes`` "tma" or TMA_PASSES), on CUDA
     with TMA (sm_90 and later) or the interpreter, for a network ``geometry_tma.supported`` takes."""
-    if not (requested or TMA_PASSES):
+    if not (requested or TMA_PASSES) or not _triton_runs(x):
         return False
-    if x.is_cuda:
-        if torch.cuda.get_device_capability(x.device)[0] < 9:
-            return False
-    elif os.environ.get("TRITON_INTERPRET") != "1":
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
     return geometry_tma.supported(weights, skip_in, x.shape[1] * (1 + 2 * multires))
 
 
 def _use_triton(x: torch.Tensor) -> bool:
     """Whether the passes run as Triton kernels for ``x``: TRITON_PASSES, on CUDA or the interpreter."""
-    return TRITON_PASSES and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return TRITON_PASSES and _triton_runs(x)
+
+
+def _triton_runs(x: torch.Tensor) -> bool:
+    """Whether Triton kernels can run on ``x``: a CUDA tensor, or any under TRITON_INTERPRET=1."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 _COMPILE_FAILED: list[str] = []
@@ -459,7 +461,7 @@ class _FusedGeometry(torch.autograd.Function):
         ctx.save_for_backward(x, *weights, *kept)
         ctx.n_lin, ctx.n_z, ctx.n_kept, ctx.row_chunk = n_lin, len(zs), len(zs) + len(gs), row_chunk
         ctx.multires, ctx.skip_in, ctx.beta, ctx.threshold = multires, skip_in, beta, threshold
-        ctx.mm_dtype, ctx.compiled, ctx.tma = mm_dtype, compiled, tma
+        ctx.mm_dtype, ctx.compiled, ctx.tma, ctx.triton = mm_dtype, compiled, tma, triton
         if len(outs) == 1:
             return outs[0], grads[0]
         return torch.cat(outs), torch.cat(grads)
@@ -479,7 +481,6 @@ class _FusedGeometry(torch.autograd.Function):
         d_xs, d_w, d_b = [], [], []
         rows = ctx.row_chunk
         chunks = zip(_chunks(x, rows), _chunks(d_out, rows), _chunks(d_grad, rows), strict=True)
-        triton = _use_triton(x)
         for c, (x_c, d_out_c, d_grad_c) in enumerate(chunks):
             part = kept[c * n_kept : (c + 1) * n_kept]
             zs, gs = list(part[:n_z]), list(part[n_z:])
@@ -488,7 +489,7 @@ class _FusedGeometry(torch.autograd.Function):
                     x_c, weights, zs, gs, d_out_c, d_grad_c, ctx.multires, ctx.skip_in, ctx.mm_dtype, need_x,
                     need_w, need_b,
                 )  # fmt: skip
-            elif triton:
+            elif ctx.triton:
                 d_x_c, d_w_c, d_b_c = _backward_pass_triton(
                     x_c, weights, zs, gs, d_out_c, d_grad_c, *settings
                 )
