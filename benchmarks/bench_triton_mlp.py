@@ -95,6 +95,31 @@ def _row(rows, kernel, ms, flops, moved, err=None):
     return row
 
 
+def _sweep(rows, module, names, settings, cases, median, flops) -> list[dict]:
+    """Each case (fn, keywords, reference, bytes moved) timed at each setting of ``module``'s tile constants
+    ``names`` (restored afterwards), its result checked against the reference (two outputs side by side);
+    a setting the compiler rejects (shared memory, registers) is reported and skipped."""
+    default = tuple(getattr(module, name) for name in names)
+    out = []
+    try:
+        for label, (fn, kw, ref, moved) in cases.items():
+            for setting in settings:
+                for name, value in zip(names, setting, strict=True):
+                    setattr(module, name, value)
+                try:
+                    got = fn(**kw)
+                    err = _close(torch.cat(got, 1) if isinstance(got, tuple) else got, ref, 2e-2)
+                    ms = median(lambda fn=fn, kw=kw: fn(**kw))
+                except Exception as exc:
+                    print(f"rows={rows} {label} {setting}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+                    continue
+                out.append(_row(rows, f"{label} {setting}", ms, flops, moved, err))
+    finally:
+        for name, value in zip(names, default, strict=True):
+            setattr(module, name, value)
+    return out
+
+
 def run(rows: int, width: int, warmup: int, repeat: int, pointer_kernels: bool = True) -> list[dict]:
     dev = torch.device("cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -146,20 +171,9 @@ def run(rows: int, width: int, warmup: int, repeat: int, pointer_kernels: bool =
     }  # fmt: skip
     if not pointer_kernels:  # --kernels tma
         cases = {}
-    default = (tm.BLOCK_M, tm.BLOCK_N, tm.BLOCK_K, tm.NUM_WARPS, tm.NUM_STAGES)
-    try:
-        for name, (kw, ref, moved) in cases.items():
-            for setting in LINEAR_SETTINGS:
-                tm.BLOCK_M, tm.BLOCK_N, tm.BLOCK_K, tm.NUM_WARPS, tm.NUM_STAGES = setting
-                try:
-                    err = _close(tm.linear(**kw), ref, 2e-2)
-                    ms = median(lambda kw=kw: tm.linear(**kw))
-                except Exception as exc:  # a setting the compiler rejects (shared memory, registers)
-                    print(f"rows={rows} {name} {setting}: failed: {type(exc).__name__}: {str(exc)[:200]}")
-                    continue
-                out.append(_row(rows, f"{name} {setting}", ms, flops, moved, err))
-    finally:
-        tm.BLOCK_M, tm.BLOCK_N, tm.BLOCK_K, tm.NUM_WARPS, tm.NUM_STAGES = default
+    linear_names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES")
+    out += _sweep(rows, tm, linear_names, LINEAR_SETTINGS,
+                  {name: (tm.linear, *case) for name, case in cases.items()}, median, flops)  # fmt: skip
 
     wcases = {
         "weight_grad plain": (dict(a=d, b=h), d.float().T @ hf, 2 * act),
@@ -168,22 +182,10 @@ def run(rows: int, width: int, warmup: int, repeat: int, pointer_kernels: bool =
     }  # fmt: skip
     if not pointer_kernels:
         wcases = {}
-    wdefault = (tm.BLOCK_M, tm.BLOCK_N, tm.WGRAD_BLOCK_R, tm.NUM_WARPS, tm.NUM_STAGES, tm.ROWS_PER_PROGRAM)
-    try:
-        for name, (kw, ref, moved) in wcases.items():
-            for setting in WGRAD_SETTINGS:
-                tm.BLOCK_M, tm.BLOCK_N, tm.WGRAD_BLOCK_R, tm.NUM_WARPS, tm.NUM_STAGES, tm.ROWS_PER_PROGRAM = (
-                    setting
-                )
-                try:
-                    err = _close(tm.weight_grad(**kw)[0], ref, 2e-2)
-                    ms = median(lambda kw=kw: tm.weight_grad(**kw))
-                except Exception as exc:
-                    print(f"rows={rows} {name} {setting}: failed: {type(exc).__name__}: {str(exc)[:200]}")
-                    continue
-                out.append(_row(rows, f"{name} {setting}", ms, flops, moved, err))
-    finally:
-        tm.BLOCK_M, tm.BLOCK_N, tm.WGRAD_BLOCK_R, tm.NUM_WARPS, tm.NUM_STAGES, tm.ROWS_PER_PROGRAM = wdefault
+    wgrad_names = ("BLOCK_M", "BLOCK_N", "WGRAD_BLOCK_R", "NUM_WARPS", "NUM_STAGES", "ROWS_PER_PROGRAM")
+    out += _sweep(rows, tm, wgrad_names, WGRAD_SETTINGS,
+                  {name: (lambda **kw: tm.weight_grad(**kw)[0], *case) for name, case in wcases.items()}, median,
+                  flops)  # fmt: skip
 
     # The slope epilogue's baseline: the product, then one compiled pass multiplying by softplus'(p).
     slope_pass = torch.compile(
@@ -228,7 +230,7 @@ def run(rows: int, width: int, warmup: int, repeat: int, pointer_kernels: bool =
         "tma_linear slope_add epilogue, bf16 out": (
             tg.tma_linear, dict(a=h, w=w, epilogue="slope_add", p=hz, q=d), prod * s_h + qf, 4 * act),
     }  # fmt: skip
-    names = (
+    tma_names = (
         "BLOCK_M",
         "BLOCK_N",
         "BLOCK_K",
@@ -237,23 +239,7 @@ def run(rows: int, width: int, warmup: int, repeat: int, pointer_kernels: bool =
         "PROGRAMS_PER_SM",
         "EPILOGUE_SUBTILE",
     )
-    tdefault = tuple(getattr(tg, name) for name in names)
-    try:
-        for name, (fn, kw, ref, moved) in tcases.items():
-            for setting in TMA_SETTINGS:
-                for attr, value in zip(names, setting, strict=True):
-                    setattr(tg, attr, value)
-                try:
-                    got = fn(**kw)  # the adjoint's two outputs side by side for the check
-                    err = _close(torch.cat(got, 1) if isinstance(got, tuple) else got, ref, 2e-2)
-                    ms = median(lambda fn=fn, kw=kw: fn(**kw))
-                except Exception as exc:
-                    print(f"rows={rows} {name} {setting}: failed: {type(exc).__name__}: {str(exc)[:200]}")
-                    continue
-                out.append(_row(rows, f"{name} {setting}", ms, flops, moved, err))
-    finally:
-        for attr, value in zip(names, tdefault, strict=True):
-            setattr(tg, attr, value)
+    out += _sweep(rows, tg, tma_names, TMA_SETTINGS, tcases, median, flops)
     return out
 
 
