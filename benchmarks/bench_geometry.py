@@ -9,8 +9,7 @@ Rows = 2 N (the points and their eikonal samples). A variant is MODE[:KEY=VALUE,
   "fp32" (autograd, no bf16), "fused" or "fused_recompute" (the hand-written backward, bf16);
 - KEY=VALUE: torch._inductor options for the compile (e.g. realize_reads_threshold=16), applied to
   the autocast piece or to the fused passes (geometry_fused.COMPILE_OPTIONS); except ``triton=true``
-  (fused modes): the forward pass as Triton kernels (geometry_fused.TRITON_PASSES), and ``tma=true``
-  (fused modes): the passes on the TMA GEMM with epilogues (geometry_fused.TMA_PASSES, geometry_tma.py).
+  (fused modes): the forward pass as Triton kernels (geometry_fused.TRITON_PASSES).
 
     python benchmarks/bench_geometry.py --rows 819200 --variants autocast fused_recompute \\
         fused_recompute:realize_reads_threshold=16 --out bench_geometry.json
@@ -63,7 +62,6 @@ def make_step(net: GeometryNetwork, mode: str, options: dict):
     geometry_fused._COMPILED.clear()
     options = dict(options)
     geometry_fused.TRITON_PASSES = bool(options.pop("triton", False))
-    geometry_fused.TMA_PASSES = bool(options.pop("tma", False))
     geometry_fused.COMPILE_OPTIONS = options or None
     if mode in ("autocast", "fp32"):
 

@@ -186,12 +186,6 @@ def main() -> None:
         "passes as the Triton kernels of model/_triton_mlp.py",
     )
     p.add_argument(
-        "--tma-geometry",
-        action="store_true",
-        help='model.geometry_passes = "tma": the fused geometry backwards (fused, fused_recompute) run their '
-        "passes on the TMA GEMM with epilogues (model/geometry_tma.py)",
-    )
-    p.add_argument(
         "--eager-prior-query",
         action="store_true",
         help="model.compile_prior_query = false (fast path, CUDA: the prior's query eager)",
@@ -210,8 +204,10 @@ def main() -> None:
     )
     p.add_argument(
         "--deformer-bf16",
-        action="store_true",
-        help="model.deformer_bf16: the deformer network's products in bf16 (deformer backward autograd)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="model.deformer_bf16 (the trainer's default: on): the deformer network's products in bf16 "
+        "(deformer backward autograd); --no-deformer-bf16 keeps them in fp32",
     )
     p.add_argument(
         "--visibility",
@@ -281,7 +277,6 @@ def main() -> None:
     model.deformer_bf16 = args.deformer_bf16
     model.compile_prior_query = not args.eager_prior_query
     geometry_fused.TRITON_PASSES = args.triton_geometry
-    model.geometry_passes = "tma" if args.tma_geometry else "torch"
     model.deform_contractions = args.deform_contractions
     model.compile_mode = args.compile_mode
     if model.uses_fast_path(device):  # the trainer's line with this benchmark's settings applied
@@ -390,7 +385,6 @@ def main() -> None:
         "recompute_chunk": args.recompute_chunk,
         "prior_query_chunk": args.prior_query_chunk,
         "compile_prior_query": not args.eager_prior_query,
-        "tma_geometry": args.tma_geometry,
         "triton_geometry": args.triton_geometry,
         "compile_scope": args.compile_scope,
         "cuda_graph": args.cuda_graph,

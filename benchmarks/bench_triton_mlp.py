@@ -11,10 +11,7 @@ Cases (each with the bytes it must move at least, for its GB/s):
 - Triton ``linear``: plain (bf16 in, bf16 out); with the Softplus epilogue (the same layer as
   inductor's, in one kernel); with the Softplus prologue on a bf16 pre-activation; with the backward's
   "dz" prologue (four bf16 operands);
-- Triton ``weight_grad``: plain bf16 operands, and the backward's (dz prologue on A, Softplus on B);
-- ``_triton_gemm.tma_linear`` (TMA operands, persistent, elementwise epilogues): plain, Softplus (the same
-  layer as inductor's), and slope (the sweep's g * softplus'(z) on the product, against cuBLAS and an
-  inductor pass), over its tile settings and 1 or 2 programs an SM.
+- Triton ``weight_grad``: plain bf16 operands, and the backward's (dz prologue on A, Softplus on B).
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
 from timing import timed  # noqa: E402
 
-from pointavatar.model import _triton_gemm as tg  # noqa: E402
 from pointavatar.model import _triton_mlp as tm  # noqa: E402
 
 # (tile M, tile N, tile K, warps, stages)
@@ -61,18 +57,6 @@ WGRAD_SETTINGS = [
     (128, 128, 32, 4, 4, 2048),
     (64, 64, 64, 4, 4, 4096),
 ]
-# _triton_gemm.tma_linear: (tile M, tile N, tile K, warps, stages, programs an SM, epilogue on column halves)
-TMA_SETTINGS = [
-    (128, 128, 64, 8, 4, 1, True),
-    (128, 128, 64, 8, 4, 1, False),
-    (128, 128, 64, 8, 4, 2, True),
-    (128, 128, 64, 8, 3, 1, True),
-    (128, 128, 32, 8, 6, 1, True),
-    (64, 128, 64, 4, 6, 1, True),
-    (64, 128, 64, 4, 6, 1, False),
-    (128, 256, 64, 8, 3, 1, True),
-    (256, 128, 64, 8, 3, 1, True),
-]
 BETA, THRESHOLD = 100.0, 20.0
 
 
@@ -97,8 +81,8 @@ def _row(rows, kernel, ms, flops, moved, err=None):
 
 def _sweep(rows, module, names, settings, cases, median, flops) -> list[dict]:
     """Each case (fn, keywords, reference, bytes moved) timed at each setting of ``module``'s tile constants
-    ``names`` (restored afterwards), its result checked against the reference (two outputs side by side);
-    a setting the compiler rejects (shared memory, registers) is reported and skipped."""
+    ``names`` (restored afterwards), its result checked against the reference; a setting the compiler
+    rejects (shared memory, registers) is reported and skipped."""
     default = tuple(getattr(module, name) for name in names)
     out = []
     try:
@@ -107,8 +91,7 @@ def _sweep(rows, module, names, settings, cases, median, flops) -> list[dict]:
                 for name, value in zip(names, setting, strict=True):
                     setattr(module, name, value)
                 try:
-                    got = fn(**kw)
-                    err = _close(torch.cat(got, 1) if isinstance(got, tuple) else got, ref, 2e-2)
+                    err = _close(fn(**kw), ref, 2e-2)
                     ms = median(lambda fn=fn, kw=kw: fn(**kw))
                 except Exception as exc:
                     print(f"rows={rows} {label} {setting}: failed: {type(exc).__name__}: {str(exc)[:200]}")
@@ -120,7 +103,7 @@ def _sweep(rows, module, names, settings, cases, median, flops) -> list[dict]:
     return out
 
 
-def run(rows: int, width: int, warmup: int, repeat: int, pointer_kernels: bool = True) -> list[dict]:
+def run(rows: int, width: int, warmup: int, repeat: int) -> list[dict]:
     dev = torch.device("cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     bf = torch.bfloat16
@@ -169,8 +152,6 @@ def run(rows: int, width: int, warmup: int, repeat: int, pointer_kernels: bool =
         "linear dz prologue, fp32 out": (
             dict(a=d, b=w.T, prologue="dz", z=z, u=u, v=v), dz @ w.float().T, 6 * act),
     }  # fmt: skip
-    if not pointer_kernels:  # --kernels tma
-        cases = {}
     linear_names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES")
     out += _sweep(rows, tm, linear_names, LINEAR_SETTINGS,
                   {name: (tm.linear, *case) for name, case in cases.items()}, median, flops)  # fmt: skip
@@ -180,66 +161,11 @@ def run(rows: int, width: int, warmup: int, repeat: int, pointer_kernels: bool =
         "weight_grad dz / softplus prologues": (
             dict(a=d, a_prologue="dz", z=z, u=u, v=v, b=z, b_prologue="softplus"), dz.T @ sp_z, 5 * act),
     }  # fmt: skip
-    if not pointer_kernels:
-        wcases = {}
     wgrad_names = ("BLOCK_M", "BLOCK_N", "WGRAD_BLOCK_R", "NUM_WARPS", "NUM_STAGES", "ROWS_PER_PROGRAM")
     out += _sweep(rows, tm, wgrad_names, WGRAD_SETTINGS,
                   {name: (lambda **kw: tm.weight_grad(**kw)[0], *case) for name, case in wcases.items()}, median,
                   flops)  # fmt: skip
 
-    # The slope epilogue's baseline: the product, then one compiled pass multiplying by softplus'(p).
-    slope_pass = torch.compile(
-        lambda h: ((h @ w.T).float() * torch.ops.aten.softplus_backward(torch.ones_like(zf), z.float(), BETA,
-                                                                       THRESHOLD)).to(bf),
-        dynamic=False,
-    )  # fmt: skip
-    ref_slope = (hf @ w.float().T) * s
-    err = _close(slope_pass(h), ref_slope, 2e-2)
-    out.append(_row(rows, "inductor h @ W^T then * softplus'(z), bf16 out", median(lambda: slope_pass(h)),
-                    flops, 3 * act, err))  # fmt: skip
-    # The backward's epilogues' baseline: the product, then one compiled pass with the epilogue's work
-    # (the slope from h = softplus(z), the sweep adjoint's two outputs, the slope plus an addend).
-    hz = torch.nn.functional.softplus(zf, BETA, THRESHOLD).to(bf)  # a stored activation
-    qf = d.float()
-    s_h = torch.where(hz.float() * BETA > THRESHOLD, 1.0, 1.0 - torch.exp(-BETA * hz.float()))
-    c_h = torch.where(hz.float() * BETA < THRESHOLD, BETA * s_h * (1 - s_h), 0.0)
-
-    def adjoint_pass(x):
-        y = (x @ w.T).float()
-        s_ = torch.where(hz.float() * BETA > THRESHOLD, 1.0, 1.0 - torch.exp(-BETA * hz.float()))
-        c_ = torch.where(hz.float() * BETA < THRESHOLD, BETA * s_ * (1 - s_), 0.0)
-        return (y * s_).to(bf), (y * d.float() * c_).to(bf)
-
-    adjoint_pass = torch.compile(adjoint_pass, dynamic=False)
-    prod = hf @ w.float().T
-    err = max(_close(adjoint_pass(h)[0], prod * s_h, 2e-2), _close(adjoint_pass(h)[1], prod * qf * c_h, 2e-2))
-    out.append(_row(rows, "inductor h @ W^T then the adjoint's two outputs, bf16 out",
-                    median(lambda: adjoint_pass(h)), flops, 5 * act, err))  # fmt: skip
-
-    tcases = {
-        "tma_linear plain, bf16 out": (tg.tma_linear, dict(a=h, w=w), hf @ w.float().T, 2 * act),
-        "tma_linear softplus epilogue, bf16 out": (
-            tg.tma_linear, dict(a=h, w=w, bias=bias, epilogue="softplus"), ref_layer, 2 * act),
-        "tma_linear slope epilogue, bf16 out": (tg.tma_linear, dict(a=h, w=w, epilogue="slope", p=z), ref_slope,
-                                                3 * act),
-        "tma_linear slope_h epilogue, bf16 out": (tg.tma_linear, dict(a=h, w=w, epilogue="slope_h", p=hz),
-                                                  prod * s_h, 3 * act),
-        "tma_linear adjoint epilogue (two outputs), bf16 out": (
-            tg.tma_linear, dict(a=h, w=w, epilogue="adjoint", p=hz, q=d), torch.cat([prod * s_h, prod * qf * c_h], 1),
-            5 * act),
-        "tma_linear slope_add epilogue, bf16 out": (
-            tg.tma_linear, dict(a=h, w=w, epilogue="slope_add", p=hz, q=d), prod * s_h + qf, 4 * act),
-    }  # fmt: skip
-    tma_names = (
-        "BLOCK_M",
-        "BLOCK_N",
-        "BLOCK_K",
-        "NUM_WARPS",
-        "NUM_STAGES",
-        "PROGRAMS_PER_SM",
-        "EPILOGUE_SUBTILE",
-    )
-    out += _sweep(rows, tg, tma_names, TMA_SETTINGS, tcases, median, flops)
     return out
 
 
@@ -249,21 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument(
-        "--kernels",
-        choices=["all", "tma"],
-        default="all",
-        help="tma: only the baselines and tma_linear (not _triton_mlp's pointer kernels, measured in step 9)",
-    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_triton_mlp.py needs a CUDA device")
-    rows_out = [
-        r
-        for rows in args.rows
-        for r in run(rows, args.width, args.warmup, args.repeat, args.kernels == "all")
-    ]
+    rows_out = [r for rows in args.rows for r in run(rows, args.width, args.warmup, args.repeat)]
     if args.out:
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
         args.out.write_text(json.dumps({"meta": meta, "rows": rows_out}, indent=1))

@@ -1,9 +1,9 @@
-"""Registers and stack of the geometry MLP's Triton kernels (model/_triton_mlp.py, model/_triton_gemm.py)
-compiled for sm_90, on any machine with Triton (no GPU needed): `triton.compile` to a cubin, then the
-`cuobjdump` that ships with Triton's NVIDIA backend. benchmarks/RESULTS.md, steps 8 and 9:
+"""Registers and stack of the geometry MLP's Triton kernels (model/_triton_mlp.py) compiled for sm_90, on
+any machine with Triton (no GPU needed): `triton.compile` to a cubin, then the `cuobjdump` that ships
+with Triton's NVIDIA backend. benchmarks/RESULTS.md, steps 8 and 9:
 
     python benchmarks/kernel_resources.py                      # the modules' tile settings
-    python benchmarks/kernel_resources.py --tiles 128 128 64 8 3 --tma-tiles 128 256 64 8 3
+    python benchmarks/kernel_resources.py --tiles 128 128 64 8 3
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
-from pointavatar.model import _triton_gemm as tg  # noqa: E402
 from pointavatar.model import _triton_mlp as tm  # noqa: E402
 
 FLOATS = ("scale", "beta", "threshold")
@@ -46,25 +45,6 @@ def compile_sm90(kernel, pointers: tuple[str, ...], constexprs: dict, num_warps:
     return _compile(kernel, signature, constexprs, num_warps, num_stages)
 
 
-def compile_tma_sm90(bm: int, bn: int, bk: int, num_warps: int, num_stages: int, epilogue: int, subtile=None):
-    """``_triton_gemm._tma_linear_kernel`` for bf16 operands and output, 132 programs (an H200's SMs)."""
-    kernel = tg._tma_linear_kernel
-    subtile = tg.EPILOGUE_SUBTILE if subtile is None else subtile
-    bo = bn // 2 if subtile else bn
-    signature = {
-        "a_desc": f"tensordesc<bf16[{bm}, {bk}]>",
-        "w_desc": f"tensordesc<bf16[{bn}, {bk}]>",
-        "c_desc": f"tensordesc<bf16[{bm}, {bo}]>",
-        "c2_desc": f"tensordesc<bf16[{bm}, {bo}]>",
-        "bias_ptr": "*fp32", "p_ptr": "*bf16", "q_ptr": "*bf16",
-        "M": "i32", "N": "i32", "K": "i32", "sp0": "i32", "sp1": "i32", "sq0": "i32", "sq1": "i32",
-        "beta": "fp32", "threshold": "fp32",
-    }  # fmt: skip
-    constexprs = {"EPI": epilogue, "HAS_BIAS": True, "FP32": False, "SUBTILE": subtile, "FAST_LOG": True, "BM": bm, "BN": bn,
-                  "BK": bk, "NUM_PROGRAMS": 132}  # fmt: skip
-    return _compile(kernel, signature, constexprs, num_warps, num_stages)
-
-
 def resources(compiled) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
@@ -85,8 +65,6 @@ def main() -> None:
     p.add_argument("--tiles", type=int, nargs=5, metavar=("M", "N", "K", "WARPS", "STAGES"),
                    default=[tm.BLOCK_M, tm.BLOCK_N, tm.BLOCK_K, tm.NUM_WARPS, tm.NUM_STAGES])  # fmt: skip
     p.add_argument("--wgrad-rows", type=int, default=tm.WGRAD_BLOCK_R, help="weight_grad's rows a step")
-    p.add_argument("--tma-tiles", type=int, nargs=5, metavar=("M", "N", "K", "WARPS", "STAGES"),
-                   default=[tg.BLOCK_M, tg.BLOCK_N, tg.BLOCK_K, tg.NUM_WARPS, tg.NUM_STAGES])  # fmt: skip
     args = p.parse_args()
     bm, bn, bk, warps, stages = args.tiles
     linear_ptrs = ("x_ptr", "z_ptr", "u_ptr", "v_ptr", "e_ptr", "b_ptr", "bias_ptr", "c_ptr")
@@ -101,12 +79,6 @@ def main() -> None:
                   "BM": bm, "BN": bn, "BR": args.wgrad_rows, "ROWS": tm.ROWS_PER_PROGRAM}  # fmt: skip
         compiled = compile_sm90(tm._wgrad_kernel, wgrad_ptrs, consts, warps, stages)
         print(f"weight_grad, prologues {a_name} / {b_name}: {resources(compiled)}")
-    for subtile in (True, False):
-        for name, epi in tg.EPILOGUES.items():
-            compiled = compile_tma_sm90(*args.tma_tiles, epi, subtile)
-            print(
-                f"tma_linear {tuple(args.tma_tiles)}, subtile {subtile}, epilogue {name}: {resources(compiled)}"
-            )
 
 
 if __name__ == "__main__":

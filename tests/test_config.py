@@ -496,10 +496,8 @@ def test_range_bounds_are_inclusive_where_stated() -> None:
     assert parse_conf("model { prior_query_chunk = 4096 }").model.prior_query_chunk == 4096
     assert parse_conf("").model.inverse_skinning == "closed_form"
     assert parse_conf('model { inverse_skinning = "lu" }').model.inverse_skinning == "lu"
-    assert parse_conf("").model.deformer_bf16 is False
-    assert parse_conf("").model.geometry_passes == "torch"
-    assert parse_conf('model { geometry_passes = "tma" }').model.geometry_passes == "tma"
-    assert parse_conf("model { deformer_bf16 = true }").model.deformer_bf16 is True
+    assert parse_conf("").model.deformer_bf16 is True
+    assert parse_conf("model { deformer_bf16 = false }").model.deformer_bf16 is False
 
 
 def test_max_points_below_n_init_points(tmp_path: Path) -> None:

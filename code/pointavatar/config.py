@@ -494,21 +494,16 @@ class ModelConf:
     step 5). False: the geometry in float32 (TF32 products with model.tf32). On GPUs without bf16 tensor
     cores (before Ampere, compute capability 8.0) it stays in float32 either way. Eval, tracking and the
     baked renderer stay in full precision."""
-    geometry_passes: str = field(default="torch", metadata=_choices("torch", "tma"))
-    """(ours) Fast path, training, with geometry_backward "fused" or "fused_recompute": how the fused
-    geometry node's forward and backward passes run. "torch": PyTorch ops compiled by torch.compile.
-    "tma": every product a Triton GEMM fed by TMA with the elementwise work between the products in its
-    epilogue (model/geometry_tma.py: the same values and gradients in fp32, tested; bf16 rounds a few
-    more intermediates), on GPUs with TMA (sm_90, Hopper, and later) for networks whose widths allow it
-    (the paper's does), else "torch". Not yet timed: benchmarks/RESULTS.md step 9."""
-    deformer_bf16: bool = False
+    deformer_bf16: bool = True
     """(ours) Fast path, training, with deformer_backward "autograd": the deformer network's matrix
     products (its hidden layers', the skinning branch's hidden layer's and the blendshape head's, each
     for the point and its three tangents) in bfloat16 with fp32 accumulation, the results back in
     float32; float32 runs only, on GPUs with bf16 tensor cores (as geometry_bf16). The first layer
     (few encoding columns) and the skinning logits (multiplied by the softmax's temperature, which
-    would multiply the rounding too) stay in float32. Off until measured: its speed, and its test PSNR
-    in a synthetic512 pair of runs (benchmarks/RESULTS.md step 9 names it as the next candidate)."""
+    would multiply the rounding too) stay in float32. On an H200 with the defaults: 72.2 ms and 34.2 GiB
+    a step at 409,600 points against 79.3 ms and 37.3 GiB in fp32 (TF32), 28.1 against 29.5 ms at
+    102,400; synthetic512 test PSNR 30.37 dB against 30.39 dB with it off and the reference path's 30.19
+    dB in the same call (benchmarks/RESULTS.md, step 10). False: those products in float32."""
     tf32: bool = True
     """Allow TF32 tensor-core matmuls on CUDA (fp32 storage and accumulation, inputs rounded to 10
     mantissa bits). On, as in the original's PyTorch 1.11 (its default on Ampere and later GPUs); canonical

@@ -1,5 +1,5 @@
-"""The fused geometry node's alternative passes against its PyTorch passes on a GPU, in bf16 (the GPU tests
-of test_triton_mlp.py and test_triton_gemm.py)."""
+"""The fused geometry node's Triton passes against its PyTorch passes on a GPU, in bf16 (the GPU tests of
+test_triton_mlp.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def bf16_errors(monkeypatch, recompute_sweep: bool, passes: str) -> list[tuple[float, float]]:
+def bf16_errors(monkeypatch, recompute_sweep: bool) -> list[tuple[float, float]]:
     """For out, grad, x's gradient and every parameter's gradient of the paper's geometry network (perturbed
-    off its init) at 20,000 points: (the PyTorch bf16 passes' error, the ``passes`` ones' error), each
-    against the fp32 node (TF32 off) and relative to its largest magnitude. ``passes``: "triton"
-    (geometry_fused.TRITON_PASSES) or "tma" (forward_with_gradient_fused's passes="tma")."""
+    off its init) at 20,000 points: (the PyTorch bf16 passes' error, the Triton ones' error, through
+    geometry_fused.TRITON_PASSES), each against the fp32 node (TF32 off) and relative to its largest
+    magnitude."""
     from pointavatar.config import load_conf
     from pointavatar.model import geometry_fused
     from pointavatar.model.geometry import GeometryNetwork
@@ -27,14 +27,13 @@ def bf16_errors(monkeypatch, recompute_sweep: bool, passes: str) -> list[tuple[f
     x0 = (torch.rand(20_000, 3, device="cuda") - 0.5) * 1.2
     g = torch.Generator(device="cuda").manual_seed(1)
 
-    def run(dtype, alternative):
-        monkeypatch.setattr(geometry_fused, "TRITON_PASSES", alternative and passes == "triton")
+    def run(dtype, triton):
+        monkeypatch.setattr(geometry_fused, "TRITON_PASSES", triton)
         net.zero_grad()
         x = x0.clone().requires_grad_(True)
         out, grad = geometry_fused.forward_with_gradient_fused(
-            net, x, save_dtype=dtype, mm_dtype=dtype, recompute_sweep=recompute_sweep,
-            passes="tma" if alternative and passes == "tma" else "torch",
-        )  # fmt: skip
+            net, x, save_dtype=dtype, mm_dtype=dtype, recompute_sweep=recompute_sweep
+        )
         g.manual_seed(1)
         loss = (torch.randn(out.shape, device="cuda", generator=g) * out).sum()
         loss = loss + (torch.randn(grad.shape, device="cuda", generator=g) * grad).sum()

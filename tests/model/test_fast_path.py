@@ -291,7 +291,8 @@ def test_auto_backwards_are_lean_on_gpus_below_44_gib(flame_files, monkeypatch):
     line = trainer_module.backwards_line(model, cuda)
     assert line == (
         "Fast path: geometry backward fused_recompute, deformer backward fused, prior query by chunks of 65536"
-        " points (auto: a 23.6 GiB GPU, below 44 GiB)"
+        " points, deformer products in fp32 (model.deformer_bf16 applies to deformer backward autograd only)"
+        " (auto: a 23.6 GiB GPU, below 44 GiB)"
     )
     model.geometry_backward = "autograd"
     model.deformer_backward = "fused_bf16"
@@ -299,23 +300,16 @@ def test_auto_backwards_are_lean_on_gpus_below_44_gib(flame_files, monkeypatch):
     assert trainer_module.backwards_line(model, cuda) == (
         "Fast path: geometry backward autograd, deformer backward fused_bf16, prior query in one pass"
     )
-    # model.geometry_passes "tma": said with a fused geometry backward, and said not to apply without.
-    model.geometry_passes = "tma"
-    assert trainer_module.backwards_line(model, cuda).endswith(
-        ", geometry passes torch (model.geometry_passes applies to the fused geometry backwards only)"
-    )
-    model.geometry_backward = "fused"
-    assert trainer_module.backwards_line(model, cuda).endswith(", geometry passes on the TMA GEMM")
-    model.geometry_backward, model.geometry_passes = "autograd", "torch"
-    # model.deformer_bf16: said, and where it does not apply (a fused deformer backward) said so.
-    model.deformer_bf16 = True
-    assert trainer_module.backwards_line(model, cuda).endswith(
-        ", deformer products in fp32 (model.deformer_bf16 applies to deformer backward autograd only)"
-    )
+    # model.deformer_bf16 (on by default): said where it applies (deformer backward autograd), not at all
+    # with it off.
     model.deformer_backward = "autograd"
     assert trainer_module.backwards_line(model, cuda) == (
         "Fast path: geometry backward autograd, deformer backward autograd, prior query in one pass,"
         " deformer products in bf16"
+    )
+    model.deformer_bf16 = False
+    assert trainer_module.backwards_line(model, cuda) == (
+        "Fast path: geometry backward autograd, deformer backward autograd, prior query in one pass"
     )
 
 
@@ -325,7 +319,7 @@ def test_deformer_bf16_applies_to_float32_training_only(flame_files, monkeypatch
     from pointavatar.model import point_avatar as pa
 
     model = build(flame_files)
-    assert not model.deformer_bf16  # the default until measured
+    assert model.deformer_bf16  # the default (benchmarks/RESULTS.md step 10)
     seen = []
     original = pa.deform_with_jacobian_explicit
 
@@ -426,25 +420,3 @@ def test_fast_path_equals_reference_on_gpu_in_float32(flame_files, scope, chunk,
     for name, value in grad_r.items():
         scale = value.abs().max().item()
         assert_close(grad_f[name], value, rtol=1e-4, atol=1e-4 * scale + 1e-8, reason=why)
-
-
-def test_geometry_passes_reach_the_fused_geometry(flame_files, monkeypatch):
-    """model.geometry_passes goes to the fused geometry node with the fused backwards (where "tma" runs on
-    a GPU with TMA; on the CPU the node falls back to its PyTorch passes: same values)."""
-    model = build(flame_files)
-    assert model.geometry_passes == "torch"  # the default until measured
-    seen = []
-    original = point_avatar.forward_with_gradient_fused
-
-    def spy(*args, passes="torch", **kwargs):
-        seen.append(passes)
-        return original(*args, passes=passes, **kwargs)
-
-    monkeypatch.setattr(point_avatar, "forward_with_gradient_fused", spy)
-    perturb_(model, 0.02)
-    model.implementation, model.geometry_backward = "fast", "fused"
-    model.train()
-    for passes in ("torch", "tma"):
-        model.geometry_passes = passes
-        model(make_input(2, dtype=torch.float32)).rgb_image.sum().backward()
-    assert seen == ["torch", "tma"]

@@ -160,9 +160,7 @@ def test_gradcheck():
     beta, threshold = float(net.softplus.beta), float(net.softplus.threshold)
 
     def fn(x, *params):
-        return _FusedGeometry.apply(
-            x, 2, (2,), beta, threshold, None, None, False, False, 1 << 17, False, *params
-        )
+        return _FusedGeometry.apply(x, 2, (2,), beta, threshold, None, None, False, False, 1 << 17, *params)
 
     # gradcheck's default tolerances (atol 1e-5, rtol 1e-3), float64, both outputs.
     assert torch.autograd.gradcheck(fn, (x, *weights, *biases))
@@ -183,9 +181,7 @@ def test_gradcheck_skip_at_first_and_last_layer():
     x = make_points(n=5).requires_grad_(True)
 
     def fn(x, *params):
-        return _FusedGeometry.apply(
-            x, 2, (0, 2), 100.0, 20.0, None, None, False, False, 1 << 17, False, *params
-        )
+        return _FusedGeometry.apply(x, 2, (0, 2), 100.0, 20.0, None, None, False, False, 1 << 17, *params)
 
     # gradcheck's default tolerances (atol 1e-5, rtol 1e-3), float64, both outputs.
     assert torch.autograd.gradcheck(fn, (x, *weights, *biases))

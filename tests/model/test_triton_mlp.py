@@ -198,5 +198,5 @@ def test_triton_passes_bf16_gradients_on_gpu(monkeypatch, recompute_sweep):
     the Triton passes: its values and gradients (parameters and x) against the float32 node are within
     twice the PyTorch passes' error (same roundings, sums in another order)."""
     pytest.importorskip("triton")
-    for i, (err_torch, err_triton) in enumerate(bf16_errors(monkeypatch, recompute_sweep, "triton")):
+    for i, (err_torch, err_triton) in enumerate(bf16_errors(monkeypatch, recompute_sweep)):
         assert err_triton <= 2 * err_torch + 1e-5, (i, err_triton, err_torch)

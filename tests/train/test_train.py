@@ -379,7 +379,8 @@ def test_fused_backwards_train_as_the_reference(subject, tmp_path, capsys):
         # The fast path says which backwards it trains with; the reference path has none to say.
         said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Fast path:")]
         expected = [
-            "Fast path: geometry backward fused_recompute, deformer backward fused, prior query by chunks of 65536 points"
+            "Fast path: geometry backward fused_recompute, deformer backward fused, prior query by chunks of 65536"
+            " points, deformer products in fp32 (model.deformer_bf16 applies to deformer backward autograd only)"
         ]
         assert said == (expected if name == "lean" else []), name
     reference, lean = runs["reference"], runs["lean"]

@@ -45,7 +45,7 @@ def softplus_vjp(
 def total_weight_grad(
     chain: torch.Tensor, sweep: torch.Tensor | None, is_last: bool, row0: torch.Tensor | None
 ) -> torch.Tensor:
-    """A layer's weight gradient in the hand-written backwards (geometry_fused, geometry_tma) from the
+    """A layer's weight gradient in the hand-written backwards (geometry_fused's passes) from the
     forward chain's part ``chain`` and the sweep's: ``sweep`` (a hidden layer's, or None) or, at the last
     layer, ``row0`` added to its row 0 (the sdf's)."""
     if is_last:

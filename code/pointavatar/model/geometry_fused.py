@@ -19,7 +19,6 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from pointavatar.model import geometry_tma
 from pointavatar.model.embedder import encode, encode_jvp, encode_vjp, encode_vjp_dx
 from pointavatar.model.geometry import GeometryNetwork, softplus_curvature, softplus_slope, total_weight_grad
 
@@ -341,31 +340,13 @@ def _backward_pass_triton(
 # ``_forward_pass`` and ``_backward_pass``. Off: 4x slower on an H200 (benchmarks/RESULTS.md step 9;
 # benchmarks/bench_geometry.py, variant option ``triton=true``).
 TRITON_PASSES = False
-# The passes on the TMA GEMM with elementwise epilogues (geometry_tma.py) on CUDA, where the network's
-# widths allow it. Off: not yet timed on a GPU (bench_geometry.py variant option ``tma=true``).
-TMA_PASSES = False
-PASSES = ("torch", "tma")  # forward_with_gradient_fused's ``passes``
 _COMPILED: dict[str, object] = {}  # the two passes, torch.compile'd once per process
 
 
-def _use_tma(x: torch.Tensor, weights, skip_in, multires, requested: bool) -> bool:
-    """Whether the passes run on the TMA GEMM for ``x``: asked for (``passes`` "tma" or TMA_PASSES), on CUDA
-    with TMA (sm_90 and later) or the interpreter, for a network ``geometry_tma.supported`` takes."""
-    if not (requested or TMA_PASSES) or not _triton_runs(x):
-        return False
-    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
-        return False
-    return geometry_tma.supported(weights, skip_in, x.shape[1] * (1 + 2 * multires))
-
-
 def _use_triton(x: torch.Tensor) -> bool:
-    """Whether the passes run as Triton kernels for ``x``: TRITON_PASSES, on CUDA or the interpreter."""
-    return TRITON_PASSES and _triton_runs(x)
-
-
-def _triton_runs(x: torch.Tensor) -> bool:
-    """Whether Triton kernels can run on ``x``: a CUDA tensor, or any under TRITON_INTERPRET=1."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the passes run as Triton kernels for ``x``: TRITON_PASSES, on CUDA (any tensor under
+    TRITON_INTERPRET=1)."""
+    return TRITON_PASSES and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 _COMPILE_FAILED: list[str] = []
@@ -417,11 +398,10 @@ class _FusedGeometry(torch.autograd.Function):
 
     Inputs: x [N, d], the encoding's multires, the skip layer indices, Softplus beta and threshold, the
     dtype the activations are saved in (None = the compute dtype), the products' operand dtype, compiled,
-    recompute_sweep, the row chunk, whether the TMA passes are asked for, then the L weights [out_l, in_l]
+    recompute_sweep, the row chunk, then the L weights [out_l, in_l]
     and the L biases [out_l]. Saved: x, the weights and, per chunk of rows, the L - 1 hidden
     pre-activations z_l and (unless recompute_sweep) the L - 2 sweep vectors g_l = d sdf / d softplus(z_l)
-    below the top one (the top one is W_last[0], read again from the weight); on the TMA passes what
-    geometry_tma.forward_pass keeps instead.
+    below the top one (the top one is W_last[0], read again from the weight).
     """
 
     @staticmethod
@@ -437,7 +417,6 @@ class _FusedGeometry(torch.autograd.Function):
         compiled,
         recompute_sweep,
         row_chunk,
-        tma_requested,
         *params,
     ):
         n_lin = len(params) // 2
@@ -445,13 +424,8 @@ class _FusedGeometry(torch.autograd.Function):
         settings = (multires, skip_in, beta, threshold, save_dtype, mm_dtype, recompute_sweep)
         outs, grads, kept = [], [], []
         triton = _use_triton(x)
-        tma = _use_tma(x, weights, skip_in, multires, tma_requested)
         for x_c in _chunks(x, row_chunk):
-            if tma:
-                out, grad, zs, gs = geometry_tma.forward_pass(
-                    x_c, weights, biases, multires, skip_in, beta, threshold, mm_dtype, recompute_sweep
-                )
-            elif triton:
+            if triton:
                 out, grad, zs, gs = _forward_pass_triton(x_c, weights, biases, *settings)
             else:
                 out, grad, zs, gs = _run("forward", _forward_pass, compiled, x_c, weights, biases, *settings)
@@ -461,7 +435,7 @@ class _FusedGeometry(torch.autograd.Function):
         ctx.save_for_backward(x, *weights, *kept)
         ctx.n_lin, ctx.n_z, ctx.n_kept, ctx.row_chunk = n_lin, len(zs), len(zs) + len(gs), row_chunk
         ctx.multires, ctx.skip_in, ctx.beta, ctx.threshold = multires, skip_in, beta, threshold
-        ctx.mm_dtype, ctx.compiled, ctx.tma, ctx.triton = mm_dtype, compiled, tma, triton
+        ctx.mm_dtype, ctx.compiled, ctx.triton = mm_dtype, compiled, triton
         if len(outs) == 1:
             return outs[0], grads[0]
         return torch.cat(outs), torch.cat(grads)
@@ -473,7 +447,7 @@ class _FusedGeometry(torch.autograd.Function):
         x, *rest = ctx.saved_tensors
         weights = tuple(rest[:n_lin])
         kept = rest[n_lin:]
-        first = 11  # x and the ten settings come before the parameters
+        first = 10  # x and the nine settings come before the parameters
         need_x = ctx.needs_input_grad[0]
         need_w = tuple(ctx.needs_input_grad[first : first + n_lin])
         need_b = tuple(ctx.needs_input_grad[first + n_lin :])
@@ -484,12 +458,7 @@ class _FusedGeometry(torch.autograd.Function):
         for c, (x_c, d_out_c, d_grad_c) in enumerate(chunks):
             part = kept[c * n_kept : (c + 1) * n_kept]
             zs, gs = list(part[:n_z]), list(part[n_z:])
-            if ctx.tma:  # zs: the activations h, gs: the sweep's vectors, products and d sdf / d enc
-                d_x_c, d_w_c, d_b_c = geometry_tma.backward_pass(
-                    x_c, weights, zs, gs, d_out_c, d_grad_c, ctx.multires, ctx.skip_in, ctx.mm_dtype, need_x,
-                    need_w, need_b,
-                )  # fmt: skip
-            elif ctx.triton:
+            if ctx.triton:
                 d_x_c, d_w_c, d_b_c = _backward_pass_triton(
                     x_c, weights, zs, gs, d_out_c, d_grad_c, *settings
                 )
@@ -546,7 +515,6 @@ def forward_with_gradient_fused(
     compiled: bool = False,
     recompute_sweep: bool = False,
     row_chunk: int = ROW_CHUNK,
-    passes: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(x) [N, C], d sdf / dx [N, d_in]): ``net.forward_with_gradient_explicit(x)`` in one autograd node.
 
@@ -580,12 +548,7 @@ def forward_with_gradient_fused(
             activations for one more sweep: L - 1 more products).
         row_chunk: the passes run on chunks of at most this many rows (the weight gradients summed
             over them), so that their transient memory does not grow with N; the kept memory does.
-        passes: "torch" (the PyTorch passes, compiled with ``compiled``) or "tma": every product a TMA
-            GEMM with the elementwise work in its epilogue (geometry_tma.py; model.geometry_passes), on
-            CUDA GPUs with TMA for networks whose widths allow it, else the PyTorch passes.
     """
-    if passes not in PASSES:
-        raise ValueError(f"passes must be one of {PASSES}, not {passes!r}")
     save_dtype, mm_dtype = _fused_dtypes(
         x, save_dtype, mm_dtype, "forward_with_gradient_fused", "forward_with_gradient_explicit"
     )
@@ -601,7 +564,6 @@ def forward_with_gradient_fused(
         bool(compiled),
         bool(recompute_sweep),
         int(row_chunk),
-        passes == "tma",
         *[lin.weight for lin in lins],
         *[lin.bias for lin in lins],
     )

@@ -122,7 +122,6 @@ class PointAvatar(nn.Module):
         self.compile_prior_query = bool(conf.compile_prior_query)
         self.geometry_bf16 = bool(conf.geometry_bf16)
         self.deformer_bf16 = bool(conf.deformer_bf16)
-        self.geometry_passes = conf.geometry_passes  # "torch" or "tma" (the fused geometry backwards)
         # "auto" resolves per device (``backwards``): the fastest on large GPUs, the lean ones below.
         self.geometry_backward = conf.geometry_backward
         self.deformer_backward = conf.deformer_backward
@@ -265,7 +264,6 @@ class PointAvatar(nn.Module):
                 mm_dtype=bf16,
                 compiled=compiled,
                 recompute_sweep=geometry_backward == "fused_recompute",
-                passes=self.geometry_passes,
             )
         else:
             # model.geometry_bf16: bf16 matmuls with fp32 accumulation; outputs back in y's dtype.

@@ -66,18 +66,10 @@ def backwards_line(model, device: torch.device) -> str:
     chunk = model.prior_chunk(device)
     prior = f"by chunks of {chunk} points" if chunk else "in one pass"
     line = f"Fast path: geometry backward {geometry}, deformer backward {deformer}, prior query {prior}"
-    if model.geometry_passes == "tma":
-        line += (
-            ", geometry passes on the TMA GEMM"
-            if geometry != "autograd"
-            else ", geometry passes torch (model.geometry_passes applies to the fused geometry backwards only)"
-        )
-    if model.deformer_bf16:
-        line += (
-            ", deformer products in bf16"
-            if deformer == "autograd"
-            else ", deformer products in fp32 (model.deformer_bf16 applies to deformer backward autograd only)"
-        )
+    if model.deformer_bf16 and deformer == "autograd":
+        line += ", deformer products in bf16"
+    elif model.deformer_bf16 and deformer == "fused":  # fused_bf16 says bf16 in its name
+        line += ", deformer products in fp32 (model.deformer_bf16 applies to deformer backward autograd only)"
     if "auto" in (model.geometry_backward, model.deformer_backward) and device.type == "cuda":
         gib = gpu_memory_gib(device)
         side = "below" if gib < LEAN_BELOW_GIB else "at least"
