@@ -23,10 +23,11 @@ from pointavatar.train.losses import Loss
 
 def set_backwards(model, backward: str) -> None:
     """A case name such as "fused_recompute+deformer" onto the model: model.geometry_backward, then
-    "+deformer" for model.deformer_backward = "fused" and "+bf16" for model.geometry_bf16 (else off)."""
+    "+deformer" for model.deformer_backward = "fused" and "+bf16" for model.geometry_bf16 and
+    model.deformer_bf16 (else both off: float32 stays float32)."""
     model.geometry_backward = backward.split("+")[0]
     model.deformer_backward = "fused" if "+deformer" in backward else "autograd"
-    model.geometry_bf16 = "+bf16" in backward
+    model.geometry_bf16 = model.deformer_bf16 = "+bf16" in backward
 
 
 def forward_and_grads(model, seed: int, dtype=torch.float64):

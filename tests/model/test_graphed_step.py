@@ -91,7 +91,7 @@ def make_pair(flame_files, scope: str):
     perturb_(eager, 0.05)
     eager.implementation, eager.compile_scope = "fast", scope
     eager.render_backend = "cuda"  # the Triton rasterizer: the reference one waits for the device
-    eager.geometry_bf16 = False  # fp32 unless a case asks for bf16 (set_backwards' "+bf16")
+    eager.geometry_bf16 = eager.deformer_bf16 = False  # fp32 unless a case asks for bf16 ("+bf16")
     graph = copy.deepcopy(eager)
     frames = make_input(3, seed=7)["expression"]  # three frames' expressions, trained per frame
     emb = torch.nn.Embedding.from_pretrained(frames, freeze=False, sparse=True).cuda()
