@@ -574,7 +574,8 @@ def test_cuda_matches_cpu(flame_files):
     model.zero_grad(set_to_none=True)
     model = model.cuda()
     model.render_backend = "auto"  # the fast path where it is available
-    model.geometry_bf16 = False  # the default rounds the training geometry to bf16 on the GPU only
+    # The defaults round the training geometry's and deformer's products to bf16 on the GPU only.
+    model.geometry_bf16 = model.deformer_bf16 = False
     out = model({k: v.cuda() for k, v in inp.items()})
     out.rgb_image.mean().backward()
     # float32 on two devices (different reduction orders, TF32 off by default): 1e-4 absolute.
