@@ -472,7 +472,8 @@ class ModelConf:
     points on an H200 with geometry_bf16 and deformer_backward "fused_bf16": 10.3 GiB and 111 ms a step,
     against 34.9 GiB and 93 ms with "autograd" for both (benchmarks/RESULTS.md, step 6). "auto":
     "autograd" on GPUs with at least 44 GiB of memory, "fused_recompute" on smaller ones (24 and 40 GB
-    cards), "autograd" off CUDA; the trainer prints what it chose."""
+    cards), "autograd" off CUDA; the trainer prints what it chose (model/point_avatar.py,
+    PointAvatar.auto_backwards)."""
     deformer_backward: str = field(
         default="auto", metadata=_choices("auto", "autograd", "fused", "fused_bf16")
     )
@@ -482,8 +483,11 @@ class ModelConf:
     node each with a hand-written backward (model/deform_fused.py) keeping only the pre-activations and
     their tangents (same values and gradients, tested in float64). "fused_bf16": the same with the kept
     pre-activations stored in bf16 (float32 runs only; the forward values are unchanged, the gradients
-    are computed from the rounded pre-activations). "auto": "autograd" on GPUs with at least 44 GiB of
-    memory, "fused_bf16" on smaller ones, "autograd" off CUDA (as geometry_backward's "auto")."""
+    are computed from the rounded pre-activations). "auto": "autograd" on GPUs with at least 20 GiB of
+    memory where its products run in bf16 (deformer_bf16, GPUs with bf16 tensor cores; 11.5 GiB and
+    92.7 ms a step at 409,600 points on an H200 with geometry_backward "fused_recompute", against 10.4
+    GiB and 103.5 ms with "fused_bf16": benchmarks/RESULTS.md, step 10), "fused_bf16" on other GPUs below
+    44 GiB, "autograd" off CUDA."""
     geometry_bf16: bool = True
     """(ours) Fast path, training only: the geometry network's matrix products (its forward and the
     explicit gradient sweep) in bfloat16 with fp32 accumulation (torch.autocast; with the fused backward

@@ -266,38 +266,64 @@ def test_geometry_bf16_only_on_gpus_with_bf16_tensor_cores(flame_files, monkeypa
 
 
 def test_auto_backwards_are_lean_on_gpus_below_44_gib(flame_files, monkeypatch):
-    """model.geometry_backward / deformer_backward "auto" (the defaults): the fastest pair on large GPUs,
-    the lean pair below LEAN_BELOW_GIB, autograd off CUDA; an explicit value is kept. The prior query's
-    chunks ("auto") follow: recomputed chunks with a lean backward, one pass without. The trainer's line."""
+    """model.geometry_backward / deformer_backward "auto" (the defaults): the fastest pair on large GPUs;
+    below LEAN_BELOW_GIB the lean geometry, with the deformer's autograd where its products run in bf16
+    on GPUs of LEAN_DEFORMER_BELOW_GIB and more, else the lean deformer too; autograd off CUDA; an
+    explicit value is kept. The prior query's chunks ("auto") follow: recomputed chunks with a lean
+    backward, one pass without. The trainer's line says the choice and why."""
     model = build(flame_files)
     assert (model.geometry_backward, model.deformer_backward) == ("auto", "auto")
     assert model.prior_query_chunk == "auto"
     cuda = torch.device("cuda", 0)
     assert model.backwards(torch.device("cpu")) == ("autograd", "autograd")
     assert model.prior_chunk(torch.device("cpu")) == 0
-    for gib, expected in ((23.6, ("fused_recompute", "fused_bf16")), (39.4, ("fused_recompute", "fused_bf16")),
-                          (44.0, ("autograd", "autograd")), (139.8, ("autograd", "autograd"))):  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(trainer_module, "gpu_memory_gib", lambda device: 0.0)  # the line reads the model's
+    lean, middle, fastest = (
+        ("fused_recompute", "fused_bf16"),
+        ("fused_recompute", "autograd"),
+        ("autograd",) * 2,
+    )
+    for gib, expected, why in (
+        (15.6, lean, "a 15.6 GiB GPU, below 20 GiB"),
+        (19.9, lean, "a 19.9 GiB GPU, below 20 GiB"),
+        (20.0, middle, "a 20.0 GiB GPU, below 44 GiB, at least 20 GiB"),
+        (23.6, middle, "a 23.6 GiB GPU, below 44 GiB, at least 20 GiB"),
+        (39.4, middle, "a 39.4 GiB GPU, below 44 GiB, at least 20 GiB"),
+        (44.0, fastest, "a 44.0 GiB GPU, at least 44 GiB"),
+        (139.8, fastest, "a 139.8 GiB GPU, at least 44 GiB"),
+    ):
         monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device, g=gib: g)
         assert model.backwards(cuda) == expected, gib
         assert model.prior_chunk(cuda) == (0 if gib >= 44 else 65536), gib
+        assert trainer_module.backwards_line(model, cuda).endswith(f" (auto: {why})"), gib
+    monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device: 23.6)
+    assert trainer_module.backwards_line(model, cuda) == (
+        "Fast path: geometry backward fused_recompute, deformer backward autograd, prior query by chunks of"
+        " 65536 points, deformer products in bf16 (auto: a 23.6 GiB GPU, below 44 GiB, at least 20 GiB)"
+    )
+    # Without the deformer's bf16 products (the key off, or a GPU without bf16 tensor cores) the middle
+    # tier takes the lean deformer too.
+    model.deformer_bf16 = False
+    assert model.auto_backwards(cuda) == (lean, "a 23.6 GiB GPU, below 44 GiB, deformer products in fp32")
+    model.deformer_bf16 = True
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert model.backwards(cuda) == lean
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     model.deformer_backward = "fused"  # explicit: kept; the geometry's "auto" still resolves
+    assert model.backwards(cuda) == ("fused_recompute", "fused")
+    assert trainer_module.backwards_line(model, cuda) == (
+        "Fast path: geometry backward fused_recompute, deformer backward fused, prior query by chunks of 65536"
+        " points, deformer products in fp32 (model.deformer_bf16 applies to deformer backward autograd only)"
+        " (auto: a 23.6 GiB GPU, below 44 GiB, at least 20 GiB)"
+    )
+    monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device: 139.8)
     assert model.backwards(cuda) == ("autograd", "fused")
     assert model.prior_chunk(cuda) == 65536  # one lean backward is enough for the chunks
     model.prior_query_chunk = 0  # explicit: kept
     assert model.prior_chunk(cuda) == 0
-    model.prior_query_chunk = "auto"
-    monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device: 23.6)
-    assert model.backwards(cuda) == ("fused_recompute", "fused")
-    monkeypatch.setattr(trainer_module, "gpu_memory_gib", lambda device: 23.6)
-    line = trainer_module.backwards_line(model, cuda)
-    assert line == (
-        "Fast path: geometry backward fused_recompute, deformer backward fused, prior query by chunks of 65536"
-        " points, deformer products in fp32 (model.deformer_bf16 applies to deformer backward autograd only)"
-        " (auto: a 23.6 GiB GPU, below 44 GiB)"
-    )
     model.geometry_backward = "autograd"
     model.deformer_backward = "fused_bf16"
-    model.prior_query_chunk = 0
     assert trainer_module.backwards_line(model, cuda) == (
         "Fast path: geometry backward autograd, deformer backward fused_bf16, prior query in one pass"
     )

@@ -58,10 +58,14 @@ def deformed_normals(cols: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
     return F.normalize(v * torch.sign(det).detach(), dim=-1)
 
 
-# model.geometry_backward / deformer_backward "auto": the lean backwards on GPUs with less memory than
-# this. The fastest ones peak at 34.9 GiB at 409,600 points on an H200 (the lean pair 10.3 GiB, at 111
-# against 93 ms a step; benchmarks/RESULTS.md, step 6): 40 GB cards and smaller get the lean pair.
+# model.geometry_backward / deformer_backward "auto" by the GPU's memory, at 409,600 points on an H200
+# (benchmarks/RESULTS.md, step 10): from LEAN_BELOW_GIB up both "autograd" (the fastest: 71.7 ms, 34.2
+# GiB); below it the geometry's "fused_recompute" with the deformer's "autograd" where its products run
+# in bf16 (model.deformer_bf16 on a GPU with bf16 tensor cores) on GPUs of LEAN_DEFORMER_BELOW_GIB and
+# more (92.7 ms, 11.5 GiB: 24 GB cards have room), else with the deformer's "fused_bf16" (103.5 ms,
+# 10.4 GiB, step 8).
 LEAN_BELOW_GIB = 44.0
+LEAN_DEFORMER_BELOW_GIB = 20.0
 # model.prior_query_chunk "auto" where a lean backward applies: the prior's query by chunks of this many
 # points, recomputed in the backward (2.0 GiB less at 409,600 points; one pass is 4 ms faster there).
 PRIOR_CHUNK_LEAN = 65536
@@ -217,15 +221,34 @@ class PointAvatar(nn.Module):
         return result
 
     def backwards(self, device: torch.device) -> tuple[str, str]:
-        """``geometry_backward`` and ``deformer_backward`` as they apply on ``device``. "auto" is
-        "autograd" for both (the fastest step) on a GPU with at least ``LEAN_BELOW_GIB`` of memory, and
-        the lean pair ("fused_recompute", "fused_bf16") on a smaller one; "autograd" off CUDA."""
+        """``geometry_backward`` and ``deformer_backward`` as they apply on ``device``, "auto" resolved by
+        ``auto_backwards``."""
         geometry, deformer = self.geometry_backward, self.deformer_backward
         if "auto" in (geometry, deformer):
-            lean = device.type == "cuda" and gpu_memory_gib(device) < LEAN_BELOW_GIB
-            geometry = ("fused_recompute" if lean else "autograd") if geometry == "auto" else geometry
-            deformer = ("fused_bf16" if lean else "autograd") if deformer == "auto" else deformer
+            (auto_geometry, auto_deformer), _ = self.auto_backwards(device)
+            geometry = auto_geometry if geometry == "auto" else geometry
+            deformer = auto_deformer if deformer == "auto" else deformer
         return geometry, deformer
+
+    def auto_backwards(self, device: torch.device) -> tuple[tuple[str, str], str]:
+        """What "auto" is on ``device`` for (geometry_backward, deformer_backward), and why: "autograd" for
+        both off CUDA and on a GPU with at least ``LEAN_BELOW_GIB`` of memory (the fastest step); on a
+        smaller one the geometry's "fused_recompute" with the deformer's "autograd" where its products
+        run in bf16 and the GPU has at least ``LEAN_DEFORMER_BELOW_GIB``, else with "fused_bf16"."""
+        if device.type != "cuda":
+            return ("autograd", "autograd"), "not a GPU"
+        gib = gpu_memory_gib(device)
+        if gib >= LEAN_BELOW_GIB:
+            return ("autograd", "autograd"), f"a {gib:.1f} GiB GPU, at least {LEAN_BELOW_GIB:g} GiB"
+        below = f"a {gib:.1f} GiB GPU, below {LEAN_BELOW_GIB:g} GiB"
+        if gib < LEAN_DEFORMER_BELOW_GIB:
+            return (
+                "fused_recompute",
+                "fused_bf16",
+            ), f"a {gib:.1f} GiB GPU, below {LEAN_DEFORMER_BELOW_GIB:g} GiB"
+        if not (self.deformer_bf16 and _bf16_pays(device)):
+            return ("fused_recompute", "fused_bf16"), f"{below}, deformer products in fp32"
+        return ("fused_recompute", "autograd"), f"{below}, at least {LEAN_DEFORMER_BELOW_GIB:g} GiB"
 
     def prior_chunk(self, device: torch.device) -> int:
         """``prior_query_chunk`` as it applies on ``device``: "auto" is 65536 (its activations

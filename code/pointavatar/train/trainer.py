@@ -30,7 +30,7 @@ from ..engine.experiment import Experiment, build_model
 from ..engine.inputs import FrameInputs
 from ..engine.plots import render_grids
 from ..errors import PointAvatarError
-from ..model.point_avatar import LEAN_BELOW_GIB, gpu_memory_gib
+from ..model.point_avatar import gpu_memory_gib
 from .graphed_step import GraphedStep, forward_loss_backward
 from .losses import Loss
 from .schedule import PointSchedule, make_optimizer, uses_fused_adam
@@ -71,9 +71,7 @@ def backwards_line(model, device: torch.device) -> str:
     elif model.deformer_bf16 and deformer == "fused":  # fused_bf16 says bf16 in its name
         line += ", deformer products in fp32 (model.deformer_bf16 applies to deformer backward autograd only)"
     if "auto" in (model.geometry_backward, model.deformer_backward) and device.type == "cuda":
-        gib = gpu_memory_gib(device)
-        side = "below" if gib < LEAN_BELOW_GIB else "at least"
-        line += f" (auto: a {gib:.1f} GiB GPU, {side} {LEAN_BELOW_GIB:g} GiB)"
+        line += f" (auto: {model.auto_backwards(device)[1]})"
     return line
 
 
@@ -567,7 +565,7 @@ class Trainer:
             if self.model.backwards(self.device) != ("fused_recompute", "fused_bf16"):
                 fixes.append(
                     'model.geometry_backward = "fused_recompute" with model.deformer_backward = "fused_bf16" '
-                    "(10.3 GiB at 409,600 points on an H200)"
+                    "(10.4 GiB at 409,600 points on an H200)"
                 )
             if self.model.recompute_chunk == 0:
                 fixes.append("model.recompute_chunk = 65536 (the per-point work recomputed by chunks)")
