@@ -238,17 +238,15 @@ class PointAvatar(nn.Module):
         if device.type != "cuda":
             return ("autograd", "autograd"), "not a GPU"
         gib = gpu_memory_gib(device)
+        gpu = f"a {gib:.1f} GiB GPU"
+        lean, middle = ("fused_recompute", "fused_bf16"), ("fused_recompute", "autograd")
         if gib >= LEAN_BELOW_GIB:
-            return ("autograd", "autograd"), f"a {gib:.1f} GiB GPU, at least {LEAN_BELOW_GIB:g} GiB"
-        below = f"a {gib:.1f} GiB GPU, below {LEAN_BELOW_GIB:g} GiB"
+            return ("autograd", "autograd"), f"{gpu}, at least {LEAN_BELOW_GIB:g} GiB"
         if gib < LEAN_DEFORMER_BELOW_GIB:
-            return (
-                "fused_recompute",
-                "fused_bf16",
-            ), f"a {gib:.1f} GiB GPU, below {LEAN_DEFORMER_BELOW_GIB:g} GiB"
+            return lean, f"{gpu}, below {LEAN_DEFORMER_BELOW_GIB:g} GiB"
         if not (self.deformer_bf16 and _bf16_pays(device)):
-            return ("fused_recompute", "fused_bf16"), f"{below}, deformer products in fp32"
-        return ("fused_recompute", "autograd"), f"{below}, at least {LEAN_DEFORMER_BELOW_GIB:g} GiB"
+            return lean, f"{gpu}, below {LEAN_BELOW_GIB:g} GiB, deformer products in fp32"
+        return middle, f"{gpu}, below {LEAN_BELOW_GIB:g} GiB, at least {LEAN_DEFORMER_BELOW_GIB:g} GiB"
 
     def prior_chunk(self, device: torch.device) -> int:
         """``prior_query_chunk`` as it applies on ``device``: "auto" is 65536 (its activations
