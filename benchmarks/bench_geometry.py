@@ -19,8 +19,11 @@ largest), as a check that the variants compute the same thing.
 
 `--floor` also times the building blocks at each row count, for the floor of the geometry's kernels:
 one hidden layer's products in bf16 (activations @ W^T, and the weight gradient's [256, R] @ [R, 256])
-and in TF32, and one elementwise pass over an [R, 256] activation (Softplus) in fp32 and in bf16, each
-with its achieved TFLOP/s or GB/s.
+and in TF32, one elementwise pass over an [R, 256] activation (Softplus) in fp32 and in bf16, and a
+forward layer with its bias and activation in bf16 three ways (cuBLAS's addmm then a Softplus pass;
+addmm alone; cuBLASLt's fused bias + GELU epilogue through torch._addmm_activation, a stand-in for a
+Softplus fused into the product at cuBLAS's speed, which torch does not offer), each with its achieved
+TFLOP/s or GB/s.
 """
 
 from __future__ import annotations
@@ -108,10 +111,48 @@ def floor_rows(rows: int, width: int, warmup: int, repeat: int) -> list[dict]:
         moved = 2 * rows * width * z.element_size()
         out.append({"rows": rows, "kernel": f"softplus {name} [R, {width}]", "ms": ms, "tflops": 0.0,
                     "gbps": moved / ms / 1e6})  # fmt: skip
+    out += epilogue_rows(rows, width, warmup, repeat)
     out += triton_linear_rows(rows, width, warmup, repeat)
     for row in out:
         print(
             f"rows={rows} {row['kernel']}: {row['ms']:.3f} ms, {row['tflops']:.0f} TFLOP/s, {row['gbps']:.0f} GB/s"
+        )
+    return out
+
+
+def epilogue_rows(rows: int, width: int, warmup: int, repeat: int) -> list[dict]:
+    """A forward layer act(h @ W^T + b) in bf16: the product and a separate Softplus pass (today's), the
+    product with its bias alone, and cuBLASLt's product with a fused bias + GELU epilogue. If the last
+    costs about the second, an epilogue at cuBLAS's speed saves the pass; the GELU result is checked."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    h = (torch.rand(rows, width, device="cuda", generator=g) * 0.2).to(torch.bfloat16)
+    w = (torch.randn(width, width, device="cuda", generator=g) / width**0.5).to(torch.bfloat16)
+    b = (torch.randn(width, device="cuda", generator=g) * 0.05).to(torch.bfloat16)
+    z = h.float() @ w.float().T + b.float()
+    err = (
+        (torch._addmm_activation(b, h, w.T, use_gelu=True).float() - torch.nn.functional.gelu(z))
+        .abs()
+        .max()
+        .item()
+    )
+    if err > 2e-2 * z.abs().max().item():
+        raise RuntimeError(f"the GELU epilogue's result differs from the reference by {err:.3g}")
+    cases = {
+        "layer bf16: addmm, then a Softplus pass": lambda: torch.nn.functional.softplus(
+            torch.addmm(b, h, w.T), 100.0
+        ),
+        "layer bf16: addmm with bias only": lambda: torch.addmm(b, h, w.T),
+        "layer bf16: addmm with cuBLASLt's bias + GELU epilogue": lambda: torch._addmm_activation(
+            b, h, w.T, use_gelu=True
+        ),
+    }
+    flops, moved = 2 * rows * width * width, 2 * rows * width * h.element_size()
+    out = []
+    for label, fn in cases.items():
+        ms = statistics.median(timed(fn, dev, warmup, repeat))
+        out.append(
+            {"rows": rows, "kernel": label, "ms": ms, "tflops": flops / ms / 1e9, "gbps": moved / ms / 1e6}
         )
     return out
 
