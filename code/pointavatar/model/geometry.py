@@ -42,17 +42,6 @@ def softplus_vjp(
     return torch.ops.aten.softplus_backward(g, z, beta, threshold) @ w
 
 
-def total_weight_grad(
-    chain: torch.Tensor, sweep: torch.Tensor | None, is_last: bool, row0: torch.Tensor | None
-) -> torch.Tensor:
-    """A layer's weight gradient in the hand-written backwards (geometry_fused's passes) from the
-    forward chain's part ``chain`` and the sweep's: ``sweep`` (a hidden layer's, or None) or, at the last
-    layer, ``row0`` added to its row 0 (the sdf's)."""
-    if is_last:
-        return torch.cat([chain[:1] + row0, chain[1:]], dim=0)
-    return chain if sweep is None else chain + sweep
-
-
 class _SoftplusVJPLean(torch.autograd.Function):
     """``softplus_vjp`` with a hand-written backward that keeps only g, z and w (z is kept by the
     forward's Softplus anyway): the slope and the curvature are recomputed from z, so the product

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from pointavatar.model.embedder import encode, encode_jvp, encode_vjp, encode_vjp_dx
-from pointavatar.model.geometry import GeometryNetwork, softplus_curvature, softplus_slope, total_weight_grad
+from pointavatar.model.geometry import GeometryNetwork, softplus_curvature, softplus_slope
 
 _SQRT2 = math.sqrt(2)
 # Rows per pass (forward and backward). The backward's transients (every layer's sweep term, and with
@@ -172,6 +172,17 @@ def _split_skip(d_a, d_enc, l, skip_in, d_h):
     return d_a[:, :d_h] / _SQRT2, d_part if d_enc is None else d_enc + d_part
 
 
+def _total_weight_grad(
+    chain: torch.Tensor, sweep: torch.Tensor | None, is_last: bool, row0: torch.Tensor | None
+) -> torch.Tensor:
+    """A layer's weight gradient in the hand-written backwards (``_backward_pass``,
+    ``_backward_pass_triton``) from the forward chain's part ``chain`` and the sweep's: ``sweep`` (a
+    hidden layer's, or None) or, at the last layer, ``row0`` added to its row 0 (the sdf's)."""
+    if is_last:
+        return torch.cat([chain[:1] + row0, chain[1:]], dim=0)
+    return chain if sweep is None else chain + sweep
+
+
 def _backward_pass(
     x, weights, zs, gs, d_out, d_grad, multires, skip_in, beta, threshold, mm, need_x, need_w, need_b
 ):
@@ -233,7 +244,7 @@ def _backward_pass(
         if need_w[l]:
             h = enc if l == 0 else F.softplus(zs[l - 1], beta, threshold)
             a = torch.cat([h, enc], dim=-1) / _SQRT2 if l in skip_in else h
-            d_w[l] = total_weight_grad(_mm(dz.T, a, mm), d_w[l], l == last, d_w_row0)
+            d_w[l] = _total_weight_grad(_mm(dz.T, a, mm), d_w[l], l == last, d_w_row0)
         if need_b[l]:
             d_b[l] = dz.sum(0)
         if l == 0 and not need_x:
@@ -320,7 +331,7 @@ def _backward_pass_triton(
                 sum_a=need_b[l], **common,
             )  # fmt: skip
             if need_w[l]:
-                d_w[l] = total_weight_grad(d_w_l, d_w[l], l == last, d_w_row0)
+                d_w[l] = _total_weight_grad(d_w_l, d_w[l], l == last, d_w_row0)
             d_b[l] = d_b_l
         if l == 0 and not need_x:
             break
@@ -398,10 +409,10 @@ class _FusedGeometry(torch.autograd.Function):
 
     Inputs: x [N, d], the encoding's multires, the skip layer indices, Softplus beta and threshold, the
     dtype the activations are saved in (None = the compute dtype), the products' operand dtype, compiled,
-    recompute_sweep, the row chunk, then the L weights [out_l, in_l]
-    and the L biases [out_l]. Saved: x, the weights and, per chunk of rows, the L - 1 hidden
-    pre-activations z_l and (unless recompute_sweep) the L - 2 sweep vectors g_l = d sdf / d softplus(z_l)
-    below the top one (the top one is W_last[0], read again from the weight).
+    recompute_sweep, the row chunk, then the L weights [out_l, in_l] and the L biases [out_l]. Saved: x,
+    the weights and, per chunk of rows, the L - 1 hidden pre-activations z_l and (unless
+    recompute_sweep) the L - 2 sweep vectors g_l = d sdf / d softplus(z_l) below the top one (the top
+    one is W_last[0], read again from the weight).
     """
 
     @staticmethod
