@@ -26,9 +26,13 @@ from pointavatar.model import _triton_mlp as tm  # noqa: E402
 FLOATS = ("scale", "beta", "threshold")
 
 
-def _compile(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int):
-    """``kernel`` compiled for sm_90 with the given argument types and constexpr values."""
-    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+def compile_sm90(kernel, pointers: tuple[str, ...], constexprs: dict, num_warps: int, num_stages: int):
+    """``kernel`` compiled for sm_90: ``pointers`` as fp32 pointers, the Softplus floats as fp32, the other
+    arguments as i32, and the given constexpr values."""
+    signature = {name: "i32" for name in kernel.arg_names}
+    signature.update({name: "*fp32" for name in pointers})
+    signature.update({name: "fp32" for name in FLOATS})
+    signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(
         fn=kernel,
         signature=signature,
@@ -36,13 +40,6 @@ def _compile(kernel, signature: dict, constexprs: dict, num_warps: int, num_stag
     )
     options = {"num_warps": num_warps, "num_stages": num_stages}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-
-
-def compile_sm90(kernel, pointers: tuple[str, ...], constexprs: dict, num_warps: int, num_stages: int):
-    signature = {name: "i32" for name in kernel.arg_names}
-    signature.update({name: "*fp32" for name in pointers})
-    signature.update({name: "fp32" for name in FLOATS})
-    return _compile(kernel, signature, constexprs, num_warps, num_stages)
 
 
 def resources(compiled) -> str:
@@ -53,9 +50,8 @@ def resources(compiled) -> str:
     os.unlink(f.name)
     usage = " ".join(x for x in out.split() if x.startswith(("REG", "STACK")))
     ptx = compiled.asm["ptx"]
-    tma = "cp.async.bulk.tensor" in ptx
     return (
-        f"{usage}, cp.async {'cp.async' in ptx and not tma}, TMA {tma}, wgmma {'wgmma' in ptx}, "
+        f"{usage}, cp.async {'cp.async' in ptx}, wgmma {'wgmma' in ptx}, "
         f"shared memory {compiled.metadata.shared / 1024:.0f} KB"
     )
 
