@@ -6,8 +6,7 @@ isolates it, so that a change to it can be measured in seconds instead of a whol
 Rows = 2 N (the points and their eikonal samples). A variant is MODE[:KEY=VALUE,...]:
 
 - MODE: "autocast" (geometry_backward "autograd" with geometry_bf16: the default on large GPUs),
-  "bf16" (autograd, every layer cast to bf16 instead of autocast: point_avatar.GEOMETRY_BF16_CAST
-  "explicit"), "fp32" (autograd, no bf16), "fused" or "fused_recompute" (the hand-written backward, bf16);
+  "fp32" (autograd, no bf16), "fused" or "fused_recompute" (the hand-written backward, bf16);
 - KEY=VALUE: torch._inductor options for the compile (e.g. realize_reads_threshold=16), applied to
   the autocast piece or to the fused passes (geometry_fused.COMPILE_OPTIONS); except ``triton=true``
   (fused modes): the forward pass as Triton kernels (geometry_fused.TRITON_PASSES).
@@ -46,7 +45,7 @@ from pointavatar.model import geometry_fused  # noqa: E402
 from pointavatar.model.geometry import GeometryNetwork  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("autocast", "bf16", "fp32", "fused", "fused_recompute")
+MODES = ("autocast", "fp32", "fused", "fused_recompute")
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -75,12 +74,6 @@ def make_step(net: GeometryNetwork, mode: str, options: dict):
             return out.float(), grad.float()
 
         return torch.compile(piece, dynamic=True, options=options or None)
-    if mode == "bf16":
-
-        def piece_bf16(y):
-            return net.forward_with_gradient_explicit(y, compute_dtype=torch.bfloat16)
-
-        return torch.compile(piece_bf16, dynamic=True, options=options or None)
     bf16 = torch.bfloat16
     return lambda y: geometry_fused.forward_with_gradient_fused(
         net, y, save_dtype=bf16, mm_dtype=bf16, compiled=True, recompute_sweep=mode == "fused_recompute"

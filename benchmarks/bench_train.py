@@ -35,7 +35,7 @@ from pointavatar.engine.batching import (
     batch_size_for,  # noqa: E402
     move_to,  # noqa: E402
 )
-from pointavatar.model import geometry_fused, point_avatar  # noqa: E402
+from pointavatar.model import geometry_fused  # noqa: E402
 from pointavatar.model.deform_explicit import INVERSES  # noqa: E402
 from pointavatar.train.graphed_step import GraphedStep, forward_loss_backward  # noqa: E402
 from pointavatar.train.schedule import make_optimizer, uses_fused_adam  # noqa: E402
@@ -210,13 +210,6 @@ def main() -> None:
         "(deformer backward autograd); --no-deformer-bf16 keeps them in fp32",
     )
     p.add_argument(
-        "--geometry-cast",
-        choices=["autocast", "explicit"],
-        default=None,
-        help="point_avatar.GEOMETRY_BF16_CAST (geometry backward autograd with geometry_bf16): autocast, "
-        "or every layer cast to bf16 (default: the module's setting)",
-    )
-    p.add_argument(
         "--visibility",
         choices=["renderer", "torch"],
         default="renderer",
@@ -284,8 +277,6 @@ def main() -> None:
     model.deformer_bf16 = args.deformer_bf16
     model.compile_prior_query = not args.eager_prior_query
     geometry_fused.TRITON_PASSES = args.triton_geometry
-    if args.geometry_cast is not None:
-        point_avatar.GEOMETRY_BF16_CAST = args.geometry_cast
     model.deform_contractions = args.deform_contractions
     model.compile_mode = args.compile_mode
     if model.uses_fast_path(device):  # the trainer's line with this benchmark's settings applied
@@ -389,7 +380,6 @@ def main() -> None:
         "visibility": args.visibility,
         "inverse": args.inverse,
         "deformer_bf16": args.deformer_bf16,
-        "geometry_cast": point_avatar.GEOMETRY_BF16_CAST,
         "atomic_sem": args.atomic_sem,
         "deform_contractions": args.deform_contractions,
         "recompute_chunk": args.recompute_chunk,

@@ -158,7 +158,7 @@ class GeometryNetwork(nn.Module):
         return out, grad
 
     def forward_with_gradient_explicit(
-        self, x: torch.Tensor, lean: bool = False, compute_dtype: torch.dtype | None = None
+        self, x: torch.Tensor, lean: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(f(x) [N, C], d sdf / dx [N, d_in]) with the gradient built by an explicit reverse sweep.
 
@@ -175,21 +175,10 @@ class GeometryNetwork(nn.Module):
 
         With ``lean`` each reverse step is one autograd node that keeps only (g, z, W) and
         recomputes the Softplus slope in its backward (less memory in eager mode).
-
-        With ``compute_dtype`` (bf16) the layers run in that dtype throughout: the encoded input,
-        weights and biases are cast to it, so the products, the Softplus outputs, the sweep's vectors
-        and what autograd keeps are all bf16 (accumulation stays fp32 in the products). The products
-        see the same operands as under ``torch.autocast``; the difference is that autocast runs
-        Softplus in fp32 and keeps fp32 tensors between the products. The encoding and its VJP stay in
-        x's dtype, and (out, grad) come back in it.
         """
         beta, threshold = float(self.softplus.beta), float(self.softplus.threshold)
         last = self.num_layers - 2
-
-        def cast(t: torch.Tensor) -> torch.Tensor:
-            return t if compute_dtype is None else t.to(compute_dtype)
-
-        inp = cast(self.embed(x))
+        inp = self.embed(x)
         h = inp
         weights: list[torch.Tensor] = []
         zs: list[torch.Tensor] = []  # hidden pre-activations
@@ -200,9 +189,9 @@ class GeometryNetwork(nn.Module):
                 h = torch.cat([h, inp], dim=-1) / math.sqrt(2)
             lin = getattr(self, f"lin{l}")
             # Read the (weight-normalised) weight once: it serves the forward and the reverse sweep.
-            w = cast(lin.weight)
+            w = lin.weight
             weights.append(w)
-            z = F.linear(h, w, cast(lin.bias))
+            z = F.linear(h, w, lin.bias)
             if l < last:
                 h = self.softplus(z)
                 zs.append(z)
@@ -224,8 +213,8 @@ class GeometryNetwork(nn.Module):
                 g_enc = g_part if g_enc is None else g_enc + g_part
                 g = g[:, :d_h] / math.sqrt(2)
         g_enc = g if g_enc is None else g_enc + g
-        grad = self.embed.vjp(x, g_enc.to(x.dtype))
-        return out.to(x.dtype), grad
+        grad = self.embed.vjp(x, g_enc)
+        return out, grad
 
     def gradient(self, x: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
         """d sdf / dx [N, d_in] (the original's method)."""

@@ -69,10 +69,6 @@ LEAN_DEFORMER_BELOW_GIB = 20.0
 # model.prior_query_chunk "auto" where a lean backward applies: the prior's query by chunks of this many
 # points, recomputed in the backward (2.0 GiB less at 409,600 points; one pass is 4 ms faster there).
 PRIOR_CHUNK_LEAN = 65536
-# How model.geometry_bf16 runs the geometry when its backward is "autograd": "autocast" (Softplus and the
-# tensors between the products in fp32), or "explicit" (every layer cast to bf16:
-# GeometryNetwork.forward_with_gradient_explicit's compute_dtype). Under measurement (step 11).
-GEOMETRY_BF16_CAST = "autocast"
 
 
 def gpu_memory_gib(device: torch.device) -> float:
@@ -293,13 +289,8 @@ class PointAvatar(nn.Module):
         else:
             # model.geometry_bf16: bf16 matmuls with fp32 accumulation; outputs back in y's dtype.
             bf16 = self._geometry_in_bf16(y.device)
-            if bf16 and GEOMETRY_BF16_CAST == "explicit" and y.dtype == torch.float32:
-                out, grad = self.geometry_network.forward_with_gradient_explicit(
-                    y, compute_dtype=torch.bfloat16
-                )
-            else:
-                with torch.autocast(device_type=y.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out, grad = self.geometry_network.forward_with_gradient_explicit(y)
+            with torch.autocast(device_type=y.device.type, dtype=torch.bfloat16, enabled=bf16):
+                out, grad = self.geometry_network.forward_with_gradient_explicit(y)
             out, grad = out.to(y.dtype), grad.to(y.dtype)  # no-ops in full precision
         normals_c = F.normalize(grad[:c], dim=-1)
         albedo = torch.sigmoid(ALBEDO_SCALE * out[:c, 1:4])
