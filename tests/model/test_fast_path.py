@@ -97,6 +97,33 @@ def test_fast_path_equals_reference_in_float64(flame_files, monkeypatch, seed, c
         assert_close(grad_f[name], value, **tol, msg=name)
 
 
+def test_geometry_recompute_chunks_equal_one_pass_in_float64(flame_files, monkeypatch):
+    """point_avatar.GEOMETRY_RECOMPUTE_CHUNK (under measurement): the autograd geometry by checkpointed
+    chunks of 37 points (several, the last shorter) gives the one pass's outputs, losses and gradients.
+    Same products in the same order per row, so equal to rounding."""
+    model = build(flame_files).double()
+    perturb_(model, 0.05)
+    model.implementation = "fast"
+    set_backwards(model, "autograd")
+    out_1, loss_1, grad_1 = forward_and_grads(model, 0)
+    monkeypatch.setattr(point_avatar, "GEOMETRY_RECOMPUTE_CHUNK", 37)
+    assert model.pc.n_points > 2 * 37 and model.pc.n_points % 37
+    calls = []
+    piece = model._geometry_piece
+    monkeypatch.setattr(model, "_geometry_piece", lambda p, j: calls.append(p.shape[0]) or piece(p, j))
+    out_c, loss_c, grad_c = forward_and_grads(model, 0)
+    chunks = -(-model.pc.n_points // 37)
+    assert len(calls) == 2 * chunks and sum(calls) == 2 * model.pc.n_points  # forward, then recomputed
+    tol = {"rtol": 1e-12, "atol": 1e-14}
+    for name in ("rgb_image", "predicted_mask", "sdf_values", "grad_thetas", "canonical_points"):
+        assert_close(getattr(out_c, name), getattr(out_1, name), **tol, msg=name)
+    for key, value in loss_1.items():
+        assert_close(loss_c[key], value, **tol, msg=key)
+    assert set(grad_c) == set(grad_1)
+    for name, value in grad_1.items():
+        assert_close(grad_c[name], value, **tol, msg=name)
+
+
 def test_compiled_pieces_get_no_parameters_or_views(flame_files, monkeypatch):
     """What reaches a compiled piece owns its storage and is not a Parameter: torch.compile keeps a
     Parameter's shape static and guards on a view's base size, so either would recompile at every

@@ -69,6 +69,9 @@ LEAN_DEFORMER_BELOW_GIB = 20.0
 # model.prior_query_chunk "auto" where a lean backward applies: the prior's query by chunks of this many
 # points, recomputed in the backward (2.0 GiB less at 409,600 points; one pass is 4 ms faster there).
 PRIOR_CHUNK_LEAN = 65536
+# Under measurement (step 11): with the geometry backward "autograd", its compiled piece run by chunks of
+# this many points under torch.utils.checkpoint (recomputed in the backward, not stored); 0 = one pass.
+GEOMETRY_RECOMPUTE_CHUNK = 0
 
 
 def gpu_memory_gib(device: torch.device) -> float:
@@ -263,7 +266,25 @@ class PointAvatar(nn.Module):
         if self.compile_scope == "none" or self.backwards(points.device)[0] != "autograd":
             # The fused geometry compiles its own forward and backward passes (geometry_fused.py).
             return self._geometry_piece(points, jittered)
-        return self._compiled_call("geometry", self._geometry_piece, points, jittered)
+        chunk = GEOMETRY_RECOMPUTE_CHUNK
+        if chunk <= 0 or not torch.is_grad_enabled() or points.shape[0] <= chunk:
+            return self._compiled_call("geometry", self._geometry_piece, points, jittered)
+        parts = [
+            torch.utils.checkpoint.checkpoint(
+                self._compiled_call,
+                "geometry",
+                self._geometry_piece,
+                points[start : start + chunk],
+                jittered[start : start + chunk],
+                use_reentrant=False,
+                preserve_rng_state=False,  # nothing random inside
+            )
+            for start in range(0, points.shape[0], chunk)
+        ]
+        normals_c, albedo, sdf = (torch.cat([p[i] for p in parts], dim=0) for i in range(3))
+        # Each chunk's grad is [its points; its jittered samples]: the points' halves first.
+        halves = [p[3][: p[2].shape[0]] for p in parts] + [p[3][p[2].shape[0] :] for p in parts]
+        return normals_c, albedo, sdf, torch.cat(halves, dim=0)
 
     def _geometry_piece(
         self, points: torch.Tensor, jittered: torch.Tensor
