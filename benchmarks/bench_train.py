@@ -35,7 +35,7 @@ from pointavatar.engine.batching import (
     batch_size_for,  # noqa: E402
     move_to,  # noqa: E402
 )
-from pointavatar.model import geometry_fused, point_avatar  # noqa: E402
+from pointavatar.model import geometry_fused  # noqa: E402
 from pointavatar.model.deform_explicit import INVERSES  # noqa: E402
 from pointavatar.train.graphed_step import GraphedStep, forward_loss_backward  # noqa: E402
 from pointavatar.train.schedule import make_optimizer, uses_fused_adam  # noqa: E402
@@ -211,10 +211,10 @@ def main() -> None:
     )
     p.add_argument(
         "--geometry-recompute-chunk",
-        type=int,
-        default=0,
-        help="point_avatar.GEOMETRY_RECOMPUTE_CHUNK (geometry backward autograd): its compiled piece by "
-        "chunks of this many points, recomputed in the backward (0: one pass)",
+        type=lambda v: v if v == "auto" else int(v),
+        default="auto",
+        help="model.geometry_recompute_chunk (geometry backward autograd): its compiled piece by chunks of this "
+        'many points, recomputed in the backward (0: one pass; "auto": 131072 on GPUs below 44 GiB, else 0)',
     )
     p.add_argument(
         "--visibility",
@@ -284,7 +284,7 @@ def main() -> None:
     model.deformer_bf16 = args.deformer_bf16
     model.compile_prior_query = not args.eager_prior_query
     geometry_fused.TRITON_PASSES = args.triton_geometry
-    point_avatar.GEOMETRY_RECOMPUTE_CHUNK = args.geometry_recompute_chunk
+    model.geometry_recompute_chunk = args.geometry_recompute_chunk
     model.deform_contractions = args.deform_contractions
     model.compile_mode = args.compile_mode
     if model.uses_fast_path(device):  # the trainer's line with this benchmark's settings applied

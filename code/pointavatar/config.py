@@ -451,6 +451,16 @@ class ModelConf:
     0: one pass, all kept (the faster: 80 ms against 84 a step at 409,600 points on an H200,
     benchmarks/RESULTS.md step 8). "auto": 65536 where geometry_backward or deformer_backward resolves to
     a lean backward (GPUs below 44 GiB by default), else 0. Same values and gradients either way."""
+    geometry_recompute_chunk: int | str = field(
+        default="auto",
+        metadata=_check(lambda v: v == "auto" or (isinstance(v, int) and v >= 0), '"auto" or an int >= 0'),
+    )
+    """(ours) Fast path, training, geometry_backward "autograd": the geometry network's compiled piece
+    (forward and SDF-gradient sweep) runs in chunks of this many points whose activations are recomputed
+    in the backward (torch.utils.checkpoint) instead of kept (24.5 GiB at 409,600 points in bf16). 0: one
+    pass, all kept (the fastest). "auto": 131072 on GPUs below 44 GiB (where "auto" backwards pick
+    autograd for GPUs of 20 GiB and more with the deformer's products in bf16: 89.6 ms and 10.2 GiB a step
+    at 409,600 points on an H200, benchmarks/RESULTS.md step 11), else 0. Same values and gradients."""
     inverse_skinning: str = field(default="closed_form", metadata=_choices("closed_form", "lu"))
     """(ours) Fast path: how the inverse skinning inverts each point's blended canonical transform
     (4 x 4, spec §5.13). "closed_form": from cross products of its rows, elementwise, fused by

@@ -98,15 +98,16 @@ def test_fast_path_equals_reference_in_float64(flame_files, monkeypatch, seed, c
 
 
 def test_geometry_recompute_chunks_equal_one_pass_in_float64(flame_files, monkeypatch):
-    """point_avatar.GEOMETRY_RECOMPUTE_CHUNK (under measurement): the autograd geometry by checkpointed
-    chunks of 37 points (several, the last shorter) gives the one pass's outputs, losses and gradients.
-    Same products in the same order per row, so equal to rounding."""
+    """model.geometry_recompute_chunk: the autograd geometry by checkpointed chunks of 37 points
+    (several, the last shorter) gives the one pass's outputs, losses and gradients. Same products in
+    the same order per row, so equal to rounding."""
     model = build(flame_files).double()
     perturb_(model, 0.05)
     model.implementation = "fast"
     set_backwards(model, "autograd")
     out_1, loss_1, grad_1 = forward_and_grads(model, 0)
-    monkeypatch.setattr(point_avatar, "GEOMETRY_RECOMPUTE_CHUNK", 37)
+    assert model.geometry_chunk(torch.device("cpu")) == 0  # "auto" off CUDA
+    model.geometry_recompute_chunk = 37
     assert model.pc.n_points > 2 * 37 and model.pc.n_points % 37
     calls = []
     piece = model._geometry_piece
@@ -293,11 +294,12 @@ def test_geometry_bf16_only_on_gpus_with_bf16_tensor_cores(flame_files, monkeypa
 
 
 def test_auto_backwards_are_lean_on_gpus_below_44_gib(flame_files, monkeypatch):
-    """model.geometry_backward / deformer_backward "auto" (the defaults): the fastest pair on large GPUs;
-    below LEAN_BELOW_GIB the lean geometry, with the deformer's autograd where its products run in bf16
-    on GPUs of LEAN_DEFORMER_BELOW_GIB and more, else the lean deformer too; autograd off CUDA; an
-    explicit value is kept. The prior query's chunks ("auto") follow: recomputed chunks with a lean
-    backward, one pass without. The trainer's line says the choice and why."""
+    """model.geometry_backward / deformer_backward "auto" (the defaults): the fastest pair on large GPUs,
+    and below LEAN_BELOW_GIB on GPUs of LEAN_DEFORMER_BELOW_GIB and more where the deformer's products
+    run in bf16, there with the geometry recomputed by chunks (model.geometry_recompute_chunk "auto");
+    else the lean pair; autograd off CUDA; an explicit value is kept. The prior query's chunks ("auto")
+    follow: recomputed chunks with a lean backward, one pass without. The trainer's line says the choice
+    and why."""
     model = build(flame_files)
     assert (model.geometry_backward, model.deformer_backward) == ("auto", "auto")
     assert model.prior_query_chunk == "auto"
@@ -306,29 +308,30 @@ def test_auto_backwards_are_lean_on_gpus_below_44_gib(flame_files, monkeypatch):
     assert model.prior_chunk(torch.device("cpu")) == 0
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(trainer_module, "gpu_memory_gib", lambda device: 0.0)  # the line reads the model's
-    lean, middle, fastest = (
-        ("fused_recompute", "fused_bf16"),
-        ("fused_recompute", "autograd"),
-        ("autograd",) * 2,
-    )
-    for gib, expected, why in (
-        (15.6, lean, "a 15.6 GiB GPU, below 20 GiB"),
-        (19.9, lean, "a 19.9 GiB GPU, below 20 GiB"),
-        (20.0, middle, "a 20.0 GiB GPU, below 44 GiB, at least 20 GiB"),
-        (23.6, middle, "a 23.6 GiB GPU, below 44 GiB, at least 20 GiB"),
-        (39.4, middle, "a 39.4 GiB GPU, below 44 GiB, at least 20 GiB"),
-        (44.0, fastest, "a 44.0 GiB GPU, at least 44 GiB"),
-        (139.8, fastest, "a 139.8 GiB GPU, at least 44 GiB"),
+    lean, fastest = ("fused_recompute", "fused_bf16"), ("autograd",) * 2
+    for gib, expected, geometry_chunk, why in (
+        (15.6, lean, 0, "a 15.6 GiB GPU, below 20 GiB"),
+        (19.9, lean, 0, "a 19.9 GiB GPU, below 20 GiB"),
+        (20.0, fastest, 131072, "a 20.0 GiB GPU, below 44 GiB, at least 20 GiB"),
+        (23.6, fastest, 131072, "a 23.6 GiB GPU, below 44 GiB, at least 20 GiB"),
+        (39.4, fastest, 131072, "a 39.4 GiB GPU, below 44 GiB, at least 20 GiB"),
+        (44.0, fastest, 0, "a 44.0 GiB GPU, at least 44 GiB"),
+        (139.8, fastest, 0, "a 139.8 GiB GPU, at least 44 GiB"),
     ):
         monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device, g=gib: g)
         assert model.backwards(cuda) == expected, gib
-        assert model.prior_chunk(cuda) == (0 if gib >= 44 else 65536), gib
+        assert model.prior_chunk(cuda) == (65536 if expected == lean else 0), gib
+        assert model.geometry_chunk(cuda) == geometry_chunk, gib
         assert trainer_module.backwards_line(model, cuda).endswith(f" (auto: {why})"), gib
     monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device: 23.6)
     assert trainer_module.backwards_line(model, cuda) == (
-        "Fast path: geometry backward fused_recompute, deformer backward autograd, prior query by chunks of"
-        " 65536 points, deformer products in bf16 (auto: a 23.6 GiB GPU, below 44 GiB, at least 20 GiB)"
+        "Fast path: geometry backward autograd, deformer backward autograd, prior query in one pass, geometry"
+        " recomputed by chunks of 131072 points, deformer products in bf16 (auto: a 23.6 GiB GPU, below 44"
+        " GiB, at least 20 GiB)"
     )
+    model.geometry_recompute_chunk = 0  # explicit: kept
+    assert model.geometry_chunk(cuda) == 0
+    model.geometry_recompute_chunk = "auto"
     # Without the deformer's bf16 products (the key off, or a GPU without bf16 tensor cores) the middle
     # tier takes the lean deformer too.
     model.deformer_bf16 = False
@@ -338,10 +341,11 @@ def test_auto_backwards_are_lean_on_gpus_below_44_gib(flame_files, monkeypatch):
     assert model.backwards(cuda) == lean
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     model.deformer_backward = "fused"  # explicit: kept; the geometry's "auto" still resolves
-    assert model.backwards(cuda) == ("fused_recompute", "fused")
+    assert model.backwards(cuda) == ("autograd", "fused")
     assert trainer_module.backwards_line(model, cuda) == (
-        "Fast path: geometry backward fused_recompute, deformer backward fused, prior query by chunks of 65536"
-        " points, deformer products in fp32 (model.deformer_bf16 applies to deformer backward autograd only)"
+        "Fast path: geometry backward autograd, deformer backward fused, prior query by chunks of 65536"
+        " points, geometry recomputed by chunks of 131072 points, deformer products in fp32"
+        " (model.deformer_bf16 applies to deformer backward autograd only)"
         " (auto: a 23.6 GiB GPU, below 44 GiB, at least 20 GiB)"
     )
     monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device: 139.8)
@@ -441,15 +445,21 @@ def test_default_is_fast_on_cuda_only(flame_files):
         ("geometry", 37, "einsum", "autograd"),
         ("none", 0, "einsum", "autograd"),
         ("none", 0, "einsum", "fused"),
+        ("per_point", 0, "pointwise", "autograd+gchunk"),
+        ("all", 0, "pointwise", "autograd+gchunk"),
     ],
 )
 def test_fast_path_equals_reference_on_gpu_in_float32(flame_files, scope, chunk, contractions, backward):
+    """ "+gchunk": the compiled geometry by recomputed chunks of 37 points (model.geometry_recompute_chunk)."""
     reference = build(flame_files).cuda()
     perturb_(reference, 0.05)
     fast = copy.deepcopy(reference)
     reference.implementation, fast.implementation = "reference", "fast"
     fast.compile_scope, fast.recompute_chunk, fast.deform_contractions = scope, chunk, contractions
     set_backwards(fast, backward)  # geometry_bf16 off: here the fp32 fast path against the reference
+    fast.geometry_recompute_chunk = 37 if "+gchunk" in backward else 0
+    if "+gchunk" in backward:
+        assert fast.geometry_chunk(torch.device("cuda")) == 37 and fast.pc.n_points > 2 * 37
 
     def run(model):
         model.train()

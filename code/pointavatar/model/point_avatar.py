@@ -59,19 +59,18 @@ def deformed_normals(cols: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
 
 
 # model.geometry_backward / deformer_backward "auto" by the GPU's memory, at 409,600 points on an H200
-# (benchmarks/RESULTS.md, step 10): from LEAN_BELOW_GIB up both "autograd" (the fastest: 71.7 ms, 34.2
-# GiB); below it the geometry's "fused_recompute" with the deformer's "autograd" where its products run
-# in bf16 (model.deformer_bf16 on a GPU with bf16 tensor cores) on GPUs of LEAN_DEFORMER_BELOW_GIB and
-# more (92.7 ms, 11.5 GiB: 24 GB cards have room), else with the deformer's "fused_bf16" (103.5 ms,
-# 10.4 GiB, step 8).
+# (benchmarks/RESULTS.md, steps 10 and 11): from LEAN_BELOW_GIB up both "autograd" (the fastest: 71.7 ms,
+# 34.2 GiB); below it, on GPUs of LEAN_DEFORMER_BELOW_GIB and more where the deformer's products run in
+# bf16 (model.deformer_bf16 on a GPU with bf16 tensor cores), both "autograd" too, with the geometry
+# recomputed by chunks of GEOMETRY_CHUNK_BELOW_LEAN points (model.geometry_recompute_chunk "auto": 89.6
+# ms, 10.2 GiB: 24 GB cards have room); else the geometry's "fused_recompute" with the deformer's
+# "fused_bf16" (103.5 ms, 10.4 GiB, step 8).
 LEAN_BELOW_GIB = 44.0
 LEAN_DEFORMER_BELOW_GIB = 20.0
+GEOMETRY_CHUNK_BELOW_LEAN = 131072
 # model.prior_query_chunk "auto" where a lean backward applies: the prior's query by chunks of this many
 # points, recomputed in the backward (2.0 GiB less at 409,600 points; one pass is 4 ms faster there).
 PRIOR_CHUNK_LEAN = 65536
-# Under measurement (step 11): with the geometry backward "autograd", its compiled piece run by chunks of
-# this many points under torch.utils.checkpoint (recomputed in the backward, not stored); 0 = one pass.
-GEOMETRY_RECOMPUTE_CHUNK = 0
 
 
 def gpu_memory_gib(device: torch.device) -> float:
@@ -126,6 +125,7 @@ class PointAvatar(nn.Module):
         self.implementation = conf.implementation
         self.recompute_chunk = int(conf.recompute_chunk)
         self.prior_query_chunk = conf.prior_query_chunk  # "auto" or an int (``prior_chunk``)
+        self.geometry_recompute_chunk = conf.geometry_recompute_chunk  # "auto" or an int (``geometry_chunk``)
         self.compile_prior_query = bool(conf.compile_prior_query)
         self.geometry_bf16 = bool(conf.geometry_bf16)
         self.deformer_bf16 = bool(conf.deformer_bf16)
@@ -235,21 +235,34 @@ class PointAvatar(nn.Module):
 
     def auto_backwards(self, device: torch.device) -> tuple[tuple[str, str], str]:
         """What "auto" is on ``device`` for (geometry_backward, deformer_backward), and why: "autograd" for
-        both off CUDA and on a GPU with at least ``LEAN_BELOW_GIB`` of memory (the fastest step); on a
-        smaller one the geometry's "fused_recompute" with the deformer's "autograd" where its products
-        run in bf16 and the GPU has at least ``LEAN_DEFORMER_BELOW_GIB``, else with "fused_bf16"."""
+        both off CUDA and on a GPU with at least ``LEAN_BELOW_GIB`` of memory (the fastest step), and on
+        a smaller one with at least ``LEAN_DEFORMER_BELOW_GIB`` where the deformer's products run in bf16
+        (there ``geometry_chunk`` recomputes the geometry by chunks); else the lean pair,
+        "fused_recompute" and "fused_bf16"."""
+        fastest = ("autograd", "autograd")
         if device.type != "cuda":
-            return ("autograd", "autograd"), "not a GPU"
+            return fastest, "not a GPU"
         gib = gpu_memory_gib(device)
         gpu = f"a {gib:.1f} GiB GPU"
-        lean, middle = ("fused_recompute", "fused_bf16"), ("fused_recompute", "autograd")
+        lean = ("fused_recompute", "fused_bf16")
         if gib >= LEAN_BELOW_GIB:
-            return ("autograd", "autograd"), f"{gpu}, at least {LEAN_BELOW_GIB:g} GiB"
+            return fastest, f"{gpu}, at least {LEAN_BELOW_GIB:g} GiB"
         if gib < LEAN_DEFORMER_BELOW_GIB:
             return lean, f"{gpu}, below {LEAN_DEFORMER_BELOW_GIB:g} GiB"
         if not (self.deformer_bf16 and _bf16_pays(device)):
             return lean, f"{gpu}, below {LEAN_BELOW_GIB:g} GiB, deformer products in fp32"
-        return middle, f"{gpu}, below {LEAN_BELOW_GIB:g} GiB, at least {LEAN_DEFORMER_BELOW_GIB:g} GiB"
+        return fastest, f"{gpu}, below {LEAN_BELOW_GIB:g} GiB, at least {LEAN_DEFORMER_BELOW_GIB:g} GiB"
+
+    def geometry_chunk(self, device: torch.device) -> int:
+        """``geometry_recompute_chunk`` as it applies on ``device`` (geometry backward "autograd" only):
+        "auto" is ``GEOMETRY_CHUNK_BELOW_LEAN`` on a GPU below ``LEAN_BELOW_GIB`` (its activations
+        recomputed: 24.5 GiB kept at 409,600 points without), 0 (one pass, the faster) otherwise."""
+        if self.backwards(device)[0] != "autograd":
+            return 0
+        if self.geometry_recompute_chunk != "auto":
+            return int(self.geometry_recompute_chunk)
+        small = device.type == "cuda" and gpu_memory_gib(device) < LEAN_BELOW_GIB
+        return GEOMETRY_CHUNK_BELOW_LEAN if small else 0
 
     def prior_chunk(self, device: torch.device) -> int:
         """``prior_query_chunk`` as it applies on ``device``: "auto" is 65536 (its activations
@@ -262,11 +275,12 @@ class PointAvatar(nn.Module):
     def _geometry_fast(
         self, points: torch.Tensor, jittered: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``_geometry_piece``, compiled on CUDA unless ``compile_scope`` is "none"."""
+        """``_geometry_piece``, compiled on CUDA unless ``compile_scope`` is "none"; in training by
+        chunks of ``geometry_chunk`` points recomputed in the backward where that is not 0."""
         if self.compile_scope == "none" or self.backwards(points.device)[0] != "autograd":
             # The fused geometry compiles its own forward and backward passes (geometry_fused.py).
             return self._geometry_piece(points, jittered)
-        chunk = GEOMETRY_RECOMPUTE_CHUNK
+        chunk = self.geometry_chunk(points.device)
         if chunk <= 0 or not torch.is_grad_enabled() or points.shape[0] <= chunk:
             return self._compiled_call("geometry", self._geometry_piece, points, jittered)
         parts = [

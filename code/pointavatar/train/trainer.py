@@ -66,6 +66,9 @@ def backwards_line(model, device: torch.device) -> str:
     chunk = model.prior_chunk(device)
     prior = f"by chunks of {chunk} points" if chunk else "in one pass"
     line = f"Fast path: geometry backward {geometry}, deformer backward {deformer}, prior query {prior}"
+    geometry_chunk = model.geometry_chunk(device)
+    if geometry_chunk:
+        line += f", geometry recomputed by chunks of {geometry_chunk} points"
     if model.deformer_bf16 and deformer == "autograd":
         line += ", deformer products in bf16"
     elif model.deformer_bf16 and deformer == "fused":  # fused_bf16 says bf16 in its name
