@@ -450,7 +450,7 @@ class ModelConf:
     in the backward (torch.utils.checkpoint; 5.2 KB a point kept without, 2.0 GiB at 409,600 points).
     0: one pass, all kept (the faster: 80 ms against 84 a step at 409,600 points on an H200,
     benchmarks/RESULTS.md step 8). "auto": 65536 where geometry_backward or deformer_backward resolves to
-    a lean backward (GPUs below 44 GiB by default), else 0. Same values and gradients either way."""
+    a lean backward (by default GPUs below 20 GiB, and below 44 GiB without bf16), else 0. Same values and gradients either way."""
     geometry_recompute_chunk: int | str = field(
         default="auto",
         metadata=_check(lambda v: v == "auto" or (isinstance(v, int) and v >= 0), '"auto" or an int >= 0'),
@@ -481,9 +481,10 @@ class ModelConf:
     the same keeping the pre-activations only and running the sweep again in the backward. At 409,600
     points on an H200 with geometry_bf16 and deformer_backward "fused_bf16": 10.3 GiB and 111 ms a step,
     against 34.9 GiB and 93 ms with "autograd" for both (benchmarks/RESULTS.md, step 6). "auto":
-    "autograd" on GPUs with at least 44 GiB of memory, "fused_recompute" on smaller ones (24 and 40 GB
-    cards), "autograd" off CUDA; the trainer prints what it chose (model/point_avatar.py,
-    PointAvatar.auto_backwards)."""
+    "autograd" on GPUs with at least 44 GiB of memory, and on GPUs of 20 GiB and more where the deformer's
+    products run in bf16 (24 and 40 GB cards, there with geometry_recompute_chunk "auto": 10.2 GiB and
+    90 ms, benchmarks/RESULTS.md step 11), "fused_recompute" on other GPUs, "autograd" off CUDA; the
+    trainer prints what it chose (model/point_avatar.py, PointAvatar.auto_backwards)."""
     deformer_backward: str = field(
         default="auto", metadata=_choices("auto", "autograd", "fused", "fused_bf16")
     )
@@ -496,7 +497,8 @@ class ModelConf:
     are computed from the rounded pre-activations). "auto": "autograd" on GPUs with at least 20 GiB of
     memory where its products run in bf16 (deformer_bf16, GPUs with bf16 tensor cores; 11.5 GiB and
     92.7 ms a step at 409,600 points on an H200 with geometry_backward "fused_recompute", against 10.4
-    GiB and 103.5 ms with "fused_bf16": benchmarks/RESULTS.md, step 10), "fused_bf16" on other GPUs below
+    GiB and 103.5 ms with "fused_bf16": benchmarks/RESULTS.md, step 10; with the geometry's "autograd" by
+    recomputed chunks, "auto" there since step 11, 10.2 GiB and 90 ms), "fused_bf16" on other GPUs below
     44 GiB, "autograd" off CUDA."""
     geometry_bf16: bool = True
     """(ours) Fast path, training only: the geometry network's matrix products (its forward and the
