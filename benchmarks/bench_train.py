@@ -217,6 +217,13 @@ def main() -> None:
         'many points, recomputed in the backward (0: one pass; "auto": 131072 on GPUs below 44 GiB, else 0)',
     )
     p.add_argument(
+        "--memory-budget",
+        type=float,
+        default=1.0,
+        help="model.activation_memory_budget: the compiled pieces' partitioner keeps at most about this "
+        "fraction of its activations and recomputes the rest in the backward (1.0: as it chooses)",
+    )
+    p.add_argument(
         "--visibility",
         choices=["renderer", "torch"],
         default="renderer",
@@ -285,6 +292,7 @@ def main() -> None:
     model.compile_prior_query = not args.eager_prior_query
     geometry_fused.TRITON_PASSES = args.triton_geometry
     model.geometry_recompute_chunk = args.geometry_recompute_chunk
+    model.activation_memory_budget = args.memory_budget
     model.deform_contractions = args.deform_contractions
     model.compile_mode = args.compile_mode
     if model.uses_fast_path(device):  # the trainer's line with this benchmark's settings applied
@@ -392,6 +400,7 @@ def main() -> None:
         "deform_contractions": args.deform_contractions,
         "recompute_chunk": args.recompute_chunk,
         "geometry_recompute_chunk": args.geometry_recompute_chunk,
+        "activation_memory_budget": args.memory_budget,
         "prior_query_chunk": args.prior_query_chunk,
         "compile_prior_query": not args.eager_prior_query,
         "triton_geometry": args.triton_geometry,

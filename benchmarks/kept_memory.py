@@ -11,6 +11,7 @@ fused bf16 backward 6.7 against about 6.6; the deformer 7.67 against 8.28 GiB (8
 memory work can be checked without a GPU; times cannot.
 
     python benchmarks/kept_memory.py --compiled --geometry-backward fused --geometry-bf16
+    python benchmarks/kept_memory.py --compiled --geometry-bf16 --memory-budget 0.3
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def main() -> None:
     )
     p.add_argument("--geometry-bf16", action="store_true")
     p.add_argument("--deformer-backward", default="autograd", choices=["autograd", "fused", "fused_bf16"])
+    p.add_argument(
+        "--memory-budget", type=float, default=1.0, help="model.activation_memory_budget (with --compiled)"
+    )
     args = p.parse_args()
 
     flame_dir = Path(tempfile.mkdtemp())
@@ -62,6 +66,7 @@ def main() -> None:
     model.geometry_backward = args.geometry_backward
     model.geometry_bf16 = args.geometry_bf16
     model.deformer_backward = args.deformer_backward
+    model.activation_memory_budget = args.memory_budget
     if args.compiled:
         model._compiles = lambda device: True  # torch.compile on the CPU too
     model.train()
@@ -86,7 +91,8 @@ def main() -> None:
     mode = "compiled" if args.compiled else "eager"
     geometry_mode = args.geometry_backward + (" bf16" if args.geometry_bf16 else "")
     print(
-        f"kept per point (N={n}, B={b}, {mode}, geometry {geometry_mode}, deformer {args.deformer_backward}):"
+        f"kept per point (N={n}, B={b}, {mode}, geometry {geometry_mode}, deformer {args.deformer_backward}, "
+        f"memory budget {args.memory_budget:g}):"
     )
     for name, size in sizes.items():
         print(f"  {name}: {size / n:.0f} B a point, {size / n * 409600 / 2**30:.2f} GiB at 409,600 points")

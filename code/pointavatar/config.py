@@ -461,6 +461,14 @@ class ModelConf:
     pass, all kept (the fastest). "auto": 131072 on GPUs below 44 GiB (where "auto" backwards pick
     autograd for GPUs of 20 GiB and more with the deformer's products in bf16: 89.6 ms and 10.2 GiB a step
     at 409,600 points on an H200, benchmarks/RESULTS.md step 11), else 0. Same values and gradients."""
+    activation_memory_budget: float = field(default=1.0, metadata=_range(min=0, max=1, min_exclusive=True))
+    """(ours) Fast path, training, on CUDA: torch.compile's partitioner keeps at most about this fraction
+    of what it would keep for the backward of each compiled piece, and recomputes the rest inside the
+    backward (torch._functorch.config.activation_memory_budget; it recomputes the cheapest first, the
+    elementwise work, which the backward's fused kernels then redo). 1.0: keep what the partitioner
+    chooses (the fastest, so far). Kept by the geometry piece at 409,600 points in bf16, measured on
+    the CPU (benchmarks/kept_memory.py): 24.1 GiB at 1.0, 10.5 at 0.5, 6.6 at 0.3, all without
+    recomputing a product; 4.7 at 0.2, which recomputes products. Same values and gradients."""
     inverse_skinning: str = field(default="closed_form", metadata=_choices("closed_form", "lu"))
     """(ours) Fast path: how the inverse skinning inverts each point's blended canonical transform
     (4 x 4, spec §5.13). "closed_form": from cross products of its rows, elementwise, fused by

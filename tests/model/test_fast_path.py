@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+import torch._functorch.config as functorch_config
 from test_model import IMG_RES, build, make_input, perturb_
 from tolerances import assert_close
 
@@ -123,6 +124,37 @@ def test_geometry_recompute_chunks_equal_one_pass_in_float64(flame_files, monkey
     assert set(grad_c) == set(grad_1)
     for name, value in grad_1.items():
         assert_close(grad_c[name], value, **tol, msg=name)
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.3])
+def test_compiled_pieces_run_under_the_activation_memory_budget(flame_files, monkeypatch, budget):
+    """model.activation_memory_budget reaches torch.compile's partitioner: every call of a compiled
+    piece (where torch.compile traces and partitions, at the first call and at any recompile) runs with
+    torch._functorch.config.activation_memory_budget set to it, and the setting is restored after.
+    Checked on the CPU with a recording stand-in for torch.compile (its effect on what is kept:
+    benchmarks/kept_memory.py --memory-budget)."""
+    model = build(flame_files)
+    model.implementation, model.compile_scope, model.activation_memory_budget = "fast", "all", budget
+    model.train()
+    seen = []
+
+    def fake_compile(fn, dynamic=None, mode=None, options=None):
+        def run(*args):
+            seen.append((fn.__name__, functorch_config.activation_memory_budget))
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(model, "_compiles", lambda device: True)
+    before = functorch_config.activation_memory_budget
+    for _ in range(2):  # the first calls compile, the second reuse
+        out = model(make_input(2))
+        out.rgb_image.sum().backward()
+    names = {name for name, _ in seen}
+    assert {"_geometry_piece", "_deform_piece", "_colour_piece", "query_weights"} <= names, names
+    assert len(seen) >= 8 and all(b == budget for _, b in seen), seen
+    assert functorch_config.activation_memory_budget == before
 
 
 def test_compiled_pieces_get_no_parameters_or_views(flame_files, monkeypatch):
@@ -447,10 +479,13 @@ def test_default_is_fast_on_cuda_only(flame_files):
         ("none", 0, "einsum", "fused"),
         ("per_point", 0, "pointwise", "autograd+gchunk"),
         ("all", 0, "pointwise", "autograd+gchunk"),
+        ("all", 0, "pointwise", "autograd+budget"),
     ],
 )
 def test_fast_path_equals_reference_on_gpu_in_float32(flame_files, scope, chunk, contractions, backward):
-    """ "+gchunk": the compiled geometry by recomputed chunks of 37 points (model.geometry_recompute_chunk)."""
+    """The fast path in fp32 against the reference on the GPU. "+gchunk": the compiled geometry by
+    recomputed chunks of 37 points (model.geometry_recompute_chunk); "+budget": the compiled pieces
+    partitioned under model.activation_memory_budget 0.2, which recomputes."""
     reference = build(flame_files).cuda()
     perturb_(reference, 0.05)
     fast = copy.deepcopy(reference)
@@ -458,6 +493,7 @@ def test_fast_path_equals_reference_on_gpu_in_float32(flame_files, scope, chunk,
     fast.compile_scope, fast.recompute_chunk, fast.deform_contractions = scope, chunk, contractions
     set_backwards(fast, backward)  # geometry_bf16 off: here the fp32 fast path against the reference
     fast.geometry_recompute_chunk = 37 if "+gchunk" in backward else 0
+    fast.activation_memory_budget = 0.2 if "+budget" in backward else 1.0
     if "+gchunk" in backward:
         assert fast.geometry_chunk(torch.device("cuda")) == 37 and fast.pc.n_points > 2 * 37
 

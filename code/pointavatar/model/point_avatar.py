@@ -11,6 +11,7 @@ import warnings
 from functools import partial
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 from torch import nn
 
@@ -126,6 +127,7 @@ class PointAvatar(nn.Module):
         self.recompute_chunk = int(conf.recompute_chunk)
         self.prior_query_chunk = conf.prior_query_chunk  # "auto" or an int (``prior_chunk``)
         self.geometry_recompute_chunk = conf.geometry_recompute_chunk  # "auto" or an int (``geometry_chunk``)
+        self.activation_memory_budget = float(conf.activation_memory_budget)
         self.compile_prior_query = bool(conf.compile_prior_query)
         self.geometry_bf16 = bool(conf.geometry_bf16)
         self.deformer_bf16 = bool(conf.deformer_bf16)
@@ -209,10 +211,12 @@ class PointAvatar(nn.Module):
         )
         compiled = self._compiled.get(name)
         if compiled is not None:
-            return compiled(*args)
+            with self._partitioner_settings():  # a recompile (new guard) sees the same budget
+                return compiled(*args)
         compiled = torch.compile(fn, dynamic=True, mode=self.compile_mode)
         try:
-            result = compiled(*args)
+            with self._partitioner_settings():
+                result = compiled(*args)
         except Exception as exc:  # a compiler problem must not stop training: the eager code is exact
             self._compile_failed = True
             warnings.warn(
@@ -222,6 +226,11 @@ class PointAvatar(nn.Module):
             return fn(*args)
         self._compiled[name] = compiled
         return result
+
+    def _partitioner_settings(self):
+        """The context the compiled pieces are compiled in: ``activation_memory_budget`` for the
+        partitioner, which decides what each piece's forward keeps for its backward."""
+        return functorch_config.patch(activation_memory_budget=float(self.activation_memory_budget))
 
     def backwards(self, device: torch.device) -> tuple[str, str]:
         """``geometry_backward`` and ``deformer_backward`` as they apply on ``device``, "auto" resolved by
