@@ -9,7 +9,8 @@ Rows = 2 N (the points and their eikonal samples). A variant is MODE[:KEY=VALUE,
   "fp32" (autograd, no bf16), "fused" or "fused_recompute" (the hand-written backward, bf16);
 - KEY=VALUE: torch._inductor options for the compile (e.g. realize_reads_threshold=16), applied to
   the autocast piece or to the fused passes (geometry_fused.COMPILE_OPTIONS); except ``triton=true``
-  (fused modes): the forward pass as Triton kernels (geometry_fused.TRITON_PASSES).
+  (fused modes): the forward pass as Triton kernels (geometry_fused.TRITON_PASSES), and ``budget=F``
+  (autocast and fp32 modes): the partitioner's activation memory budget (model.activation_memory_budget).
 
     python benchmarks/bench_geometry.py --rows 819200 --variants autocast fused_recompute \\
         fused_recompute:realize_reads_threshold=16 --out bench_geometry.json
@@ -35,6 +36,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch._functorch.config as functorch_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
@@ -65,6 +67,7 @@ def make_step(net: GeometryNetwork, mode: str, options: dict):
     geometry_fused._COMPILED.clear()
     options = dict(options)
     geometry_fused.TRITON_PASSES = bool(options.pop("triton", False))
+    budget = float(options.pop("budget", 1.0))
     geometry_fused.COMPILE_OPTIONS = options or None
     if mode in ("autocast", "fp32"):
 
@@ -73,7 +76,13 @@ def make_step(net: GeometryNetwork, mode: str, options: dict):
                 out, grad = net.forward_with_gradient_explicit(y)
             return out.float(), grad.float()
 
-        return torch.compile(piece, dynamic=True, options=options or None)
+        compiled = torch.compile(piece, dynamic=True, options=options or None)
+
+        def under_budget(y):  # traced and partitioned at the first call, as PointAvatar._compiled_call
+            with functorch_config.patch(activation_memory_budget=budget):
+                return compiled(y)
+
+        return under_budget
     bf16 = torch.bfloat16
     return lambda y: geometry_fused.forward_with_gradient_fused(
         net, y, save_dtype=bf16, mm_dtype=bf16, compiled=True, recompute_sweep=mode == "fused_recompute"
