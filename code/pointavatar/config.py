@@ -450,7 +450,8 @@ class ModelConf:
     in the backward (torch.utils.checkpoint; 5.2 KB a point kept without, 2.0 GiB at 409,600 points).
     0: one pass, all kept (the faster: 80 ms against 84 a step at 409,600 points on an H200,
     benchmarks/RESULTS.md step 8). "auto": 65536 where geometry_backward or deformer_backward resolves to
-    a lean backward (by default GPUs below 20 GiB, and below 44 GiB without bf16), else 0. Same values and gradients either way."""
+    a lean backward (by default GPUs below 20 GiB, and below 44 GiB without bf16), else 0. Same values
+    and gradients either way."""
     geometry_recompute_chunk: int | str = field(
         default="auto",
         metadata=_check(lambda v: v == "auto" or (isinstance(v, int) and v >= 0), '"auto" or an int >= 0'),

@@ -98,13 +98,14 @@ def test_fast_path_equals_reference_in_float64(flame_files, monkeypatch, seed, c
         assert_close(grad_f[name], value, **tol, msg=name)
 
 
-def test_geometry_recompute_chunks_equal_one_pass_in_float64(flame_files, monkeypatch):
+@pytest.mark.parametrize("scope", ["per_point", "none"])
+def test_geometry_recompute_chunks_equal_one_pass_in_float64(flame_files, monkeypatch, scope):
     """model.geometry_recompute_chunk: the autograd geometry by checkpointed chunks of 37 points
     (several, the last shorter) gives the one pass's outputs, losses and gradients. Same products in
     the same order per row, so equal to rounding."""
     model = build(flame_files).double()
     perturb_(model, 0.05)
-    model.implementation = "fast"
+    model.implementation, model.compile_scope = "fast", scope  # "none": the chunks without torch.compile
     set_backwards(model, "autograd")
     out_1, loss_1, grad_1 = forward_and_grads(model, 0)
     assert model.geometry_chunk(torch.device("cpu")) == 0  # "auto" off CUDA

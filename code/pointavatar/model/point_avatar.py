@@ -286,17 +286,19 @@ class PointAvatar(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``_geometry_piece``, compiled on CUDA unless ``compile_scope`` is "none"; in training by
         chunks of ``geometry_chunk`` points recomputed in the backward where that is not 0."""
-        if self.compile_scope == "none" or self.backwards(points.device)[0] != "autograd":
+        if self.backwards(points.device)[0] != "autograd":
             # The fused geometry compiles its own forward and backward passes (geometry_fused.py).
             return self._geometry_piece(points, jittered)
+        if self.compile_scope == "none":
+            run = self._geometry_piece
+        else:
+            run = partial(self._compiled_call, "geometry", self._geometry_piece)
         chunk = self.geometry_chunk(points.device)
         if chunk <= 0 or not torch.is_grad_enabled() or points.shape[0] <= chunk:
-            return self._compiled_call("geometry", self._geometry_piece, points, jittered)
+            return run(points, jittered)
         parts = [
             torch.utils.checkpoint.checkpoint(
-                self._compiled_call,
-                "geometry",
-                self._geometry_piece,
+                run,
                 points[start : start + chunk],
                 jittered[start : start + chunk],
                 use_reentrant=False,
