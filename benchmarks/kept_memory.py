@@ -3,7 +3,8 @@
 Builds the model of `confs/subject1.conf` on the synthetic FLAME model, then runs the training forward of
 each fast-path piece (geometry, deformer, colour) on N points and B frames, counting the bytes of the
 distinct storages autograd packs for the backward (`torch.autograd.graph.saved_tensors_hooks`; the
-parameters' own storage excluded). With `--compiled` the pieces go through torch.compile (inductor on
+parameters' own storage excluded). It also counts the geometry piece's matrix products over a forward and
+backward, which grow where the partitioner recomputes products (`--memory-budget` too low). With `--compiled` the pieces go through torch.compile (inductor on
 the CPU), whose partitioner decides what is kept much as it does on the GPU. On 2026-11-30 the figures
 agreed with the H200's `bench_train.py` memory split (`forward_kept_*`, which also counts the pieces'
 outputs): geometry with autocast bf16 24.10 GiB at 409,600 points here against 24.04 there, with the
@@ -96,6 +97,13 @@ def main() -> None:
     )
     for name, size in sizes.items():
         print(f"  {name}: {size / n:.0f} B a point, {size / n * 409600 / 2**30:.2f} GiB at 409,600 points")
+    # Whether the partitioner recomputes products (a budget that is too low): the geometry piece's matrix
+    # products over one forward and backward.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        normals, albedo, sdf, grad = model._geometry_fast(points, jittered)
+        (normals.sum() + albedo.sum() + sdf.sum() + grad.square().sum()).backward()
+    products = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    print(f"  geometry: {products} matrix products over its forward and backward")
 
 
 if __name__ == "__main__":
