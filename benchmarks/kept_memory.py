@@ -4,8 +4,9 @@ Builds the model of `confs/subject1.conf` on the synthetic FLAME model, then run
 each fast-path piece (geometry, deformer, colour) on N points and B frames, counting the bytes of the
 distinct storages autograd packs for the backward (`torch.autograd.graph.saved_tensors_hooks`; the
 parameters' own storage excluded). It also counts the geometry piece's matrix products over a forward and
-backward, which grow where the partitioner recomputes products (`--memory-budget` too low). With `--compiled` the pieces go through torch.compile (inductor on
-the CPU), whose partitioner decides what is kept much as it does on the GPU. On 2026-11-30 the figures
+backward, which grow where the partitioner recomputes products (`--memory-budget` too low). With
+`--compiled` the pieces go through torch.compile (inductor on the CPU), whose partitioner decides what
+is kept much as it does on the GPU. On 2026-11-30 the figures
 agreed with the H200's `bench_train.py` memory split (`forward_kept_*`, which also counts the pieces'
 outputs): geometry with autocast bf16 24.10 GiB at 409,600 points here against 24.04 there, with the
 fused bf16 backward 6.7 against about 6.6; the deformer 7.67 against 8.28 GiB (8 % less here). So
