@@ -158,6 +158,39 @@ def test_compiled_pieces_run_under_the_activation_memory_budget(flame_files, mon
     assert functorch_config.activation_memory_budget == before
 
 
+@pytest.mark.slow
+def test_activation_memory_budget_keeps_less_and_computes_the_same_in_float64(flame_files):
+    """model.activation_memory_budget through the real torch.compile (inductor on the CPU, float64, the
+    geometry piece compiled as on CUDA: compile_scope "geometry"): at 0.2 the partitioner keeps less for
+    the backward than at 1.0, and the training outputs, losses and gradients stay the same (recomputed,
+    not approximated: 3e-16 relative measured). About 10 s, mostly compiling."""
+    model = build(flame_files).double()
+    perturb_(model, 0.05)
+    model.implementation, model.compile_scope = "fast", "geometry"
+    set_backwards(model, "autograd")
+    model._compiles = lambda device: True
+    points = model.pc.points
+    jittered = points.detach() + 0.01
+    params = list(model.parameters())
+    kept, results = {}, {}
+    for budget in (1.0, 0.2):
+        torch._dynamo.reset()
+        model._compiled, model.activation_memory_budget = {}, budget
+        kept[budget], _ = kept_bytes(model._geometry_fast, points, jittered, exclude=params)
+        results[budget] = forward_and_grads(model, 0)
+        assert not model._compile_failed
+    torch._dynamo.reset()
+    assert kept[0.2] < 0.5 * kept[1.0], kept
+    (out_1, loss_1, grad_1), (out_b, loss_b, grad_b) = results[1.0], results[0.2]
+    tol = {"rtol": 1e-12, "atol": 1e-14}
+    for name in ("rgb_image", "sdf_values", "grad_thetas"):
+        assert_close(getattr(out_b, name), getattr(out_1, name), **tol, msg=name)
+    assert_close(loss_b["loss"], loss_1["loss"], **tol, msg="loss")
+    assert set(grad_b) == set(grad_1)
+    for name, value in grad_1.items():
+        assert_close(grad_b[name], value, **tol, msg=name)
+
+
 def test_compiled_pieces_get_no_parameters_or_views(flame_files, monkeypatch):
     """What reaches a compiled piece owns its storage and is not a Parameter: torch.compile keeps a
     Parameter's shape static and guards on a view's base size, so either would recompile at every
