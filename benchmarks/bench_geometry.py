@@ -8,8 +8,7 @@ Rows = 2 N (the points and their eikonal samples). A variant is MODE[:KEY=VALUE,
 - MODE: "autocast" (geometry_backward "autograd" with geometry_bf16: the default on large GPUs),
   "fp32" (autograd, no bf16), "fused" or "fused_recompute" (the hand-written backward, bf16);
 - KEY=VALUE: torch._inductor options for the compile (e.g. realize_reads_threshold=16), applied to
-  the autocast piece or to the fused passes (geometry_fused.COMPILE_OPTIONS); except ``triton=true``
-  (fused modes): the forward pass as Triton kernels (geometry_fused.TRITON_PASSES), and ``budget=F``
+  the autocast piece or to the fused passes (geometry_fused.COMPILE_OPTIONS); except ``budget=F``
   (autocast and fp32 modes): the partitioner's activation memory budget (model.activation_memory_budget).
 
     python benchmarks/bench_geometry.py --rows 819200 --variants autocast fused_recompute \\
@@ -66,7 +65,6 @@ def make_step(net: GeometryNetwork, mode: str, options: dict):
     torch._dynamo.reset()
     geometry_fused._COMPILED.clear()
     options = dict(options)
-    geometry_fused.TRITON_PASSES = bool(options.pop("triton", False))
     budget = float(options.pop("budget", 1.0))
     geometry_fused.COMPILE_OPTIONS = options or None
     if mode in ("autocast", "fp32"):
@@ -121,7 +119,6 @@ def floor_rows(rows: int, width: int, warmup: int, repeat: int) -> list[dict]:
         out.append({"rows": rows, "kernel": f"softplus {name} [R, {width}]", "ms": ms, "tflops": 0.0,
                     "gbps": moved / ms / 1e6})  # fmt: skip
     out += epilogue_rows(rows, width, warmup, repeat)
-    out += triton_linear_rows(rows, width, warmup, repeat)
     for row in out:
         print(
             f"rows={rows} {row['kernel']}: {row['ms']:.3f} ms, {row['tflops']:.0f} TFLOP/s, {row['gbps']:.0f} GB/s"
@@ -163,67 +160,6 @@ def epilogue_rows(rows: int, width: int, warmup: int, repeat: int) -> list[dict]
         out.append(
             {"rows": rows, "kernel": label, "ms": ms, "tflops": flops / ms / 1e9, "gbps": moved / ms / 1e6}
         )
-    return out
-
-
-def triton_linear_rows(rows: int, width: int, warmup: int, repeat: int) -> list[dict]:
-    """One hidden layer of the forward, h = softplus(z) then h @ W^T + b in bf16: as the PyTorch pass does it
-    (an elementwise pass, then the product) and as `_triton_mlp.linear` does it (the Softplus on the
-    loaded operand) at its tile settings; each Triton setting checked against the default's result."""
-    from pointavatar.model import _triton_mlp as tm
-
-    dev = torch.device("cuda")
-    g = torch.Generator(device="cuda").manual_seed(1)
-    z = torch.rand(rows, width, device="cuda", generator=g) - 0.5
-    w = torch.randn(width, width, device="cuda", generator=g) / width**0.5
-    b = torch.randn(width, device="cuda", generator=g)
-    w16 = w.to(torch.bfloat16)
-    flops = 2 * rows * width * width
-    moved = 2 * rows * width * 4  # z read, the result written (fp32)
-
-    def torch_layer():
-        h = torch.nn.functional.softplus(z, 100.0, 20.0).to(torch.bfloat16)
-        return (h @ w16.T).float() + b
-
-    out = []
-    ms = statistics.median(timed(torch_layer, dev, warmup, repeat))
-    out.append({"rows": rows, "kernel": "layer, PyTorch (softplus pass, bf16 mm, bias)", "ms": ms,
-                "tflops": flops / ms / 1e9, "gbps": moved / ms / 1e6})  # fmt: skip
-    default = (tm.BLOCK_M, tm.BLOCK_N, tm.BLOCK_K, tm.NUM_WARPS, tm.NUM_STAGES)
-    ref = tm.linear(z, w16.T, b, prologue="softplus")
-    settings = [default] + [
-        (bm, bn, bk, nw, ns)
-        for bm, bn, bk, nw, ns in (
-            (64, 128, 64, 4, 3),
-            (128, 64, 64, 4, 3),
-            (128, 256, 64, 8, 3),
-            (256, 128, 64, 8, 3),
-            (128, 128, 32, 4, 4),
-            (64, 256, 64, 8, 3),
-            (128, 128, 64, 4, 3),
-            (64, 64, 64, 4, 4),
-        )  # fmt: skip
-        if (bm, bn, bk, nw, ns) != default
-    ]
-    try:
-        for setting in settings:
-            tm.BLOCK_M, tm.BLOCK_N, tm.BLOCK_K, tm.NUM_WARPS, tm.NUM_STAGES = setting
-            try:
-                got = tm.linear(z, w16.T, b, prologue="softplus")
-                same = bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-5))
-                ms = statistics.median(
-                    timed(lambda: tm.linear(z, w16.T, b, prologue="softplus"), dev, warmup, repeat)
-                )
-            except Exception as exc:  # a setting the compiler rejects (shared memory, registers)
-                print(f"rows={rows} Triton layer {setting}: failed: {type(exc).__name__}: {exc}")
-                continue
-            label = (
-                f"layer, Triton {setting} (tile M, N, K, warps, stages){'' if same else ' RESULT DIFFERS'}"
-            )
-            out.append({"rows": rows, "kernel": label, "ms": ms, "tflops": flops / ms / 1e9,
-                        "gbps": moved / ms / 1e6})  # fmt: skip
-    finally:
-        tm.BLOCK_M, tm.BLOCK_N, tm.BLOCK_K, tm.NUM_WARPS, tm.NUM_STAGES = default
     return out
 
 

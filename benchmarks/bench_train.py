@@ -35,7 +35,6 @@ from pointavatar.engine.batching import (
     batch_size_for,  # noqa: E402
     move_to,  # noqa: E402
 )
-from pointavatar.model import geometry_fused  # noqa: E402
 from pointavatar.model.deform_explicit import INVERSES  # noqa: E402
 from pointavatar.train.graphed_step import GraphedStep, forward_loss_backward  # noqa: E402
 from pointavatar.train.schedule import make_optimizer, uses_fused_adam  # noqa: E402
@@ -180,12 +179,6 @@ def main() -> None:
         help='model.prior_query_chunk (fast path; 0: one pass; "auto": 65536 with a lean backward, else 0)',
     )
     p.add_argument(
-        "--triton-geometry",
-        action="store_true",
-        help="geometry_fused.TRITON_PASSES: the fused geometry backwards (fused, fused_recompute) run their "
-        "passes as the Triton kernels of model/_triton_mlp.py",
-    )
-    p.add_argument(
         "--eager-prior-query",
         action="store_true",
         help="model.compile_prior_query = false (fast path, CUDA: the prior's query eager)",
@@ -290,7 +283,6 @@ def main() -> None:
     model.inverse_skinning = args.inverse
     model.deformer_bf16 = args.deformer_bf16
     model.compile_prior_query = not args.eager_prior_query
-    geometry_fused.TRITON_PASSES = args.triton_geometry
     model.geometry_recompute_chunk = args.geometry_recompute_chunk
     model.activation_memory_budget = args.memory_budget
     model.deform_contractions = args.deform_contractions
@@ -403,7 +395,6 @@ def main() -> None:
         "activation_memory_budget": args.memory_budget,
         "prior_query_chunk": args.prior_query_chunk,
         "compile_prior_query": not args.eager_prior_query,
-        "triton_geometry": args.triton_geometry,
         "compile_scope": args.compile_scope,
         "cuda_graph": args.cuda_graph,
         "compile_mode": args.compile_mode,

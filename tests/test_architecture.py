@@ -114,7 +114,6 @@ def test_no_import_cycle_between_modules():
 LAZY_IMPORTS = {
     ("pointavatar.engine.experiment", "pointavatar.synthetic"),  # only when a conf asks to generate
     ("pointavatar.model.knn", "pointavatar.model._knn_triton"),  # needs Triton
-    ("pointavatar.model.geometry_fused", "pointavatar.model._triton_mlp"),  # needs Triton
     ("pointavatar.render.api", "pointavatar.render._triton_impl"),  # needs Triton
     ("pointavatar.cli.exp_runner", "pointavatar.config"),  # `--help` answers without loading torch
     ("pointavatar.cli.exp_runner", "pointavatar.engine.distributed"),

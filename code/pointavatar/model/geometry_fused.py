@@ -11,9 +11,7 @@ CUDA, through torch.compile as plain tensor functions (``_run``).
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from functools import partial
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -69,71 +67,9 @@ def _forward_pass(
     return out, grad, [keep(z) for z in zs], kept_gs
 
 
-def _forward_pass_triton(
-    x, weights, biases, multires, skip_in, beta, threshold, save_dtype, mm_dtype, recompute_sweep
-):
-    """``_forward_pass`` with each layer's product and the Softplus (forward) or softplus' (sweep) on its
-    operand in one Triton kernel (``_triton_mlp.linear``), instead of a product plus an elementwise pass
-    over the [N, 256] activations. The same operations and roundings (operands to bf16 with mm_dtype
-    bf16, fp32 accumulation; fp32 products otherwise); the products sum in another order. CUDA tensors,
-    or any under TRITON_INTERPRET=1."""
-    tm, ws, common, step = _triton_setup(weights, beta, threshold, mm_dtype, x.dtype)
-    n_lin = len(weights)
-    last = n_lin - 1
-    enc = encode(x, multires)  # [N, E]
-    n_enc = enc.shape[-1]
-
-    zs = []
-    z = None
-    for l in range(n_lin):
-        a, prologue = (enc, "none") if l == 0 else (z, "softplus")
-        skip = l in skip_in
-        z = tm.linear(
-            a,
-            ws[l].T,
-            biases[l],
-            prologue=prologue,
-            extra=enc if skip else None,
-            scale=_SQRT2**-1 if skip else 1.0,
-            **common,
-        ).to(x.dtype)
-        if l < last:
-            zs.append(z)
-    out = z
-
-    # The sweep of channel 0, as _sweep's: g_{l-1} = (g_l * softplus'(z_l)) @ W_l in one kernel each.
-    gs, g_enc = _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm_dtype, partial(step, zs))
-    grad = encode_vjp(x, g_enc, multires)
-
-    def keep(t):
-        return t if save_dtype is None else t.to(save_dtype)
-
-    kept_gs = [] if recompute_sweep else [keep(t) for t in gs[: last - 1]]
-    return out, grad, [keep(z) for z in zs], kept_gs
-
-
-def _triton_setup(weights, beta, threshold, mm_dtype, dtype):
-    """What both Triton passes share: the kernels' module, the weights as the products' operands (bf16
-    with mm_dtype bf16, else ``dtype``), the kernels' common keywords, and the sweep's step
-    ``step(zs, g, l)`` = (g * softplus'(z_l)) @ W_l in one kernel (``_sweep``'s ``step``, given zs)."""
-    from pointavatar.model import _triton_mlp as tm
-
-    bf16 = mm_dtype == torch.bfloat16
-    if mm_dtype is not None and not bf16:
-        raise ValueError(f"the Triton passes compute in float32 or bfloat16 products, not {mm_dtype}")
-    ws = [w.to(torch.bfloat16) if bf16 else w.to(dtype) for w in weights]
-    common = {"beta": beta, "threshold": threshold, "dot_bf16": bf16}
-
-    def step(zs, g, l):
-        return tm.linear(g, ws[l], prologue="slope", z=zs[l], **common).to(dtype)
-
-    return tm, ws, common, step
-
-
-def _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm_dtype, step=None):
+def _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm_dtype):
     """The reverse sweep of channel 0, as forward_with_gradient_explicit does it: (gs, g_enc) with
-    gs[l] = d sdf / d softplus(z_l) [N, out_l] for every hidden layer and g_enc = d sdf / d enc(x).
-    ``step(g, l)``, if given, computes (g * softplus'(z_l)) @ W_l in place of the PyTorch ops."""
+    gs[l] = d sdf / d softplus(z_l) [N, out_l] for every hidden layer and g_enc = d sdf / d enc(x)."""
     last = len(weights) - 1
     gs = [None] * last
     g = weights[last][:1].expand(zs[0].shape[0], -1)
@@ -141,10 +77,7 @@ def _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm_dtype, step=None):
     for l in range(last, -1, -1):
         if l < last:
             gs[l] = g
-            if step is not None:
-                g = step(g, l)
-            else:
-                g = _mm(torch.ops.aten.softplus_backward(g, zs[l], beta, threshold), weights[l], mm_dtype)
+            g = _mm(torch.ops.aten.softplus_backward(g, zs[l], beta, threshold), weights[l], mm_dtype)
         if l in skip_in:
             d_h = g.shape[-1] - n_enc
             g_part = g[:, d_h:] / _SQRT2
@@ -175,9 +108,9 @@ def _split_skip(d_a, d_enc, l, skip_in, d_h):
 def _total_weight_grad(
     chain: torch.Tensor, sweep: torch.Tensor | None, is_last: bool, row0: torch.Tensor | None
 ) -> torch.Tensor:
-    """A layer's weight gradient in the hand-written backwards (``_backward_pass``,
-    ``_backward_pass_triton``) from the forward chain's part ``chain`` and the sweep's: ``sweep`` (a
-    hidden layer's, or None) or, at the last layer, ``row0`` added to its row 0 (the sdf's)."""
+    """A layer's weight gradient in the hand-written backward (``_backward_pass``) from the forward
+    chain's part ``chain`` and the sweep's: ``sweep`` (a hidden layer's, or None) or, at the last layer,
+    ``row0`` added to its row 0 (the sdf's)."""
     if is_last:
         return torch.cat([chain[:1] + row0, chain[1:]], dim=0)
     return chain if sweep is None else chain + sweep
@@ -258,108 +191,7 @@ def _backward_pass(
     return d_x, d_w, d_b
 
 
-def _backward_pass_triton(
-    x, weights, zs, gs, d_out, d_grad, multires, skip_in, beta, threshold, mm, need_x, need_w, need_b
-):
-    """``_backward_pass`` with each product a Triton kernel (``_triton_mlp``) that forms its operand as it
-    loads it: the slope, the curvature and the sum of the chain's and the sweep's terms (dz) are not
-    written out, and the weight gradients sum over the rows inside their kernel (with the biases' as
-    column sums). The same operations and roundings as ``_backward_pass``; sums in another order."""
-    dtype = d_out.dtype
-    tm, ws, common, step = _triton_setup(weights, beta, threshold, mm, dtype)
-    n_lin = len(weights)
-    last = n_lin - 1
-    n = x.shape[0]
-    enc = encode(x, multires)  # [N, E]
-    n_enc = enc.shape[-1]
-    if gs:
-        gs = list(gs)
-    else:  # recompute_sweep: the sweep vectors again from the kept z
-        gs = _sweep(zs, weights, skip_in, n_enc, beta, threshold, mm, partial(step, zs))[0][: last - 1]
-
-    def h_width(l):
-        return weights[l].shape[1] - (n_enc if l in skip_in else 0)
-
-    if last > 0:
-        top = weights[last][:1, : h_width(last)]
-        gs.append((top / _SQRT2 if last in skip_in else top).expand(n, -1))
-
-    def skip_args(l, e):
-        return {"extra": e, "scale": _SQRT2**-1} if l in skip_in else {}
-
-    # 1. Up the sweep. The adjoint of the sweep vector entering layer l is an operand (x, prologue, z):
-    # the encoding vjp's adjoint at layer 0, then d_u_{l-1} * softplus'(z_{l-1}).
-    d_g_enc = encode_jvp(x, d_grad, multires)  # [N, E]
-    d_w = [None] * n_lin
-    d_us = [None] * last  # d_u_l = d_g @ W_l^T [N, out_l], fp32
-    g_enc = None
-    gx, gpro, gz = d_g_enc, "none", None
-    ones = torch.ones(1, 1, dtype=dtype, device=x.device).expand(n, 1)
-    for l in range(n_lin):
-        g_in = None
-        if l == last:  # d_w_row0 = d_g.sum(0), the column sums of the operand, in fp32
-            sums = tm.weight_grad(gx, ones, a_prologue=gpro, z=gz, sum_a=True, **common)[1]
-            d_w_row0 = torch.cat([sums, d_g_enc.sum(0)]) / _SQRT2 if l in skip_in else sums
-            g_in = weights[last][:1]  # [1, in_last]
-        else:
-            if need_w[l]:
-                d_w[l] = tm.weight_grad(
-                    gs[l], gx, a_prologue="slope", z=zs[l], b_prologue=gpro, b_z=gz, **skip_args(l, d_g_enc),
-                    **common,
-                )[0]  # fmt: skip
-            d_us[l] = tm.linear(gx, ws[l].T, prologue=gpro, z=gz, **skip_args(l, d_g_enc), **common)
-            gx, gpro, gz = d_us[l], "slope", zs[l]
-        if need_x and (l == 0 or l in skip_in):
-            if g_in is None:
-                g_in = tm.linear(gs[l], ws[l], prologue="slope", z=zs[l], **common)  # u_l @ W_l
-            g_enc = _add_enc_part(g_enc, g_in, l, skip_in, h_width(l))
-
-    # 2. Down the forward chain: dz_l = d_h_next * s_l + d_u_l * g_l * c_l as each kernel's operand.
-    d_b = [None] * n_lin
-    d_enc = None
-    d_h_next = None
-    for l in range(last, -1, -1):
-        if l == last:
-            dz_x, dz_pro, dz_partners = d_out, "none", {}
-        else:
-            dz_x, dz_pro, dz_partners = d_h_next, "dz", {"z": zs[l], "u": d_us[l], "v": gs[l]}
-        d_h = h_width(l)
-        b_x, b_pro = (enc, "none") if l == 0 else (zs[l - 1], "softplus")
-        if need_w[l] or need_b[l]:
-            d_w_l, d_b_l = tm.weight_grad(
-                dz_x, b_x, a_prologue=dz_pro, **dz_partners, b_prologue=b_pro, **skip_args(l, enc),
-                sum_a=need_b[l], **common,
-            )  # fmt: skip
-            if need_w[l]:
-                d_w[l] = _total_weight_grad(d_w_l, d_w[l], l == last, d_w_row0)
-            d_b[l] = d_b_l
-        if l == 0 and not need_x:
-            break
-        d_a = tm.linear(dz_x, ws[l], prologue=dz_pro, **dz_partners, **common)  # [N, in_l]
-        d_h_next, d_enc = _split_skip(d_a, d_enc, l, skip_in, d_h)
-    d_x = None
-    if need_x:
-        d_enc = d_h_next if d_enc is None else d_enc + d_h_next
-        d_x = encode_vjp(x, d_enc, multires) + encode_vjp_dx(x, g_enc, d_grad, multires)
-    d_w = [None if w is None else w.to(weights[i].dtype) for i, w in enumerate(d_w)]
-    d_b = [None if b is None else b.to(weights[i].dtype) for i, b in enumerate(d_b)]
-    return d_x, d_w, d_b
-
-
-# The forward and backward passes as Triton kernels with the elementwise work fused into the products
-# (``_forward_pass_triton``, ``_backward_pass_triton``) on CUDA, instead of the torch.compile'd
-# ``_forward_pass`` and ``_backward_pass``. Off: 4x slower on an H200 (benchmarks/RESULTS.md step 9;
-# benchmarks/bench_geometry.py, variant option ``triton=true``).
-TRITON_PASSES = False
 _COMPILED: dict[str, object] = {}  # the two passes, torch.compile'd once per process
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    """Whether the passes run as Triton kernels for ``x``: TRITON_PASSES, on CUDA (any tensor under
-    TRITON_INTERPRET=1)."""
-    return TRITON_PASSES and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
 _COMPILE_FAILED: list[str] = []
 # Inductor options for the passes' torch.compile, here and in deform_fused.py (None: its defaults).
 # Benchmarks set it (bench_geometry.py's variants MODE:KEY=VALUE); clear _COMPILED after changing it.
@@ -434,19 +266,15 @@ class _FusedGeometry(torch.autograd.Function):
         weights, biases = params[:n_lin], params[n_lin:]
         settings = (multires, skip_in, beta, threshold, save_dtype, mm_dtype, recompute_sweep)
         outs, grads, kept = [], [], []
-        triton = _use_triton(x)
         for x_c in _chunks(x, row_chunk):
-            if triton:
-                out, grad, zs, gs = _forward_pass_triton(x_c, weights, biases, *settings)
-            else:
-                out, grad, zs, gs = _run("forward", _forward_pass, compiled, x_c, weights, biases, *settings)
+            out, grad, zs, gs = _run("forward", _forward_pass, compiled, x_c, weights, biases, *settings)
             outs.append(out)
             grads.append(grad)
             kept += [*zs, *gs]  # per chunk: its z_l, then its g_l
         ctx.save_for_backward(x, *weights, *kept)
         ctx.n_lin, ctx.n_z, ctx.n_kept, ctx.row_chunk = n_lin, len(zs), len(zs) + len(gs), row_chunk
         ctx.multires, ctx.skip_in, ctx.beta, ctx.threshold = multires, skip_in, beta, threshold
-        ctx.mm_dtype, ctx.compiled, ctx.triton = mm_dtype, compiled, triton
+        ctx.mm_dtype, ctx.compiled = mm_dtype, compiled
         if len(outs) == 1:
             return outs[0], grads[0]
         return torch.cat(outs), torch.cat(grads)
@@ -469,23 +297,9 @@ class _FusedGeometry(torch.autograd.Function):
         for c, (x_c, d_out_c, d_grad_c) in enumerate(chunks):
             part = kept[c * n_kept : (c + 1) * n_kept]
             zs, gs = list(part[:n_z]), list(part[n_z:])
-            if ctx.triton:
-                d_x_c, d_w_c, d_b_c = _backward_pass_triton(
-                    x_c, weights, zs, gs, d_out_c, d_grad_c, *settings
-                )
-            else:
-                d_x_c, d_w_c, d_b_c = _run(
-                    "backward",
-                    _backward_pass,
-                    ctx.compiled,
-                    x_c,
-                    weights,
-                    zs,
-                    gs,
-                    d_out_c,
-                    d_grad_c,
-                    *settings,
-                )
+            d_x_c, d_w_c, d_b_c = _run(
+                "backward", _backward_pass, ctx.compiled, x_c, weights, zs, gs, d_out_c, d_grad_c, *settings
+            )
             d_xs.append(d_x_c)
             if c == 0:
                 d_w, d_b = list(d_w_c), list(d_b_c)
