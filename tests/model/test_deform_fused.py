@@ -262,9 +262,10 @@ def test_bf16_saved_and_matmuls():
 
 
 @pytest.mark.slow
-def test_compiled_passes_match_eager(monkeypatch):
-    """compiled=True: the forward and backward passes run through torch.compile (inductor, dynamic point
-    count); same values and gradients as eager, and a second point count reuses the compiled passes."""
+def test_compiled_passes_match_eager(monkeypatch, eager_kernel_compile):
+    """compiled=True: the forward and backward passes run through torch.compile (dynamic point count;
+    inductor's kernels replaced by eager ones here, see ``eager_kernel_compile``, checked on the GPU);
+    same values and gradients as eager, and a second point count reuses the compiled passes."""
     torch._dynamo.reset()
     monkeypatch.setattr(geometry_fused, "_COMPILED", {})
     monkeypatch.setattr(geometry_fused, "_COMPILE_FAILED", [])

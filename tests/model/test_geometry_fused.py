@@ -290,10 +290,11 @@ def test_autocast_refused_with_grad():
 
 
 @pytest.mark.slow
-def test_compiled_passes_match_eager(monkeypatch):
+def test_compiled_passes_match_eager(monkeypatch, eager_kernel_compile):
     """compiled=True (the fast path on CUDA): the forward and backward passes run through torch.compile
-    (inductor, dynamic point count) as plain tensor functions; same values and gradients, and a second
-    point count reuses the compiled passes."""
+    (dynamic point count; inductor's kernels replaced by eager ones here, see ``eager_kernel_compile``,
+    checked on the GPU) as plain tensor functions; same values and gradients, and a second point count
+    reuses the compiled passes."""
     torch._dynamo.reset()
     monkeypatch.setattr(geometry_fused, "_COMPILED", {})
     monkeypatch.setattr(geometry_fused, "_COMPILE_FAILED", [])

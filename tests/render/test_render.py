@@ -300,17 +300,15 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
     from pointavatar.render import _triton_impl
 
-    # The backward kernels' atomic adds in both memory orders (the interpreter runs them as plain adds: the
-    # option must at least compile and keep the sums).
-    cases = [(2, 90, 20, 5, 4, False), (1, 300, 35, 3, 13, True), (2, 12, 40, 4, 4, False)]
-    # And the compositing kernels with another number of pixels a program than the default's (partly filled
-    # last programs).
+    cases = list(enumerate([(2, 90, 20, 5, 4, False), (1, 300, 35, 3, 13, True), (2, 12, 40, 4, 4, False)]))
+    # Every case with the default settings and with another number of pixels a program for the compositing
+    # kernels (partly filled last programs); the backward kernels' atomic adds in the other memory order on
+    # the first case only (the interpreter runs them as plain adds: the option must compile and keep the sums).
     saved = (_triton_impl.ATOMIC_SEM, _triton_impl._BLOCK_PIX)
     other = 32 if saved[1] != 32 else 128
-    settings = [("relaxed", saved[1]), ("acq_rel", saved[1]), ("relaxed", other)]
-    for (sem, block), (seed, (B, N, S, K, C, per_point)) in [
-        (m, c) for m in settings for c in enumerate(cases)
-    ]:
+    runs = [(("relaxed", saved[1]), c) for c in cases] + [(("relaxed", other), c) for c in cases]
+    runs.append((("acq_rel", saved[1]), cases[0]))
+    for (sem, block), (seed, (B, N, S, K, C, per_point)) in runs:
         _triton_impl.ATOMIC_SEM, _triton_impl._BLOCK_PIX = sem, block
         g = torch.Generator().manual_seed(seed)
         pts = torch.rand(B, N, 3, generator=g) * 2.6 - 1.3
@@ -369,16 +367,32 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         short = rasterize_points(pts, 24, 0.2, 4, backend="cuda")
     assert int(needed) == n_pairs and not torch.equal(short.idx, plain.idx)
 
-    # float64 gradcheck of the Triton compositing and rasterizer backward kernels.
+    # float64: the Triton compositing and rasterizer backward kernels give the gradients of the reference
+    # (itself gradchecked element by element in test_composite_gradcheck_float64) to float64 rounding, and
+    # pass gradcheck's fast mode on their own (one random projection: a full gradcheck under the
+    # interpreter took a minute of CI).
     g = torch.Generator().manual_seed(5)
     pts = torch.rand(1, 30, 3, generator=g, dtype=torch.float64) * 2 - 1
     pts[..., 2] += 2.0
     feats = torch.rand(1, 30, 2, generator=g, dtype=torch.float64)
+    radius = 0.25 + 0.2 * torch.rand(1, 30, generator=g, dtype=torch.float64)
+    cot = torch.randn(1, 8, 8, 2, generator=g, dtype=torch.float64)
 
-    def render(p, f):
-        return alpha_composite(rasterize_points(p, 8, 0.35, 4, backend="cuda"), f, 0.35, backend="cuda")[0]
+    def render(p, f, backend="cuda"):
+        frags = rasterize_points(p, 8, radius, 4, backend=backend)
+        return alpha_composite(frags, f, radius, backend=backend)[0]
 
-    assert torch.autograd.gradcheck(render, (pts.requires_grad_(), feats.requires_grad_()), eps=1e-6, atol=1e-6)
+    grads = {}
+    for backend in ("torch", "cuda"):
+        p, f = pts.clone().requires_grad_(), feats.clone().requires_grad_()
+        images = render(p, f, backend)
+        (images * cot).sum().backward()
+        grads[backend] = (images.detach(), p.grad, f.grad)
+    assert (grads["torch"][1][..., :2] != 0).sum() > 20  # enough points reach pixels to test
+    assert_close(grads["cuda"], grads["torch"], rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        render, (pts.requires_grad_(), feats.requires_grad_()), eps=1e-6, atol=1e-6, fast_mode=True
+    )
     print("INTERPRETER-OK")
     """
 )
