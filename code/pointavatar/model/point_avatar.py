@@ -59,6 +59,30 @@ def deformed_normals(cols: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
     return F.normalize(v * torch.sign(det).detach(), dim=-1)
 
 
+def checkpointed_chunks(fn, chunk: int, per_point: tuple[torch.Tensor, ...], *shared) -> list:
+    """``fn(*rows, *shared)`` for each chunk of ``chunk`` rows of the ``per_point`` tensors, under
+    ``torch.utils.checkpoint``: each chunk's activations are recomputed in its backward instead of kept.
+    Nothing random may run inside ``fn`` (the RNG state is not replayed)."""
+    return [
+        torch.utils.checkpoint.checkpoint(
+            fn,
+            *(t[start : start + chunk] for t in per_point),
+            *shared,
+            use_reentrant=False,
+            preserve_rng_state=False,
+        )
+        for start in range(0, per_point[0].shape[0], chunk)
+    ]
+
+
+def joined_sdf_gradients(sdfs: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+    """Chunks' SDF gradients, each [its points; its jittered samples], as one [all points; all samples]
+    (``sdfs``: the chunks' SDF values, one row a point)."""
+    halves = [g[: s.shape[0]] for s, g in zip(sdfs, grads, strict=True)]
+    halves += [g[s.shape[0] :] for s, g in zip(sdfs, grads, strict=True)]
+    return torch.cat(halves, dim=0)
+
+
 # model.geometry_backward / deformer_backward "auto" by the GPU's memory, at 409,600 points on an H200
 # (benchmarks/RESULTS.md, steps 10 and 11): from LEAN_BELOW_GIB up both "autograd" (the fastest: 71.7 ms,
 # 34.2 GiB); below it, on GPUs of LEAN_DEFORMER_BELOW_GIB and more where the deformer's products run in
@@ -296,20 +320,9 @@ class PointAvatar(nn.Module):
         chunk = self.geometry_chunk(points.device)
         if chunk <= 0 or not torch.is_grad_enabled() or points.shape[0] <= chunk:
             return run(points, jittered)
-        parts = [
-            torch.utils.checkpoint.checkpoint(
-                run,
-                points[start : start + chunk],
-                jittered[start : start + chunk],
-                use_reentrant=False,
-                preserve_rng_state=False,  # nothing random inside
-            )
-            for start in range(0, points.shape[0], chunk)
-        ]
+        parts = checkpointed_chunks(run, chunk, (points, jittered))
         normals_c, albedo, sdf = (torch.cat([p[i] for p in parts], dim=0) for i in range(3))
-        # Each chunk's grad is [its points; its jittered samples]: the points' halves first.
-        halves = [p[3][: p[2].shape[0]] for p in parts] + [p[3][p[2].shape[0] :] for p in parts]
-        return normals_c, albedo, sdf, torch.cat(halves, dim=0)
+        return normals_c, albedo, sdf, joined_sdf_gradients([p[2] for p in parts], [p[3] for p in parts])
 
     def _geometry_piece(
         self, points: torch.Tensor, jittered: torch.Tensor
@@ -487,15 +500,7 @@ class PointAvatar(nn.Module):
         chunk = self.prior_chunk(points.device)
         if chunk <= 0:
             return query(points)
-        parts = [
-            torch.utils.checkpoint.checkpoint(
-                query,
-                points[start : start + chunk],
-                use_reentrant=False,
-                preserve_rng_state=False,  # nothing random inside
-            )
-            for start in range(0, points.shape[0], chunk)
-        ]
+        parts = checkpointed_chunks(query, chunk, (points,))
         if len(parts) == 1:
             return parts[0]
         return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
@@ -519,28 +524,13 @@ class PointAvatar(nn.Module):
                 points, jittered, betas, transformations, pose_feature
             )
             return x_d, color, sdf, grad
-        parts = []
-        for start in range(0, points.shape[0], chunk):
-            sl = slice(start, start + chunk)
-            parts.append(
-                torch.utils.checkpoint.checkpoint(
-                    self._per_point_fast,
-                    points[sl],
-                    jittered[sl],
-                    betas,
-                    transformations,
-                    pose_feature,
-                    use_reentrant=False,
-                    preserve_rng_state=False,  # nothing random inside
-                )
-            )
+        parts = checkpointed_chunks(
+            self._per_point_fast, chunk, (points, jittered), betas, transformations, pose_feature
+        )
         x_d = torch.cat([p[0] for p in parts], dim=1)
         color = torch.cat([p[1] for p in parts], dim=1)
         sdf = torch.cat([p[2] for p in parts], dim=0)
-        grad = torch.cat(
-            [p[3][: p[2].shape[0]] for p in parts] + [p[3][p[2].shape[0] :] for p in parts], dim=0
-        )
-        return x_d, color, sdf, grad
+        return x_d, color, sdf, joined_sdf_gradients([p[2] for p in parts], [p[3] for p in parts])
 
     def canonical_geometry(
         self, points: torch.Tensor
