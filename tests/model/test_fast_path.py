@@ -51,6 +51,22 @@ def forward_and_grads(model, seed: int, dtype=torch.float64):
     return out, losses, grads
 
 
+OUTPUTS = ("rgb_image", "predicted_mask", "sdf_values", "grad_thetas", "canonical_points")
+
+
+def assert_same_results(got, expected, tol: dict, outputs=OUTPUTS, losses=None) -> None:
+    """Two ``forward_and_grads`` results equal within ``tol``: the named outputs, the losses (all of
+    ``expected``'s, or the named ones) and every parameter's gradient (the same parameters in both)."""
+    (out_g, loss_g, grad_g), (out_e, loss_e, grad_e) = got, expected
+    for name in outputs:
+        assert_close(getattr(out_g, name), getattr(out_e, name), **tol, msg=name)
+    for key in loss_e if losses is None else losses:
+        assert_close(loss_g[key], loss_e[key], **tol, msg=key)
+    assert set(grad_g) == set(grad_e)
+    for name, value in grad_e.items():
+        assert_close(grad_g[name], value, **tol, msg=name)
+
+
 @pytest.mark.parametrize(
     ("seed", "chunk", "contractions", "backward"),
     [
@@ -82,20 +98,13 @@ def test_fast_path_equals_reference_in_float64(flame_files, monkeypatch, seed, c
         assert fast.pc.n_points > 2 * chunk and fast.pc.n_points % chunk
     assert fast.uses_fast_path(torch.device("cpu")) and not reference.uses_fast_path(torch.device("cpu"))
 
-    out_r, loss_r, grad_r = forward_and_grads(reference, seed)
-    out_f, loss_f, grad_f = forward_and_grads(fast, seed)
+    ref = forward_and_grads(reference, seed)
+    got = forward_and_grads(fast, seed)
     # float64 throughout and tighter than its defaults: the two paths only sum the same products in a
     # different order (~1e-13 apart).
-    tol = {"rtol": 1e-9, "atol": 1e-11}
-    for name in ("rgb_image", "predicted_mask", "sdf_values", "grad_thetas", "canonical_points"):
-        assert_close(getattr(out_f, name), getattr(out_r, name), **tol, msg=name)
-    assert torch.equal(out_f.index_batch, out_r.index_batch)
-    assert torch.equal(out_f.fragment_idx, out_r.fragment_idx)
-    for key, value in loss_r.items():
-        assert_close(loss_f[key], value, **tol, msg=key)
-    assert set(grad_f) == set(grad_r)
-    for name, value in grad_r.items():
-        assert_close(grad_f[name], value, **tol, msg=name)
+    assert_same_results(got, ref, {"rtol": 1e-9, "atol": 1e-11})
+    assert torch.equal(got[0].index_batch, ref[0].index_batch)
+    assert torch.equal(got[0].fragment_idx, ref[0].fragment_idx)
 
 
 @pytest.mark.parametrize("scope", ["per_point", "none"])
@@ -107,24 +116,17 @@ def test_geometry_recompute_chunks_equal_one_pass_in_float64(flame_files, monkey
     perturb_(model, 0.05)
     model.implementation, model.compile_scope = "fast", scope  # "none": the chunks without torch.compile
     set_backwards(model, "autograd")
-    out_1, loss_1, grad_1 = forward_and_grads(model, 0)
+    one_pass = forward_and_grads(model, 0)
     assert model.geometry_chunk(torch.device("cpu")) == 0  # "auto" off CUDA
     model.geometry_recompute_chunk = 37
     assert model.pc.n_points > 2 * 37 and model.pc.n_points % 37
     calls = []
     piece = model._geometry_piece
     monkeypatch.setattr(model, "_geometry_piece", lambda p, j: calls.append(p.shape[0]) or piece(p, j))
-    out_c, loss_c, grad_c = forward_and_grads(model, 0)
+    chunked = forward_and_grads(model, 0)
     chunks = -(-model.pc.n_points // 37)
     assert len(calls) == 2 * chunks and sum(calls) == 2 * model.pc.n_points  # forward, then recomputed
-    tol = {"rtol": 1e-12, "atol": 1e-14}
-    for name in ("rgb_image", "predicted_mask", "sdf_values", "grad_thetas", "canonical_points"):
-        assert_close(getattr(out_c, name), getattr(out_1, name), **tol, msg=name)
-    for key, value in loss_1.items():
-        assert_close(loss_c[key], value, **tol, msg=key)
-    assert set(grad_c) == set(grad_1)
-    for name, value in grad_1.items():
-        assert_close(grad_c[name], value, **tol, msg=name)
+    assert_same_results(chunked, one_pass, {"rtol": 1e-12, "atol": 1e-14})
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.3])
@@ -184,14 +186,8 @@ def test_activation_memory_budget_keeps_less_and_computes_the_same_in_float64(
         assert not model._compile_failed
     torch._dynamo.reset()
     assert kept[0.2] < 0.5 * kept[1.0], kept
-    (out_1, loss_1, grad_1), (out_b, loss_b, grad_b) = results[1.0], results[0.2]
-    tol = {"rtol": 1e-12, "atol": 1e-14}
-    for name in ("rgb_image", "sdf_values", "grad_thetas"):
-        assert_close(getattr(out_b, name), getattr(out_1, name), **tol, msg=name)
-    assert_close(loss_b["loss"], loss_1["loss"], **tol, msg="loss")
-    assert set(grad_b) == set(grad_1)
-    for name, value in grad_1.items():
-        assert_close(grad_b[name], value, **tol, msg=name)
+    outputs, losses = ("rgb_image", "sdf_values", "grad_thetas"), ("loss",)
+    assert_same_results(results[0.2], results[1.0], {"rtol": 1e-12, "atol": 1e-14}, outputs, losses)
 
 
 def test_compiled_pieces_get_no_parameters_or_views(flame_files, monkeypatch):
