@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -81,7 +80,7 @@ def main() -> None:
         model._compiles = lambda device: not model._compile_failed
     torch.manual_seed(0)
     model.pc.init(args.points)
-    model.pc.radius = 0.3 * 0.75 ** math.log2(args.points / 100)
+    model.pc.radius = model.pc.initial_radius()
     trainer.batch_size = args.batch
     indices, model_input, ground_truth = next(iter(trainer._loader()))
     ground_truth = trainer.batch_ground_truth(indices, ground_truth)
