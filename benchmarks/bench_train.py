@@ -207,14 +207,15 @@ def main() -> None:
         type=lambda v: v if v == "auto" else int(v),
         default="auto",
         help="model.geometry_recompute_chunk (geometry backward autograd): its compiled piece by chunks of this "
-        'many points, recomputed in the backward (0: one pass; "auto": 131072 on GPUs below 44 GiB, else 0)',
+        'many points, recomputed in the backward (0: one pass; "auto": 131072 on GPUs below 22 GiB, else 0)',
     )
     p.add_argument(
         "--memory-budget",
-        type=float,
-        default=1.0,
+        type=lambda v: v if v == "auto" else float(v),
+        default="auto",
         help="model.activation_memory_budget: the compiled pieces' partitioner keeps at most about this "
-        "fraction of its activations and recomputes the rest in the backward (1.0: as it chooses)",
+        'fraction of its activations and recomputes the rest in the backward (1.0: as it chooses; "auto": '
+        "0.3 on GPUs below 44 GiB, else 1.0)",
     )
     p.add_argument(
         "--visibility",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# model.activation_memory_budget on the GPU (issue 10): the training step at budgets 1.0 (the default),
+# model.activation_memory_budget on the GPU (issue 10): the training step at budgets 1.0 (the default on GPUs of 44 GiB and more),
 # 0.5, 0.3 and 0.2 with the large-GPU defaults, the geometry piece alone, and the fp32 GPU test of the
 # recomputing partition. Meant for a machine with two GPUs (device kind nvidia-h200-x2), in two parts of
 # under ten minutes each, the two GPUs busy at once in both:

@@ -15,6 +15,7 @@ or the cache's hits are what is timed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 from bench_train import synthetic_conf  # noqa: E402
 
 from pointavatar.engine.batching import move_to  # noqa: E402
+from pointavatar.model import geometry_fused, point_avatar  # noqa: E402
 from pointavatar.model.point_avatar import PointAvatar  # noqa: E402
 from pointavatar.train.graphed_step import forward_loss_backward  # noqa: E402
 from pointavatar.train.trainer import Trainer  # noqa: E402
@@ -49,6 +51,12 @@ def main() -> None:
         action="store_true",
         help="model.geometry_bf16 off (on the CPU bf16 products are slow and their autocast step too)",
     )
+    p.add_argument(
+        "--float-inputs",
+        action="store_true",
+        help="trace without geometry_fused.constant_floats (as before step 13): Python floats become 0-d "
+        "CPU graph inputs",
+    )
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--data", default=None, help="folder for the synthetic subject (default: a temp dir)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -66,6 +74,8 @@ def main() -> None:
         return compile_(fn, **kwargs)
 
     torch.compile = compile_as_asked
+    if args.float_inputs:
+        point_avatar.constant_floats = geometry_fused.constant_floats = contextlib.nullcontext
 
     tmp = Path(tempfile.mkdtemp())
     data = Path(args.data) if args.data else tmp / "data"

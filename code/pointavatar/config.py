@@ -450,8 +450,8 @@ class ModelConf:
     in the backward (torch.utils.checkpoint; 5.2 KB a point kept without, 2.0 GiB at 409,600 points).
     0: one pass, all kept (the faster: 80 ms against 84 a step at 409,600 points on an H200,
     benchmarks/RESULTS.md step 8). "auto": 65536 where geometry_backward or deformer_backward resolves to
-    a lean backward (by default GPUs below 20 GiB, and below 44 GiB without bf16), else 0. Same values
-    and gradients either way."""
+    a lean backward (by default GPUs below 44 GiB without bf16 tensor cores), else 0. Same values and
+    gradients either way."""
     geometry_recompute_chunk: int | str = field(
         default="auto",
         metadata=_check(lambda v: v == "auto" or (isinstance(v, int) and v >= 0), '"auto" or an int >= 0'),
@@ -459,17 +459,25 @@ class ModelConf:
     """(ours) Fast path, training, geometry_backward "autograd": the geometry network's compiled piece
     (forward and SDF-gradient sweep) runs in chunks of this many points whose activations are recomputed
     in the backward (torch.utils.checkpoint) instead of kept (24.5 GiB at 409,600 points in bf16). 0: one
-    pass, all kept (the fastest). "auto": 131072 on GPUs below 44 GiB (where "auto" backwards pick
-    autograd for GPUs of 20 GiB and more with the deformer's products in bf16: 89.6 ms and 10.2 GiB a step
-    at 409,600 points on an H200, benchmarks/RESULTS.md step 11), else 0. Same values and gradients."""
-    activation_memory_budget: float = field(default=1.0, metadata=_range(min=0, max=1, min_exclusive=True))
+    pass, all kept (the fastest). "auto": 131072 on GPUs below 22 GiB where both backwards resolve to
+    "autograd" (with activation_memory_budget "auto": 89.5 ms and 5.5 GiB a step at 409,600 points on an
+    H200, against 75.4 ms and 13.7 GiB without, benchmarks/RESULTS.md step 13), else 0. Same values and
+    gradients."""
+    activation_memory_budget: float | str = field(
+        default="auto",
+        metadata=_check(
+            lambda v: v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1),
+            '"auto" or a number in (0, 1]',
+        ),
+    )
     """(ours) Fast path, training, on CUDA: torch.compile's partitioner keeps at most about this fraction
     of what it would keep for the backward of each compiled piece, and recomputes the rest inside the
     backward (torch._functorch.config.activation_memory_budget; it recomputes the cheapest first, the
     elementwise work, which the backward's fused kernels then redo). 1.0: keep what the partitioner
-    chooses (the fastest, so far). Kept by the geometry piece at 409,600 points in bf16, measured on
-    the CPU (benchmarks/kept_memory.py): 24.1 GiB at 1.0, 10.5 at 0.5, 6.6 at 0.3, all without
-    recomputing a product; 4.7 at 0.2, which recomputes products. Same values and gradients."""
+    chooses (the fastest). At 409,600 points on an H200 (benchmarks/RESULTS.md step 13): 71.1 ms and
+    34.2 GiB a step at 1.0, 74.6 ms and 16.1 GiB at 0.5, 75.4 ms and 13.7 GiB at 0.3; at 102,400 points
+    28.2 ms and 9.7 GiB at 1.0, 29.4 ms and 3.9 GiB at 0.3. "auto": 0.3 on GPUs below 44 GiB where both
+    backwards resolve to "autograd", else 1.0. Same values and gradients."""
     inverse_skinning: str = field(default="closed_form", metadata=_choices("closed_form", "lu"))
     """(ours) Fast path: how the inverse skinning inverts each point's blended canonical transform
     (4 x 4, spec §5.13). "closed_form": from cross products of its rows, elementwise, fused by
@@ -490,10 +498,11 @@ class ModelConf:
     the same keeping the pre-activations only and running the sweep again in the backward. At 409,600
     points on an H200 with geometry_bf16 and deformer_backward "fused_bf16": 10.3 GiB and 111 ms a step,
     against 34.9 GiB and 93 ms with "autograd" for both (benchmarks/RESULTS.md, step 6). "auto":
-    "autograd" on GPUs with at least 44 GiB of memory, and on GPUs of 20 GiB and more where the deformer's
-    products run in bf16 (24 and 40 GB cards, there with geometry_recompute_chunk "auto": 10.2 GiB and
-    90 ms, benchmarks/RESULTS.md step 11), "fused_recompute" on other GPUs, "autograd" off CUDA; the
-    trainer prints what it chose (model/point_avatar.py, PointAvatar.auto_backwards)."""
+    "autograd" on GPUs with at least 44 GiB of memory, and on smaller GPUs where the deformer's products
+    run in bf16 (there with activation_memory_budget and geometry_recompute_chunk "auto": 13.7 GiB and
+    75.4 ms from 22 GiB, 5.5 GiB and 89.5 ms below, benchmarks/RESULTS.md step 13), "fused_recompute" on
+    other GPUs, "autograd" off CUDA; the trainer prints what it chose (model/point_avatar.py,
+    PointAvatar.auto_backwards)."""
     deformer_backward: str = field(
         default="auto", metadata=_choices("auto", "autograd", "fused", "fused_bf16")
     )
@@ -503,12 +512,11 @@ class ModelConf:
     node each with a hand-written backward (model/deform_fused.py) keeping only the pre-activations and
     their tangents (same values and gradients, tested in float64). "fused_bf16": the same with the kept
     pre-activations stored in bf16 (float32 runs only; the forward values are unchanged, the gradients
-    are computed from the rounded pre-activations). "auto": "autograd" on GPUs with at least 20 GiB of
-    memory where its products run in bf16 (deformer_bf16, GPUs with bf16 tensor cores; 11.5 GiB and
-    92.7 ms a step at 409,600 points on an H200 with geometry_backward "fused_recompute", against 10.4
-    GiB and 103.5 ms with "fused_bf16": benchmarks/RESULTS.md, step 10; with the geometry's "autograd" by
-    recomputed chunks, "auto" there since step 11, 10.2 GiB and 90 ms), "fused_bf16" on other GPUs below
-    44 GiB, "autograd" off CUDA."""
+    are computed from the rounded pre-activations). "auto": "autograd" on GPUs with at least 44 GiB and
+    on smaller GPUs where its products run in bf16 (deformer_bf16, GPUs with bf16 tensor cores; with the
+    geometry's "autograd" there and activation_memory_budget 0.3, 13.7 GiB and 75.4 ms a step at 409,600
+    points on an H200, against 10.4 GiB and 103.5 ms for the lean pair, benchmarks/RESULTS.md steps 8
+    and 13), "fused_bf16" on other GPUs below 44 GiB, "autograd" off CUDA."""
     geometry_bf16: bool = True
     """(ours) Fast path, training only: the geometry network's matrix products (its forward and the
     explicit gradient sweep) in bfloat16 with fp32 accumulation (torch.autocast; with the fused backward

@@ -129,12 +129,12 @@ def test_geometry_recompute_chunks_equal_one_pass_in_float64(flame_files, monkey
     assert_same_results(chunked, one_pass, {"rtol": 1e-12, "atol": 1e-14})
 
 
-@pytest.mark.parametrize("budget", [1.0, 0.3])
-def test_compiled_pieces_run_under_the_activation_memory_budget(flame_files, monkeypatch, budget):
+@pytest.mark.parametrize(("budget", "applied"), [(1.0, 1.0), (0.3, 0.3), ("auto", 1.0)])
+def test_compiled_pieces_run_under_the_activation_memory_budget(flame_files, monkeypatch, budget, applied):
     """model.activation_memory_budget reaches torch.compile's partitioner: every call of a compiled
     piece (where torch.compile traces and partitions, at the first call and at any recompile) runs with
-    torch._functorch.config.activation_memory_budget set to it, and the setting is restored after.
-    Checked on the CPU with a recording stand-in for torch.compile (its effect on what is kept:
+    torch._functorch.config.activation_memory_budget set to it ("auto" is 1.0 off a GPU below 44 GiB),
+    and the setting is restored after. Checked on the CPU with a recording stand-in for torch.compile (its effect on what is kept:
     benchmarks/kept_memory.py --memory-budget)."""
     model = build(flame_files)
     model.implementation, model.compile_scope, model.activation_memory_budget = "fast", "all", budget
@@ -156,7 +156,7 @@ def test_compiled_pieces_run_under_the_activation_memory_budget(flame_files, mon
         out.rgb_image.sum().backward()
     names = {name for name, _ in seen}
     assert {"_geometry_piece", "_deform_piece", "_colour_piece", "query_weights"} <= names, names
-    assert len(seen) >= 8 and all(b == budget for _, b in seen), seen
+    assert len(seen) >= 8 and all(b == applied for _, b in seen), seen
     assert functorch_config.activation_memory_budget == before
 
 
@@ -188,6 +188,42 @@ def test_activation_memory_budget_keeps_less_and_computes_the_same_in_float64(
     assert kept[0.2] < 0.5 * kept[1.0], kept
     outputs, losses = ("rgb_image", "sdf_values", "grad_thetas"), ("loss",)
     assert_same_results(results[0.2], results[1.0], {"rtol": 1e-12, "atol": 1e-14}, outputs, losses)
+
+
+def test_compiled_code_gets_no_float_inputs(flame_files, monkeypatch):
+    """The compiled pieces read Python floats (the Softplus beta, ALBEDO_SCALE, ...) as constants: no
+    graph input is a 0-d float tensor. Dynamo passes such a float as a 0-d float64 CPU tensor unless
+    floats are specialized (geometry_fused.constant_floats), and on the GPU inductor then builds a C++
+    kernel for it: a C++ build and the CPU's vector-ISA probe in each process's first step (found in
+    the H200's generated code, benchmarks/RESULTS.md step 13). Real Dynamo tracing on the CPU, with a
+    backend that records each graph's inputs and runs it as traced."""
+    model = build(flame_files)
+    model.implementation, model.compile_scope, model.compile_prior_query = "fast", "all", True
+    model.train()
+    graph_inputs = []
+
+    def recording_backend(gm, example_inputs):
+        graph_inputs.append([a for a in example_inputs if isinstance(a, torch.Tensor)])
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(
+        torch,
+        "compile",
+        lambda fn, dynamic=None, **_: compile_(fn, dynamic=dynamic, backend=recording_backend),
+    )
+    monkeypatch.setattr(model, "_compiles", lambda device: True)
+    torch._dynamo.reset()
+    try:
+        out = model(make_input(2))
+        out.rgb_image.sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert len(graph_inputs) >= 4  # the geometry, deformer, colour and prior pieces
+    scalars = [
+        tuple(t.shape) for inputs in graph_inputs for t in inputs if t.dim() == 0 and t.is_floating_point()
+    ]
+    assert not scalars, scalars
 
 
 def test_compiled_pieces_get_no_parameters_or_views(flame_files, monkeypatch):
@@ -358,49 +394,53 @@ def test_geometry_bf16_only_on_gpus_with_bf16_tensor_cores(flame_files, monkeypa
     assert not model._geometry_in_bf16(torch.device("cpu"))
 
 
-def test_auto_backwards_are_lean_on_gpus_below_44_gib(flame_files, monkeypatch):
-    """model.geometry_backward / deformer_backward "auto" (the defaults): the fastest pair on large GPUs,
-    and below LEAN_BELOW_GIB on GPUs of LEAN_DEFORMER_BELOW_GIB and more where the deformer's products
-    run in bf16, there with the geometry recomputed by chunks (model.geometry_recompute_chunk "auto");
-    else the lean pair; autograd off CUDA; an explicit value is kept. The prior query's chunks ("auto")
-    follow: recomputed chunks with a lean backward, one pass without. The trainer's line says the choice
-    and why."""
+def test_auto_backwards_and_memory_tiers_by_gpu_memory(flame_files, monkeypatch):
+    """model.geometry_backward / deformer_backward "auto" (the defaults): both autograd on large GPUs and,
+    below LEAN_BELOW_GIB, where the deformer's products run in bf16, there with the compiled pieces under
+    an activation memory budget of 0.3 (model.activation_memory_budget "auto") and, below
+    GEOMETRY_CHUNK_BELOW_GIB, the geometry recomputed by chunks too (model.geometry_recompute_chunk
+    "auto"); else the lean pair; autograd off CUDA; an explicit value is kept. The prior query's chunks
+    ("auto") follow: recomputed chunks with a lean backward, one pass without. The trainer's line says
+    the choice and why."""
     model = build(flame_files)
     assert (model.geometry_backward, model.deformer_backward) == ("auto", "auto")
-    assert model.prior_query_chunk == "auto"
-    cuda = torch.device("cuda", 0)
-    assert model.backwards(torch.device("cpu")) == ("autograd", "autograd")
-    assert model.prior_chunk(torch.device("cpu")) == 0
+    assert model.prior_query_chunk == model.activation_memory_budget == "auto"
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert model.backwards(cpu) == ("autograd", "autograd")
+    assert (model.prior_chunk(cpu), model.geometry_chunk(cpu), model.memory_budget(cpu)) == (0, 0, 1.0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(trainer_module, "gpu_memory_gib", lambda device: 0.0)  # the line reads the model's
     lean, fastest = ("fused_recompute", "fused_bf16"), ("autograd",) * 2
-    for gib, expected, geometry_chunk, why in (
-        (15.6, lean, 0, "a 15.6 GiB GPU, below 20 GiB"),
-        (19.9, lean, 0, "a 19.9 GiB GPU, below 20 GiB"),
-        (20.0, fastest, 131072, "a 20.0 GiB GPU, below 44 GiB, at least 20 GiB"),
-        (23.6, fastest, 131072, "a 23.6 GiB GPU, below 44 GiB, at least 20 GiB"),
-        (39.4, fastest, 131072, "a 39.4 GiB GPU, below 44 GiB, at least 20 GiB"),
-        (44.0, fastest, 0, "a 44.0 GiB GPU, at least 44 GiB"),
-        (139.8, fastest, 0, "a 139.8 GiB GPU, at least 44 GiB"),
+    for gib, geometry_chunk, budget, why in (
+        (11.6, 131072, 0.3, "a 11.6 GiB GPU, below 44 GiB"),
+        (21.9, 131072, 0.3, "a 21.9 GiB GPU, below 44 GiB"),
+        (22.0, 0, 0.3, "a 22.0 GiB GPU, below 44 GiB"),
+        (23.6, 0, 0.3, "a 23.6 GiB GPU, below 44 GiB"),
+        (39.4, 0, 0.3, "a 39.4 GiB GPU, below 44 GiB"),
+        (44.0, 0, 1.0, "a 44.0 GiB GPU, at least 44 GiB"),
+        (139.8, 0, 1.0, "a 139.8 GiB GPU, at least 44 GiB"),
     ):
         monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device, g=gib: g)
-        assert model.backwards(cuda) == expected, gib
-        assert model.prior_chunk(cuda) == (65536 if expected == lean else 0), gib
+        assert model.backwards(cuda) == fastest, gib
+        assert model.prior_chunk(cuda) == 0, gib
         assert model.geometry_chunk(cuda) == geometry_chunk, gib
+        assert model.memory_budget(cuda) == budget, gib
         assert trainer_module.backwards_line(model, cuda).endswith(f" (auto: {why})"), gib
-    monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device: 23.6)
+    monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device: 15.6)
     assert trainer_module.backwards_line(model, cuda) == (
         "Fast path: geometry backward autograd, deformer backward autograd, prior query in one pass, geometry"
-        " recomputed by chunks of 131072 points, deformer products in bf16 (auto: a 23.6 GiB GPU, below 44"
-        " GiB, at least 20 GiB)"
+        " recomputed by chunks of 131072 points, activation memory budget 0.3, deformer products in bf16"
+        " (auto: a 15.6 GiB GPU, below 44 GiB)"
     )
-    model.geometry_recompute_chunk = 0  # explicit: kept
-    assert model.geometry_chunk(cuda) == 0
-    model.geometry_recompute_chunk = "auto"
-    # Without the deformer's bf16 products (the key off, or a GPU without bf16 tensor cores) the middle
-    # tier takes the lean deformer too.
+    model.geometry_recompute_chunk, model.activation_memory_budget = 0, 0.5  # explicit: kept
+    assert (model.geometry_chunk(cuda), model.memory_budget(cuda)) == (0, 0.5)
+    model.geometry_recompute_chunk, model.activation_memory_budget = "auto", "auto"
+    monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device: 23.6)
+    # Without the deformer's bf16 products (the key off, or a GPU without bf16 tensor cores) GPUs below
+    # 44 GiB take the lean pair, with the prior's chunks and neither the budget nor the geometry chunks.
     model.deformer_bf16 = False
     assert model.auto_backwards(cuda) == (lean, "a 23.6 GiB GPU, below 44 GiB, deformer products in fp32")
+    assert (model.prior_chunk(cuda), model.geometry_chunk(cuda), model.memory_budget(cuda)) == (65536, 0, 1.0)
     model.deformer_bf16 = True
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert model.backwards(cuda) == lean
@@ -409,9 +449,8 @@ def test_auto_backwards_are_lean_on_gpus_below_44_gib(flame_files, monkeypatch):
     assert model.backwards(cuda) == ("autograd", "fused")
     assert trainer_module.backwards_line(model, cuda) == (
         "Fast path: geometry backward autograd, deformer backward fused, prior query by chunks of 65536"
-        " points, geometry recomputed by chunks of 131072 points, deformer products in fp32"
-        " (model.deformer_bf16 applies to deformer backward autograd only)"
-        " (auto: a 23.6 GiB GPU, below 44 GiB, at least 20 GiB)"
+        " points, deformer products in fp32 (model.deformer_bf16 applies to deformer backward autograd only)"
+        " (auto: a 23.6 GiB GPU, below 44 GiB)"
     )
     monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device: 139.8)
     assert model.backwards(cuda) == ("autograd", "fused")

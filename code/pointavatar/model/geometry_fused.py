@@ -198,6 +198,15 @@ _COMPILE_FAILED: list[str] = []
 COMPILE_OPTIONS: dict | None = None
 
 
+def constant_floats():
+    """The context our torch.compile calls trace in: Python floats that the compiled code reads (the
+    Softplus beta, module constants such as ``ALBEDO_SCALE``) become constants of the graph
+    (``torch._dynamo.config.specialize_float``). Without it torch 2.11 passes each as a 0-d float64 CPU
+    input, which inductor converts with a C++ kernel: a C++ build and the CPU's vector-ISA probe in the
+    first step of every process, and a host-side scalar per call (benchmarks/RESULTS.md step 13)."""
+    return torch._dynamo.config.patch(specialize_float=True)
+
+
 def _run(name: str, fn, compiled: bool, *args):
     """fn(*args); with ``compiled``, through torch.compile (dynamic point count), falling back to the eager
     function for good, with one warning, if compiling fails. The passes (here and in deform_fused.py)
@@ -220,10 +229,12 @@ def _run(name: str, fn, compiled: bool, *args):
                 torch._dynamo.mark_dynamic(t, 1)
     c = _COMPILED.get(name)
     if c is not None:
-        return c(*args)
+        with constant_floats():  # a recompile traces as the first compile did
+            return c(*args)
     c = torch.compile(fn, options=COMPILE_OPTIONS)
     try:
-        result = c(*args)
+        with constant_floats():
+            result = c(*args)
     except Exception as exc:  # the eager pass is exact: a compiler problem must not stop training
         _COMPILE_FAILED.append(f"{type(exc).__name__}: {exc}")
         warnings.warn(

@@ -8,6 +8,7 @@ spec §3.5). Images are row-major from the top row, P = H * W pixels, channels l
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -22,7 +23,7 @@ from pointavatar.model.deform_explicit import deform_with_jacobian_explicit, fla
 from pointavatar.model.deform_fused import skinning_with_tangents_fused, trunk_with_tangents_fused
 from pointavatar.model.deformer import ForwardDeformer
 from pointavatar.model.geometry import GeometryNetwork
-from pointavatar.model.geometry_fused import forward_with_gradient_fused
+from pointavatar.model.geometry_fused import constant_floats, forward_with_gradient_fused
 from pointavatar.model.knn import nearest_neighbor, nearest_neighbor_fast
 from pointavatar.model.outputs import EvalOutputs, PointAvatarOutputs
 from pointavatar.model.point_cloud import PointCloud
@@ -84,15 +85,18 @@ def joined_sdf_gradients(sdfs: list[torch.Tensor], grads: list[torch.Tensor]) ->
 
 
 # model.geometry_backward / deformer_backward "auto" by the GPU's memory, at 409,600 points on an H200
-# (benchmarks/RESULTS.md, steps 10 and 11): from LEAN_BELOW_GIB up both "autograd" (the fastest: 71.7 ms,
-# 34.2 GiB); below it, on GPUs of LEAN_DEFORMER_BELOW_GIB and more where the deformer's products run in
-# bf16 (model.deformer_bf16 on a GPU with bf16 tensor cores), both "autograd" too, with the geometry
-# recomputed by chunks of GEOMETRY_CHUNK_BELOW_LEAN points (model.geometry_recompute_chunk "auto": 89.6
-# ms, 10.2 GiB: 24 GB cards have room); else the geometry's "fused_recompute" with the deformer's
-# "fused_bf16" (103.5 ms, 10.4 GiB, step 8).
+# (benchmarks/RESULTS.md, steps 8, 11 and 13): both "autograd" on GPUs of LEAN_BELOW_GIB and more, and on
+# smaller ones where the deformer's products run in bf16 (model.deformer_bf16 on a GPU with bf16 tensor
+# cores); else the geometry's "fused_recompute" with the deformer's "fused_bf16" (103.5 ms, 10.4 GiB).
+# With "autograd": from LEAN_BELOW_GIB up all activations kept (the fastest: 71.1 ms, 34.2 GiB); below it
+# the compiled pieces partitioned under an activation memory budget of BUDGET_BELOW_LEAN
+# (model.activation_memory_budget "auto": 75.4 ms, 13.7 GiB), and below GEOMETRY_CHUNK_BELOW_GIB the
+# geometry recomputed by chunks of GEOMETRY_CHUNK points as well (model.geometry_recompute_chunk "auto":
+# 89.5 ms, 5.5 GiB; 20 GB cards, which the VGG loss and the training images also use).
 LEAN_BELOW_GIB = 44.0
-LEAN_DEFORMER_BELOW_GIB = 20.0
-GEOMETRY_CHUNK_BELOW_LEAN = 131072
+BUDGET_BELOW_LEAN = 0.3
+GEOMETRY_CHUNK_BELOW_GIB = 22.0
+GEOMETRY_CHUNK = 131072
 # model.prior_query_chunk "auto" where a lean backward applies: the prior's query by chunks of this many
 # points, recomputed in the backward (2.0 GiB less at 409,600 points; one pass is 4 ms faster there).
 PRIOR_CHUNK_LEAN = 65536
@@ -151,7 +155,7 @@ class PointAvatar(nn.Module):
         self.recompute_chunk = int(conf.recompute_chunk)
         self.prior_query_chunk = conf.prior_query_chunk  # "auto" or an int (``prior_chunk``)
         self.geometry_recompute_chunk = conf.geometry_recompute_chunk  # "auto" or an int (``geometry_chunk``)
-        self.activation_memory_budget = float(conf.activation_memory_budget)
+        self.activation_memory_budget = conf.activation_memory_budget  # "auto" or a float (``memory_budget``)
         self.compile_prior_query = bool(conf.compile_prior_query)
         self.geometry_bf16 = bool(conf.geometry_bf16)
         self.deformer_bf16 = bool(conf.deformer_bf16)
@@ -235,11 +239,11 @@ class PointAvatar(nn.Module):
         )
         compiled = self._compiled.get(name)
         if compiled is not None:
-            with self._partitioner_settings():  # a recompile (new guard) sees the same budget
+            with self._compile_settings(args[0].device):  # a recompile (new guard) sees the same budget
                 return compiled(*args)
         compiled = torch.compile(fn, dynamic=True, mode=self.compile_mode)
         try:
-            with self._partitioner_settings():
+            with self._compile_settings(args[0].device):
                 result = compiled(*args)
         except Exception as exc:  # a compiler problem must not stop training: the eager code is exact
             self._compile_failed = True
@@ -251,10 +255,13 @@ class PointAvatar(nn.Module):
         self._compiled[name] = compiled
         return result
 
-    def _partitioner_settings(self):
-        """The context the compiled pieces are compiled in: ``activation_memory_budget`` for the
-        partitioner, which decides what each piece's forward keeps for its backward."""
-        return functorch_config.patch(activation_memory_budget=float(self.activation_memory_budget))
+    @contextmanager
+    def _compile_settings(self, device: torch.device):
+        """The context the compiled pieces are compiled in: ``memory_budget`` for the partitioner, which
+        decides what each piece's forward keeps for its backward, and floats compiled as constants
+        (``geometry_fused.constant_floats``)."""
+        with functorch_config.patch(activation_memory_budget=self.memory_budget(device)), constant_floats():
+            yield
 
     def backwards(self, device: torch.device) -> tuple[str, str]:
         """``geometry_backward`` and ``deformer_backward`` as they apply on ``device``, "auto" resolved by
@@ -268,34 +275,50 @@ class PointAvatar(nn.Module):
 
     def auto_backwards(self, device: torch.device) -> tuple[tuple[str, str], str]:
         """What "auto" is on ``device`` for (geometry_backward, deformer_backward), and why: "autograd" for
-        both off CUDA and on a GPU with at least ``LEAN_BELOW_GIB`` of memory (the fastest step), and on
-        a smaller one with at least ``LEAN_DEFORMER_BELOW_GIB`` where the deformer's products run in bf16
-        (there ``geometry_chunk`` recomputes the geometry by chunks); else the lean pair,
-        "fused_recompute" and "fused_bf16"."""
+        both off CUDA, on a GPU with at least ``LEAN_BELOW_GIB`` of memory, and on a smaller one where the
+        deformer's products run in bf16 (there with ``memory_budget`` and ``geometry_chunk`` keeping less);
+        else the lean pair, "fused_recompute" and "fused_bf16"."""
         fastest = ("autograd", "autograd")
         if device.type != "cuda":
             return fastest, "not a GPU"
         gib = gpu_memory_gib(device)
         gpu = f"a {gib:.1f} GiB GPU"
-        lean = ("fused_recompute", "fused_bf16")
         if gib >= LEAN_BELOW_GIB:
             return fastest, f"{gpu}, at least {LEAN_BELOW_GIB:g} GiB"
-        if gib < LEAN_DEFORMER_BELOW_GIB:
-            return lean, f"{gpu}, below {LEAN_DEFORMER_BELOW_GIB:g} GiB"
         if not (self.deformer_bf16 and _bf16_pays(device)):
-            return lean, f"{gpu}, below {LEAN_BELOW_GIB:g} GiB, deformer products in fp32"
-        return fastest, f"{gpu}, below {LEAN_BELOW_GIB:g} GiB, at least {LEAN_DEFORMER_BELOW_GIB:g} GiB"
+            return (
+                "fused_recompute",
+                "fused_bf16",
+            ), f"{gpu}, below {LEAN_BELOW_GIB:g} GiB, deformer products in fp32"
+        return fastest, f"{gpu}, below {LEAN_BELOW_GIB:g} GiB"
+
+    def _small_gpu(self, device: torch.device, below_gib: float) -> bool:
+        """Whether ``device`` is a GPU of less than ``below_gib`` and both backwards are "autograd" there (the
+        tiers of ``memory_budget`` and ``geometry_chunk``)."""
+        return (
+            device.type == "cuda"
+            and gpu_memory_gib(device) < below_gib
+            and self.backwards(device) == ("autograd", "autograd")
+        )
+
+    def memory_budget(self, device: torch.device) -> float:
+        """``activation_memory_budget`` as it applies on ``device``: "auto" is ``BUDGET_BELOW_LEAN`` on a GPU
+        below ``LEAN_BELOW_GIB`` with both backwards "autograd" (13.7 GiB at 409,600 points on an H200,
+        34.2 GiB at 1.0), 1.0 (what the partitioner chooses: the fastest) otherwise."""
+        if self.activation_memory_budget != "auto":
+            return float(self.activation_memory_budget)
+        return BUDGET_BELOW_LEAN if self._small_gpu(device, LEAN_BELOW_GIB) else 1.0
 
     def geometry_chunk(self, device: torch.device) -> int:
         """``geometry_recompute_chunk`` as it applies on ``device`` (geometry backward "autograd" only):
-        "auto" is ``GEOMETRY_CHUNK_BELOW_LEAN`` on a GPU below ``LEAN_BELOW_GIB`` (its activations
-        recomputed: 24.5 GiB kept at 409,600 points without), 0 (one pass, the faster) otherwise."""
+        "auto" is ``GEOMETRY_CHUNK`` on a GPU below ``GEOMETRY_CHUNK_BELOW_GIB`` with both backwards
+        "autograd" (its activations recomputed: 5.5 GiB a step at 409,600 points, 13.7 without), 0 (one
+        pass, the faster) otherwise."""
         if self.backwards(device)[0] != "autograd":
             return 0
         if self.geometry_recompute_chunk != "auto":
             return int(self.geometry_recompute_chunk)
-        small = device.type == "cuda" and gpu_memory_gib(device) < LEAN_BELOW_GIB
-        return GEOMETRY_CHUNK_BELOW_LEAN if small else 0
+        return GEOMETRY_CHUNK if self._small_gpu(device, GEOMETRY_CHUNK_BELOW_GIB) else 0
 
     def prior_chunk(self, device: torch.device) -> int:
         """``prior_query_chunk`` as it applies on ``device``: "auto" is 65536 (its activations

@@ -69,6 +69,9 @@ def backwards_line(model, device: torch.device) -> str:
     geometry_chunk = model.geometry_chunk(device)
     if geometry_chunk:
         line += f", geometry recomputed by chunks of {geometry_chunk} points"
+    budget = model.memory_budget(device)
+    if budget < 1.0:
+        line += f", activation memory budget {budget:g}"
     if model.deformer_bf16 and deformer == "autograd":
         line += ", deformer products in bf16"
     elif model.deformer_bf16 and deformer == "fused":  # fused_bf16 says bf16 in its name
