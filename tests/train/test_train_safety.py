@@ -370,19 +370,30 @@ def test_out_of_memory_names_the_keys_that_save_memory(subject, tmp_path, monkey
         trainer.run()
     message = str(info.value)
     assert message.startswith("the GPU ran out of memory in a training step of epoch 1 (")
-    assert (
-        'model.geometry_backward = "fused_recompute" with model.deformer_backward = "fused_bf16"' in message
-    )
+    # Both backwards autograd (the CPU's "auto"): the partitioner's budget with the geometry's chunks.
+    assert "model.activation_memory_budget = 0.3 with model.geometry_recompute_chunk = 131072" in message
+    assert "geometry_backward" not in message
     assert "model.recompute_chunk = 65536" in message
     assert "train.max_points_training (800" in message and "--is_continue" in message
     assert isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
     assert load_model_ckpt(trainer.exp.train_dir, "latest") is not None  # epoch 0's checkpoint
 
+    # Already at that budget and those chunks: the per-point chunks and the sizes are left.
+    trainer.model.activation_memory_budget, trainer.model.geometry_recompute_chunk = 0.3, 131072
+    message = trainer._out_of_memory_message(3)
+    assert "activation_memory_budget" not in message and "model.recompute_chunk = 65536" in message
+    # A mixed explicit choice of backwards is told the lean pair.
+    trainer.model.deformer_backward = "fused"
+    message = trainer._out_of_memory_message(3)
+    assert (
+        'model.geometry_backward = "fused_recompute" with model.deformer_backward = "fused_bf16"' in message
+    )
     # Already at the leanest backwards and chunks: only the sizes are left to suggest.
     trainer.model.geometry_backward, trainer.model.deformer_backward = "fused_recompute", "fused_bf16"
     trainer.model.recompute_chunk = 65536
     message = trainer._out_of_memory_message(3)
     assert "geometry_backward" not in message and "recompute_chunk" not in message
+    assert "activation_memory_budget" not in message
     assert "model.point_cloud.max_points" in message
     # The reference path on a GPU is told about the fast engine first.
     trainer.model.implementation, trainer.device = "reference", torch.device("cuda", 0)

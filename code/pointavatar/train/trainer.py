@@ -568,7 +568,14 @@ class Trainer:
             gpu = f" on {torch.cuda.get_device_name(self.device)} ({gpu_memory_gib(self.device):.1f} GiB)"
         fixes = []
         if self.model.uses_fast_path(self.device):
-            if self.model.backwards(self.device) != ("fused_recompute", "fused_bf16"):
+            backwards = self.model.backwards(self.device)
+            if backwards == ("autograd", "autograd"):
+                if self.model.memory_budget(self.device) > 0.3 or self.model.geometry_chunk(self.device) == 0:
+                    fixes.append(
+                        "model.activation_memory_budget = 0.3 with model.geometry_recompute_chunk = 131072 "
+                        "(5.5 GiB at 409,600 points on an H200)"
+                    )
+            elif backwards != ("fused_recompute", "fused_bf16"):
                 fixes.append(
                     'model.geometry_backward = "fused_recompute" with model.deformer_backward = "fused_bf16" '
                     "(10.4 GiB at 409,600 points on an H200)"
