@@ -286,10 +286,8 @@ class PointAvatar(nn.Module):
         if gib >= LEAN_BELOW_GIB:
             return fastest, f"{gpu}, at least {LEAN_BELOW_GIB:g} GiB"
         if not (self.deformer_bf16 and _bf16_pays(device)):
-            return (
-                "fused_recompute",
-                "fused_bf16",
-            ), f"{gpu}, below {LEAN_BELOW_GIB:g} GiB, deformer products in fp32"
+            lean = ("fused_recompute", "fused_bf16")
+            return lean, f"{gpu}, below {LEAN_BELOW_GIB:g} GiB, deformer products in fp32"
         return fastest, f"{gpu}, below {LEAN_BELOW_GIB:g} GiB"
 
     def _small_gpu(self, device: torch.device, below_gib: float) -> bool:
