@@ -30,7 +30,7 @@ from ..engine.experiment import Experiment, build_model
 from ..engine.inputs import FrameInputs
 from ..engine.plots import render_grids
 from ..errors import PointAvatarError
-from ..model.point_avatar import gpu_memory_gib
+from ..model.point_avatar import BUDGET_BELOW_LEAN, GEOMETRY_CHUNK, gpu_memory_gib
 from .graphed_step import GraphedStep, forward_loss_backward
 from .losses import Loss
 from .schedule import PointSchedule, make_optimizer, uses_fused_adam
@@ -570,10 +570,12 @@ class Trainer:
         if self.model.uses_fast_path(self.device):
             backwards = self.model.backwards(self.device)
             if backwards == ("autograd", "autograd"):
-                if self.model.memory_budget(self.device) > 0.3 or self.model.geometry_chunk(self.device) == 0:
+                # "auto"'s leanest tier, unless already there
+                budget = self.model.memory_budget(self.device)
+                if budget > BUDGET_BELOW_LEAN or self.model.geometry_chunk(self.device) == 0:
                     fixes.append(
-                        "model.activation_memory_budget = 0.3 with model.geometry_recompute_chunk = 131072 "
-                        "(5.5 GiB at 409,600 points on an H200)"
+                        f"model.activation_memory_budget = {BUDGET_BELOW_LEAN:g} with "
+                        f"model.geometry_recompute_chunk = {GEOMETRY_CHUNK} (5.5 GiB at 409,600 points on an H200)"
                     )
             elif backwards != ("fused_recompute", "fused_bf16"):
                 fixes.append(
