@@ -464,6 +464,24 @@ def test_override_rejects_unknown_and_wrong_type() -> None:
         ("dataset { train { subsample = [50, 10] } }", "dataset.train.subsample", "first < end", "[50, 10]"),
         ("model { prior_query_chunk = -1 }", "model.prior_query_chunk", '"auto" or an int >= 0', "found -1"),
         ("model { prior_query_chunk = half }", "model.prior_query_chunk", '"auto" or an int >= 0', "'half'"),
+        (
+            "model { activation_memory_budget = 0 }",
+            "model.activation_memory_budget",
+            '"auto" or a number in (0, 1]',
+            "found 0",
+        ),
+        (
+            "model { activation_memory_budget = 1.5 }",
+            "model.activation_memory_budget",
+            '"auto" or a number in (0, 1]',
+            "found 1.5",
+        ),
+        (
+            "model { activation_memory_budget = half }",
+            "model.activation_memory_budget",
+            '"auto" or a number in (0, 1]',
+            "'half'",
+        ),
     ],
 )
 def test_value_out_of_range(tmp_path: Path, text: str, key: str, allowed: str, found: str) -> None:
@@ -494,6 +512,10 @@ def test_range_bounds_are_inclusive_where_stated() -> None:
     assert parse_conf("").model.prior_query_chunk == "auto"
     assert parse_conf("model { prior_query_chunk = 0 }").model.prior_query_chunk == 0
     assert parse_conf("model { prior_query_chunk = 4096 }").model.prior_query_chunk == 4096
+    # model.activation_memory_budget: "auto" (the default) or a number in (0, 1], 1 included.
+    assert parse_conf("").model.activation_memory_budget == "auto"
+    assert parse_conf("model { activation_memory_budget = 1 }").model.activation_memory_budget == 1.0
+    assert parse_conf("model { activation_memory_budget = 0.3 }").model.activation_memory_budget == 0.3
     assert parse_conf("").model.inverse_skinning == "closed_form"
     assert parse_conf('model { inverse_skinning = "lu" }').model.inverse_skinning == "lu"
     assert parse_conf("").model.deformer_bf16 is True
