@@ -31,7 +31,13 @@ def tiny_run(subject, tmp_path_factory):
     (the render command's and the viewer's tests read it; none writes to it)."""
     root = tmp_path_factory.mktemp("tiny_run")
     conf = tiny(SUBJECT1, subject, root / "exps")
-    Trainer(conf, nepoch=0, device="cpu").run()
+    # The trainer sets the TF32 flags (model.tf32); a session fixture is set up before the per-test
+    # restore above saves them, so restore them here, or later fp32 GPU comparisons run in TF32.
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        Trainer(conf, nepoch=0, device="cpu").run()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     conf_path = root / "tiny.conf"
     save_conf(conf, conf_path)
     return conf, conf_path

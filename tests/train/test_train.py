@@ -328,7 +328,9 @@ def test_cuda_graph_training_on_gpu(subject, tmp_path):
 def test_out_of_memory_on_gpu_names_the_memory_keys(subject, tmp_path):
     """A real CUDA out-of-memory in a step stops the run with the memory keys, not a traceback of the
     allocator. The allocator is capped at what it holds when the first step begins (after the epoch's
-    checkpoint and plots, which must not be the ones to fail), so the step's first new block fails."""
+    checkpoint and plots, which must not be the ones to fail), and the step then asks for a block
+    larger than all of that: the tiny step alone can fit in the cache's free blocks (it did, and the
+    next checkpoint failed instead), so the step's own first block cannot be relied on to fail."""
     conf = tiny(SUBJECT1, subject, tmp_path, **{"train.cuda_graph": True, "model.render_backend": "auto"})
     trainer = Trainer(conf, nepoch=1, device="cuda")
     step = trainer._step
@@ -336,7 +338,9 @@ def test_out_of_memory_on_gpu_names_the_memory_keys(subject, tmp_path):
     def capped_step(*args, **kwargs):
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(torch.cuda.memory_reserved() / total)
+        reserved = torch.cuda.memory_reserved()
+        torch.cuda.set_per_process_memory_fraction(reserved / total)
+        torch.empty(reserved + 2**20, dtype=torch.uint8, device="cuda")  # raises the allocator's error
         return step(*args, **kwargs)
 
     trainer._step = capped_step

@@ -19,6 +19,7 @@ import os
 import sys
 
 from pointavatar.cli import exit_code
+from pointavatar.errors import PointAvatarError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +53,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="checkpoint to resume or evaluate: latest (default) or an epoch number such as 60",
     )
     p.add_argument("--load_path", default="", help="another train/ directory to load checkpoints from")
+    p.add_argument(
+        "--profile_epoch",
+        type=int,
+        default=None,
+        help="profile a few training steps of this epoch with torch.profiler: the wall and GPU time per "
+        "step and the costliest operators and kernels, written to <run>/train/profile_epoch<E>.txt",
+    )
+    p.add_argument(
+        "--profile_steps", type=int, default=10, help="steps profiled with --profile_epoch (default 10)"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument(
         "--wandb_workspace", default=None, help="accepted for compatibility; logging goes to TensorBoard"
@@ -74,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if args.wandb_workspace:
         print("note: wandb is not used; scalars go to TensorBoard under <run>/train/tensorboard")
 
+    if args.is_eval and args.profile_epoch is not None:
+        raise PointAvatarError("--profile_epoch profiles training steps; it does nothing with --is_eval.")
     conf = load_conf(args.conf)
     device = args.device
     if env_world_size() > 1:
@@ -98,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
                 load_path=args.load_path,
                 move_old_run=args.move_old_run,
                 ranks=ranks,
+                profile_epoch=args.profile_epoch,
+                profile_steps=args.profile_steps,
             )
             trainer.run()
         finally:

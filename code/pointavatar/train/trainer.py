@@ -33,6 +33,7 @@ from ..errors import PointAvatarError
 from ..model.point_avatar import BUDGET_BELOW_LEAN, GEOMETRY_CHUNK, gpu_memory_gib
 from .graphed_step import GraphedStep, forward_loss_backward
 from .losses import Loss
+from .profiling import StepProfiler, first_profiled_step
 from .schedule import PointSchedule, make_optimizer, uses_fused_adam
 
 # train.ground_truth_on_device "auto": at most this share of the GPU's memory for the training images.
@@ -94,9 +95,12 @@ class Trainer:
         device: torch.device | str | None = None,
         move_old_run: bool = False,
         ranks: Ranks | None = None,
+        profile_epoch: int | None = None,
+        profile_steps: int = 10,
     ):
         """``ranks``: this process's place in a run on several processes (`init_ranks`); its device
-        replaces ``device``. Default: a single process on ``device``."""
+        replaces ``device``. Default: a single process on ``device``. ``profile_epoch``: profile
+        ``profile_steps`` steps of that epoch (``--profile_epoch``; train/profiling.py)."""
         self.conf = conf
         self.exp = Experiment(conf, load_path=load_path)
         self.ranks = ranks if ranks is not None else Ranks()
@@ -156,6 +160,14 @@ class Trainer:
                 f"{self.start_epoch}, i.e. after training epochs 0..{self.start_epoch - 1}. Pass --nepoch "
                 f"{self.start_epoch} or more to train further (nothing was written)."
             )
+        if profile_epoch is not None and not self.start_epoch <= profile_epoch <= self.nepoch:
+            raise PointAvatarError(
+                f"--profile_epoch {profile_epoch}: this run trains epochs {self.start_epoch}..{self.nepoch}; "
+                "pick one of them (nothing was written)."
+            )
+        if profile_steps < 1:
+            raise PointAvatarError(f"--profile_steps {profile_steps}: profile at least 1 step.")
+        self.profile_epoch, self.profile_steps = profile_epoch, int(profile_steps)
         self.batch_size = self.schedule.epoch_values(self.start_epoch, self.model.pc.n_points).batch_size
         self._check_ranks_agree("the model, per-frame inputs and optimizer state at the start")
 
@@ -430,7 +442,10 @@ class Trainer:
             dynamic_ncols=True,
             disable=not self.ranks.is_main,
         )
+        profiler, first_profiled = self._profiler(epoch, len(loader))
         for data_index, (indices, model_input, ground_truth) in enumerate(bar):
+            if profiler is not None and data_index == first_profiled:
+                profiler.start()
             model_input = move_to(model_input, self.device)
             ground_truth = self.batch_ground_truth(indices, ground_truth)
             if self.inputs.enabled:
@@ -473,6 +488,8 @@ class Trainer:
                 tqdm.write(
                     f"warning: epoch {epoch}, step {data_index}: non-finite gradients; step skipped ({frames})"
                 )
+                if profiler is not None and profiler.active:
+                    profiler.step_done()
                 continue
             self.optimizer.step()
             if inputs_active:
@@ -493,6 +510,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{means['loss']:.4f}", rgb=f"{means['rgb_loss']:.4f}")
                 sums.clear()
                 count = 0
+            if profiler is not None and profiler.active:
+                profiler.step_done()
+        if profiler is not None:
+            profiler.stop()  # an epoch with fewer steps than asked
         bar.close()
         elapsed = time.time() - start
         batch = f"batch {self.batch_size}"
@@ -514,6 +535,14 @@ class Trainer:
                 "frames named above (expression, pose and camera values in flame_params.json), and the "
                 f"learning rate. Resume from {self.ckpt.path(ckpt.MODEL, 'latest')} with --is_continue."
             )
+
+    def _profiler(self, epoch: int, steps_in_epoch: int) -> tuple[StepProfiler | None, int]:
+        """``--profile_epoch``: the profiler for this epoch (rank 0 only) and its first step, or None."""
+        if epoch != self.profile_epoch or not self.ranks.is_main:
+            return None, 0
+        path = self.exp.train_dir / f"profile_epoch{epoch}.txt"
+        steps = min(self.profile_steps, steps_in_epoch)
+        return StepProfiler(epoch, steps, self.device, path), first_profiled_step(steps_in_epoch, steps)
 
     def _step(self, model_input: dict, ground_truth: dict, lbs_weight: float):
         """Forward, loss and backward of one batch: replayed from a CUDA graph with train.cuda_graph on
