@@ -35,6 +35,7 @@ from pointavatar.engine.batching import (
     batch_size_for,  # noqa: E402
     move_to,  # noqa: E402
 )
+from pointavatar.model import point_avatar  # noqa: E402
 from pointavatar.model.deform_explicit import INVERSES  # noqa: E402
 from pointavatar.train.graphed_step import GraphedStep, forward_loss_backward  # noqa: E402
 from pointavatar.train.schedule import make_optimizer, uses_fused_adam  # noqa: E402
@@ -218,6 +219,14 @@ def main() -> None:
         "0.3 on GPUs below 44 GiB, else 1.0)",
     )
     p.add_argument(
+        "--compile-size-hint",
+        type=lambda v: v if v == "auto" else int(v),
+        default="auto",
+        help="model.compile_size_hint: the point count torch.compile tunes the compiled pieces' kernels for "
+        '("auto": half of point_cloud.max_points, 204800 for subject1.conf; 0: the first size benchmarked, '
+        "as before 2026-12-01)",
+    )
+    p.add_argument(
         "--visibility",
         choices=["renderer", "torch"],
         default="renderer",
@@ -286,6 +295,7 @@ def main() -> None:
     model.compile_prior_query = not args.eager_prior_query
     model.geometry_recompute_chunk = args.geometry_recompute_chunk
     model.activation_memory_budget = args.memory_budget
+    model.compile_size_hint = args.compile_size_hint
     model.deform_contractions = args.deform_contractions
     model.compile_mode = args.compile_mode
     if model.uses_fast_path(device):  # the trainer's line with this benchmark's settings applied
@@ -396,6 +406,8 @@ def main() -> None:
         "geometry_recompute_chunk_applied": model.geometry_chunk(device),
         "activation_memory_budget": args.memory_budget,
         "activation_memory_budget_applied": model.memory_budget(device),
+        "compile_size_hint": args.compile_size_hint,
+        "compile_size_hint_applied": model.size_hint() if point_avatar.HINT_OVERRIDE else 0,
         "prior_query_chunk": args.prior_query_chunk,
         "compile_prior_query": not args.eager_prior_query,
         "compile_scope": args.compile_scope,

@@ -482,6 +482,24 @@ def test_override_rejects_unknown_and_wrong_type() -> None:
             '"auto" or a number in (0, 1]',
             "'half'",
         ),
+        (
+            "model { compile_size_hint = -1 }",
+            "model.compile_size_hint",
+            '"auto" or a point count >= 0',
+            "found -1",
+        ),
+        (
+            "model { compile_size_hint = 1.5 }",
+            "model.compile_size_hint",
+            "expects int or str",
+            "found 1.5 (float)",
+        ),
+        (
+            "model { compile_size_hint = big }",
+            "model.compile_size_hint",
+            '"auto" or a point count >= 0',
+            "'big'",
+        ),
     ],
 )
 def test_value_out_of_range(tmp_path: Path, text: str, key: str, allowed: str, found: str) -> None:
@@ -516,6 +534,10 @@ def test_range_bounds_are_inclusive_where_stated() -> None:
     assert parse_conf("").model.activation_memory_budget == "auto"
     assert parse_conf("model { activation_memory_budget = 1 }").model.activation_memory_budget == 1.0
     assert parse_conf("model { activation_memory_budget = 0.3 }").model.activation_memory_budget == 0.3
+    # model.compile_size_hint: "auto" (the default) or a point count, 0 included (the first step's sizes).
+    assert parse_conf("").model.compile_size_hint == "auto"
+    assert parse_conf("model { compile_size_hint = 0 }").model.compile_size_hint == 0
+    assert parse_conf("model { compile_size_hint = 204800 }").model.compile_size_hint == 204800
     assert parse_conf("").model.inverse_skinning == "closed_form"
     assert parse_conf('model { inverse_skinning = "lu" }').model.inverse_skinning == "lu"
     assert parse_conf("").model.deformer_bf16 is True

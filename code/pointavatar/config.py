@@ -478,6 +478,21 @@ class ModelConf:
     34.2 GiB a step at 1.0, 74.6 ms and 16.1 GiB at 0.5, 75.4 ms and 13.7 GiB at 0.3; at 102,400 points
     28.2 ms and 9.7 GiB at 1.0, 29.4 ms and 3.9 GiB at 0.3. "auto": 0.3 on GPUs below 44 GiB where both
     backwards resolve to "autograd", else 1.0. Same values and gradients."""
+    compile_size_hint: int | str = field(
+        default="auto",
+        metadata=_check(
+            lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+            '"auto" or a point count >= 0',
+        ),
+    )
+    """(ours) Fast path, training, on CUDA: the point count torch.compile generates the compiled pieces'
+    kernels for (their point dimension stays dynamic: one compile serves every size). Without it
+    inductor tunes them for the first step's cloud (400 points), which made a synthetic512 step at
+    128,802 points take 39.7 ms of GPU time against 28.6 ms for the same step compiled at that size
+    (benchmarks/RESULTS.md step 14): reductions over the points split and blocked for a few hundred rows.
+    "auto": half of point_cloud.max_points (the size of the steps that take most of a run). 0: the
+    first step's sizes. Same values (torch._dynamo.mark_dynamic's hint_override; ignored, with the
+    first step's sizes, on torch builds without it)."""
     inverse_skinning: str = field(default="closed_form", metadata=_choices("closed_form", "lu"))
     """(ours) Fast path: how the inverse skinning inverts each point's blended canonical transform
     (4 x 4, spec §5.13). "closed_form": from cross products of its rows, elementwise, fused by

@@ -7,6 +7,7 @@ spec §3.5). Images are row-major from the top row, P = H * W pixels, channels l
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from contextlib import contextmanager
 from functools import partial
@@ -107,6 +108,27 @@ def gpu_memory_gib(device: torch.device) -> float:
     return torch.cuda.get_device_properties(device).total_memory / 2**30
 
 
+# Whether this torch can tell torch.compile the size to tune for (model.compile_size_hint).
+HINT_OVERRIDE = "hint_override" in inspect.signature(torch._dynamo.mark_dynamic).parameters
+
+
+def mark_point_dims(args: tuple, point_dims: tuple[int | None, ...], hint: int) -> None:
+    """Marks each argument's point dimension (``point_dims``, aligned with ``args``) dynamic with ``hint``
+    as the size torch.compile tunes the kernels for (``model.compile_size_hint``). No-op for hint 0 or
+    on torch builds without ``hint_override`` (added in torch 2.9)."""
+    if hint <= 0 or not HINT_OVERRIDE or not point_dims:
+        return
+    n = args[0].shape[point_dims[0]]
+    for arg, dim in zip(args, point_dims, strict=False):
+        if dim is None:
+            continue
+        if arg.shape[dim] != n:
+            raise ValueError(
+                f"point dimension {dim} of a {tuple(arg.shape)} argument is not the point count {n}"
+            )
+        torch._dynamo.mark_dynamic(arg, dim, hint_override=hint)
+
+
 def _bf16_pays(device: torch.device) -> bool:
     """Whether bf16 products pay on ``device``: on the CPU (tests) and on GPUs with bf16 tensor cores
     (compute capability 8.0, Ampere, and later)."""
@@ -156,6 +178,7 @@ class PointAvatar(nn.Module):
         self.prior_query_chunk = conf.prior_query_chunk  # "auto" or an int (``prior_chunk``)
         self.geometry_recompute_chunk = conf.geometry_recompute_chunk  # "auto" or an int (``geometry_chunk``)
         self.activation_memory_budget = conf.activation_memory_budget  # "auto" or a float (``memory_budget``)
+        self.compile_size_hint = conf.compile_size_hint  # "auto" or a point count (``size_hint``)
         self.compile_prior_query = bool(conf.compile_prior_query)
         self.geometry_bf16 = bool(conf.geometry_bf16)
         self.deformer_bf16 = bool(conf.deformer_bf16)
@@ -219,11 +242,21 @@ class PointAvatar(nn.Module):
         """Whether ``_compiled_call`` compiles on ``device`` (CUDA only; tests may say otherwise)."""
         return device.type == "cuda" and not self._compile_failed
 
-    def _compiled_call(self, name: str, fn, *args):
+    def size_hint(self) -> int:
+        """``compile_size_hint`` as it applies: "auto" is half of the cloud's ``max_points``; 0 = none."""
+        if self.compile_size_hint == "auto":
+            return int(self.pc.max_points) // 2
+        return int(self.compile_size_hint)
+
+    def _compiled_call(self, name: str, fn, *args, point_dims: tuple[int | None, ...] = ()):
         """``fn(*args)``, on CUDA compiled once with ``torch.compile`` (dynamic point count), which the
         double-backward reference cannot be. If the first, compiling call fails, the fast path runs
         eagerly from then on, with a message. Later calls are not guarded: an exception there is
         real (or belongs to ``torch.utils.checkpoint``'s recomputation, which must see it).
+
+        ``point_dims``: for each of ``args`` its point dimension (None: it has none), marked dynamic
+        with ``size_hint`` as the size inductor generates the kernels for (``compile_size_hint``).
+        Every argument with a point dimension must be named: sizes of one symbol must agree.
 
         Parameters and views among ``args`` are passed as copies (differentiable, N x 3 for the
         points): torch.compile keeps a Parameter's shape static (``force_parameter_static_shapes``)
@@ -237,6 +270,7 @@ class PointAvatar(nn.Module):
             else a
             for a in args
         )
+        mark_point_dims(args, point_dims, self.size_hint())
         compiled = self._compiled.get(name)
         if compiled is not None:
             with self._compile_settings(args[0].device):  # a recompile (new guard) sees the same budget
@@ -337,7 +371,7 @@ class PointAvatar(nn.Module):
         if self.compile_scope == "none":
             run = self._geometry_piece
         else:
-            run = partial(self._compiled_call, "geometry", self._geometry_piece)
+            run = partial(self._compiled_call, "geometry", self._geometry_piece, point_dims=(0, 0))
         chunk = self.geometry_chunk(points.device)
         if chunk <= 0 or not torch.is_grad_enabled() or points.shape[0] <= chunk:
             return run(points, jittered)
@@ -404,7 +438,7 @@ class PointAvatar(nn.Module):
         deformer_backward = self.backwards(points.device)[1]
         if deformer_backward == "autograd":
             if compiled:
-                return self._compiled_call("deform", self._deform_piece, points, *frame)
+                return self._compiled_call("deform", self._deform_piece, points, *frame, point_dims=(0,))
             return self._deform_piece(points, *frame)
         bf16 = deformer_backward == "fused_bf16" and points.dtype == torch.float32
         kept = {"save_dtype": torch.bfloat16 if bf16 else None, "compiled": compiled}
@@ -412,7 +446,8 @@ class PointAvatar(nn.Module):
         weights, t_weights = skinning_with_tangents_fused(self.deformer_network, h, t, **kept)
         fields = (h, t, weights, t_weights)
         if compiled:
-            return self._compiled_call("flame", self._flame_piece, points, *fields, *frame)
+            dims = (0, 0, 1, 0, 1)  # points, h [c, D], t [3, c, D], weights [c, J], t_weights [3, c, J]
+            return self._compiled_call("flame", self._flame_piece, points, *fields, *frame, point_dims=dims)
         return self._flame_piece(points, *fields, *frame)
 
     def _compiles_deformer(self, device: torch.device) -> bool:
@@ -484,7 +519,10 @@ class PointAvatar(nn.Module):
         normals_c, albedo, sdf, grad = self._geometry_fast(points, jittered)
         x_d, cols = self._deform_fast(points, betas, transformations, pose_feature)
         if self.compile_scope == "all":
-            color = self._compiled_call("colour", self._colour_piece, cols, normals_c, albedo)
+            dims = (2, 0, 0)  # cols [3, B, c, 3], normals_c and albedo [c, 3]
+            color = self._compiled_call(
+                "colour", self._colour_piece, cols, normals_c, albedo, point_dims=dims
+            )
         else:
             color = self._colour_piece(cols, normals_c, albedo)
         return x_d, color, sdf, grad
@@ -517,7 +555,9 @@ class PointAvatar(nn.Module):
         if not (fast and self.training and torch.is_grad_enabled()):
             return query(points)
         if self.compile_prior_query:
-            query = partial(self._compiled_call, "prior", self.deformer_network.query_weights)
+            query = partial(
+                self._compiled_call, "prior", self.deformer_network.query_weights, point_dims=(0,)
+            )
         chunk = self.prior_chunk(points.device)
         if chunk <= 0:
             return query(points)

@@ -30,7 +30,7 @@ from ..engine.experiment import Experiment, build_model
 from ..engine.inputs import FrameInputs
 from ..engine.plots import render_grids
 from ..errors import PointAvatarError
-from ..model.point_avatar import BUDGET_BELOW_LEAN, GEOMETRY_CHUNK, gpu_memory_gib
+from ..model.point_avatar import BUDGET_BELOW_LEAN, GEOMETRY_CHUNK, HINT_OVERRIDE, gpu_memory_gib
 from .graphed_step import GraphedStep, forward_loss_backward
 from .losses import Loss
 from .profiling import StepProfiler, first_profiled_step
@@ -79,6 +79,11 @@ def backwards_line(model, device: torch.device) -> str:
         line += ", deformer products in fp32 (model.deformer_bf16 applies to deformer backward autograd only)"
     if "auto" in (model.geometry_backward, model.deformer_backward) and device.type == "cuda":
         line += f" (auto: {model.auto_backwards(device)[1]})"
+    hint = model.size_hint()
+    if hint and device.type == "cuda" and model.compile_scope != "none":
+        line += f"; compiled for {hint} points" + (
+            "" if HINT_OVERRIDE else " (not on this torch: the first step's)"
+        )
     return line
 
 
