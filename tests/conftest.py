@@ -9,14 +9,19 @@ from run_fixtures import SUBJECT1, make_subject, tiny
 from pointavatar.config import save_conf
 from pointavatar.train.trainer import Trainer
 
+# The process's TF32 flags before any test ran (torch's defaults unless the environment changed them).
+_INITIAL_TF32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
 
 @pytest.fixture(autouse=True)
 def _restore_matmul_precision():
     """Trainers, evaluators and the render command set the process-wide TF32 flags (``model.tf32``,
-    on by default); restore them after every test, so a later fp32 GPU comparison runs in fp32."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    on by default). Every test starts and ends with the process's initial flags, so an fp32 GPU
+    comparison runs in fp32 whatever ran before it: module- and session-scoped fixtures that train
+    are set up before this fixture, so restoring what it found would keep what they set."""
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = _INITIAL_TF32
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = _INITIAL_TF32
 
 
 @pytest.fixture(scope="session")
@@ -31,13 +36,7 @@ def tiny_run(subject, tmp_path_factory):
     (the render command's and the viewer's tests read it; none writes to it)."""
     root = tmp_path_factory.mktemp("tiny_run")
     conf = tiny(SUBJECT1, subject, root / "exps")
-    # The trainer sets the TF32 flags (model.tf32); a session fixture is set up before the per-test
-    # restore above saves them, so restore them here, or later fp32 GPU comparisons run in TF32.
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    try:
-        Trainer(conf, nepoch=0, device="cpu").run()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    Trainer(conf, nepoch=0, device="cpu").run()  # sets the TF32 flags: see _restore_matmul_precision
     conf_path = root / "tiny.conf"
     save_conf(conf, conf_path)
     return conf, conf_path

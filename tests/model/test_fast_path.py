@@ -411,6 +411,15 @@ def test_auto_backwards_and_memory_tiers_by_gpu_memory(flame_files, monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(trainer_module, "gpu_memory_gib", lambda device: 0.0)  # the line reads the model's
     lean, fastest = ("fused_recompute", "fused_bf16"), ("autograd",) * 2
+    # model.compile_size_hint ("auto": half of max_points) ends the line on CUDA; 0 (none) for the rest.
+    monkeypatch.setattr(point_avatar, "gpu_memory_gib", lambda device: 139.8)
+    compiled_for = f"; compiled for {model.pc.max_points // 2} points"
+    if not point_avatar.HINT_OVERRIDE:
+        compiled_for += " (not on this torch: the first step's)"
+    line = trainer_module.backwards_line(model, cuda)
+    assert line.endswith(" (auto: a 139.8 GiB GPU, at least 44 GiB)" + compiled_for), line
+    model.compile_size_hint = 0
+    assert "compiled for" not in trainer_module.backwards_line(model, cuda)
     for gib, geometry_chunk, budget, why in (
         (11.6, 131072, 0.3, "a 11.6 GiB GPU, below 44 GiB"),
         (21.9, 131072, 0.3, "a 21.9 GiB GPU, below 44 GiB"),

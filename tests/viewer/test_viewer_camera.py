@@ -170,7 +170,8 @@ def test_crop_window_and_errors():
 
 def test_the_trained_run_fixture_leaves_matmuls_in_fp32(tiny_run):
     """The session's tiny run is trained with model.tf32 on; the CUDA comparisons below, set up after
-    it, must still run in strict fp32 (they failed by 3e-3 when the fixture left TF32 on)."""
+    it, must still run in strict fp32 (they failed by 3e-3 when the fixture left TF32 on, and in the
+    whole suite another session- or module-scoped fixture can set it too)."""
     assert torch.backends.cuda.matmul.allow_tf32 is False
 
 
