@@ -190,40 +190,19 @@ def test_activation_memory_budget_keeps_less_and_computes_the_same_in_float64(
     assert_same_results(results[0.2], results[1.0], {"rtol": 1e-12, "atol": 1e-14}, outputs, losses)
 
 
-def test_compiled_code_gets_no_float_inputs(flame_files, monkeypatch):
-    """The compiled pieces read Python floats (the Softplus beta, ALBEDO_SCALE, ...) as constants: no
-    graph input is a 0-d float tensor. Dynamo passes such a float as a 0-d float64 CPU tensor unless
-    floats are specialized (geometry_fused.constant_floats), and on the GPU inductor then builds a C++
-    kernel for it: a C++ build and the CPU's vector-ISA probe in each process's first step (found in
-    the H200's generated code, benchmarks/RESULTS.md step 13). Real Dynamo tracing on the CPU, with a
-    backend that records each graph's inputs and runs it as traced."""
-    model = build(flame_files)
-    model.implementation, model.compile_scope, model.compile_prior_query = "fast", "all", True
-    model.train()
-    graph_inputs = []
-
-    def recording_backend(gm, example_inputs):
-        graph_inputs.append([a for a in example_inputs if isinstance(a, torch.Tensor)])
-        return gm.forward
-
+def traced_on_cpu(model, monkeypatch, backend, step):
+    """``step()`` with the model's compiled pieces traced by real Dynamo on the CPU into ``backend``
+    (torch.compile's other options dropped), from an empty Dynamo cache, which is emptied again after."""
     compile_ = torch.compile
     monkeypatch.setattr(
-        torch,
-        "compile",
-        lambda fn, dynamic=None, **_: compile_(fn, dynamic=dynamic, backend=recording_backend),
+        torch, "compile", lambda fn, dynamic=None, **_: compile_(fn, dynamic=dynamic, backend=backend)
     )
     monkeypatch.setattr(model, "_compiles", lambda device: True)
     torch._dynamo.reset()
     try:
-        out = model(make_input(2))
-        out.rgb_image.sum().backward()
+        return step()
     finally:
         torch._dynamo.reset()
-    assert len(graph_inputs) >= 4  # the geometry, deformer, colour and prior pieces
-    scalars = [
-        tuple(t.shape) for inputs in graph_inputs for t in inputs if t.dim() == 0 and t.is_floating_point()
-    ]
-    assert not scalars, scalars
 
 
 def test_compiled_pieces_get_no_parameters_or_views(flame_files, monkeypatch):
@@ -603,19 +582,22 @@ def test_fast_path_equals_reference_on_gpu_in_float32(flame_files, scope, chunk,
         assert_close(grad_f[name], value, rtol=1e-4, atol=1e-4 * scale + 1e-8, reason=why)
 
 
-@pytest.mark.parametrize("hint", [0, 4096])
-def test_compiled_pieces_are_tuned_for_the_size_hint(flame_files, monkeypatch, hint):
-    """model.compile_size_hint: each compiled piece's point dimension carries the hint as its size hint
-    (inductor tunes the kernels for that size instead of the first step's cloud: 39.7 against 28.6 ms
-    of GPU time at 128,802 points on the H200, RESULTS step 14), every symbol of the point count gets
-    it (a point argument left out would trace with two symbols for one size), and the compiled step
-    computes what the eager one does. Real Dynamo and AOT-autograd tracing on the CPU (aot_eager: the
-    traced graphs run as traced); hint 0 traces with the first step's sizes as before."""
+def test_compiled_pieces_get_the_size_hint_and_no_float_inputs(flame_files, monkeypatch):
+    """Real Dynamo and AOT-autograd tracing of the compiled pieces on the CPU (aot_eager: the traced
+    graphs run as traced); the compiled step computes what the eager one does, and:
+    - model.compile_size_hint: each piece's point dimension carries the hint as its size hint (inductor
+      tunes the kernels for that size instead of the first step's cloud: 39.7 against 34.3 ms of GPU
+      time at 129k points on the H200, RESULTS step 14), every symbol of the point count gets it (a
+      point argument left out traces two symbols for one size, and the compile fails);
+    - the pieces read Python floats (the Softplus beta, ALBEDO_SCALE, ...) as constants: no graph
+      input is a 0-d float tensor. Dynamo passes such a float as a 0-d float64 CPU tensor unless floats
+      are specialized (geometry_fused.constant_floats), and on the GPU inductor then builds a C++ kernel
+      for it: a C++ build and the CPU's vector-ISA probe in each process's first step (RESULTS step 13)."""
     from torch._guards import TracingContext
 
     model = build(flame_files)
     model.implementation, model.compile_scope, model.compile_prior_query = "fast", "all", True
-    model.compile_size_hint = hint
+    model.compile_size_hint = hint = 4096
     model.geometry_bf16 = model.deformer_bf16 = False  # bf16 would round differently traced and eager
     model.train()
     inp = make_input(2)
@@ -632,25 +614,22 @@ def test_compiled_pieces_are_tuned_for_the_size_hint(flame_files, monkeypatch, h
     hints = []
     aot_eager = torch._dynamo.lookup_backend("aot_eager")
 
-    def hint_recording_backend(gm, example_inputs):
+    scalars = []
+
+    def recording_backend(gm, example_inputs):
         shape_env = TracingContext.get().fake_mode.shape_env
         hints.append(sorted(set(shape_env.var_to_hint_override.values())))
+        scalars.extend(
+            a
+            for a in example_inputs
+            if isinstance(a, torch.Tensor) and a.dim() == 0 and a.is_floating_point()
+        )
         return aot_eager(gm, example_inputs)
 
-    compile_ = torch.compile
-    monkeypatch.setattr(
-        torch,
-        "compile",
-        lambda fn, dynamic=None, **_: compile_(fn, dynamic=dynamic, backend=hint_recording_backend),
-    )
-    monkeypatch.setattr(model, "_compiles", lambda device: True)
-    torch._dynamo.reset()
-    try:
-        image, grads = step()
-    finally:
-        torch._dynamo.reset()
+    image, grads = traced_on_cpu(model, monkeypatch, recording_backend, step)
     assert len(hints) >= 4  # the geometry, deformer, colour and prior pieces
-    assert hints == [[hint] if hint else []] * len(hints)
+    assert hints == [[hint]] * len(hints)
+    assert not scalars, [t.dtype for t in scalars]
     why = "the traced graphs sum the same float32 products in other orders"
     assert_close(image, eager_image, rtol=1e-5, atol=1e-6, reason=why)
     assert grads.keys() == eager_grads.keys()
