@@ -44,6 +44,11 @@ from pointavatar.train.trainer import Trainer, backwards_line  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def auto_or(kind):
+    """argparse type of a conf key that takes "auto" or a value of ``kind``."""
+    return lambda v: v if v == "auto" else kind(v)
+
+
 def synthetic_conf(data: Path, out: Path, res: int, backend: str, implementation: str, **model_keys):
     """subject1.conf on the synthetic subject; ``model_keys`` are further ``model.<key>`` overrides."""
     from pointavatar.synthetic import ensure_synthetic_subject
@@ -175,7 +180,7 @@ def main() -> None:
     p.add_argument("--recompute-chunk", type=int, default=0, help="model.recompute_chunk (fast path)")
     p.add_argument(
         "--prior-query-chunk",
-        type=lambda v: v if v == "auto" else int(v),
+        type=auto_or(int),
         default="auto",
         help='model.prior_query_chunk (fast path; 0: one pass; "auto": 65536 with a lean backward, else 0)',
     )
@@ -205,14 +210,14 @@ def main() -> None:
     )
     p.add_argument(
         "--geometry-recompute-chunk",
-        type=lambda v: v if v == "auto" else int(v),
+        type=auto_or(int),
         default="auto",
         help="model.geometry_recompute_chunk (geometry backward autograd): its compiled piece by chunks of this "
         'many points, recomputed in the backward (0: one pass; "auto": 131072 on GPUs below 22 GiB, else 0)',
     )
     p.add_argument(
         "--memory-budget",
-        type=lambda v: v if v == "auto" else float(v),
+        type=auto_or(float),
         default="auto",
         help="model.activation_memory_budget: the compiled pieces' partitioner keeps at most about this "
         'fraction of its activations and recomputes the rest in the backward (1.0: as it chooses; "auto": '
@@ -220,7 +225,7 @@ def main() -> None:
     )
     p.add_argument(
         "--compile-size-hint",
-        type=lambda v: v if v == "auto" else int(v),
+        type=auto_or(int),
         default="auto",
         help="model.compile_size_hint: the point count torch.compile tunes the compiled pieces' kernels for "
         '("auto": half of point_cloud.max_points, 204800 for subject1.conf; 0: the first size benchmarked, '

@@ -30,8 +30,9 @@ def first_profiled_step(steps_in_epoch: int, steps: int) -> int:
 
 
 class StepProfiler:
-    """Profiles steps [first, first + steps) of one epoch; ``start`` before such a step, ``stop``
-    after the last one (``stop`` also ends an epoch with fewer steps than asked)."""
+    """Profiles steps [first, first + steps) of one epoch: ``start`` before the first, ``step_done``
+    after every step (counted once started; it stops after the last), ``stop`` at the epoch's end (an
+    epoch with fewer steps than asked)."""
 
     def __init__(self, epoch: int, steps: int, device: torch.device, path: Path):
         self.epoch = epoch
@@ -41,11 +42,6 @@ class StepProfiler:
         self._prof: profile | None = None
         self._t0 = 0.0
         self.profiled = 0
-        self.done = False
-
-    @property
-    def active(self) -> bool:
-        return self._prof is not None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -61,7 +57,9 @@ class StepProfiler:
         self._t0 = time.perf_counter()
 
     def step_done(self) -> None:
-        """Counts a profiled step; stops after the last."""
+        """Counts a profiled step (none before ``start`` or after the last); stops after the last."""
+        if self._prof is None:
+            return
         self.profiled += 1
         if self.profiled >= self.steps:
             self.stop()
@@ -73,7 +71,6 @@ class StepProfiler:
         wall = time.perf_counter() - self._t0
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)
-        self.done = True
         self.path.write_text(report(prof, self.epoch, self.profiled, wall, self.device))
         tqdm.write(f"Profile of {self.profiled} steps of epoch {self.epoch}: {self.path}")
 

@@ -493,7 +493,7 @@ class Trainer:
                 tqdm.write(
                     f"warning: epoch {epoch}, step {data_index}: non-finite gradients; step skipped ({frames})"
                 )
-                if profiler is not None and profiler.active:
+                if profiler is not None:
                     profiler.step_done()
                 continue
             self.optimizer.step()
@@ -515,7 +515,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{means['loss']:.4f}", rgb=f"{means['rgb_loss']:.4f}")
                 sums.clear()
                 count = 0
-            if profiler is not None and profiler.active:
+            if profiler is not None:
                 profiler.step_done()
         if profiler is not None:
             profiler.stop()  # an epoch with fewer steps than asked
